@@ -1,0 +1,3 @@
+from nproxyd.cli import main
+
+raise SystemExit(main())

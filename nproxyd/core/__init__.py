@@ -1,0 +1,1 @@
+"""I/O-free core: errors, clock, configuration, messages, ports and pure rules."""

@@ -1,0 +1,319 @@
+"""Configuration: TOML file -> environment overrides -> secret files -> frozen Structs.
+
+Precedence, lowest first: built-in defaults, the TOML file, ``NPROXYD__SECTION__KEY``
+environment variables, then ``*_file`` keys that fill the matching secret key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from nproxyd.core.errors import ConfigError
+
+ENV_PREFIX = "NPROXYD__"
+REDACTED = "***"
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Count = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A configuration section: frozen, and unknown keys are errors."""
+
+
+class DatabaseConfig(Section):
+    dsn: str = ""
+    dsn_file: str = ""
+    auto_migrate: bool = True
+    pool_max_size: Annotated[int, msgspec.Meta(ge=2, le=500)] = 10
+    connect_timeout_seconds: Positive = 5.0
+
+
+class DaemonConfig(Section):
+    state_dir: str = ""
+    instance_id: str = ""
+    shutdown_grace_seconds: NonNegative = 10.0
+    max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 5
+    restart_window_seconds: Positive = 60.0
+
+
+class HttpConfig(Section):
+    listen: str = "127.0.0.1:9187"
+
+
+class LogConfig(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class UrlsConfig(Section):
+    app_base_url: str = "http://127.0.0.1:3000"
+
+
+class BillingConfig(Section):
+    renewal_lead_time_hours: Positive = 72.0
+    payment_provider: Literal["simulated", "nowpayments"] = "simulated"
+    provider_concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 8
+    failed_retry_hours: Positive = 24.0
+    claim_lease_seconds: Positive = 120.0
+
+
+class SimulatedPaymentConfig(Section):
+    invoice_ttl_hours: Positive = 24.0
+    latency_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
+    failure_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+
+
+class NowPaymentsConfig(Section):
+    api_base_url: str = "https://api.nowpayments.io/v1"
+    api_key: str = ""
+    api_key_file: str = ""
+    pay_currency: str = "usdttrc20"
+    timeout_seconds: Positive = 30.0
+
+
+class PaymentConfig(Section):
+    simulated: SimulatedPaymentConfig = SimulatedPaymentConfig()
+    nowpayments: NowPaymentsConfig = NowPaymentsConfig()
+
+
+class SmtpConfig(Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 25
+    security: Literal["none", "starttls", "tls"] = "none"
+    username: str = ""
+    password: str = ""
+    password_file: str = ""
+    timeout_seconds: Positive = 30.0
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+
+
+class MaildirConfig(Section):
+    path: str = ""
+
+
+class EmailConfig(Section):
+    transport: Literal["smtp", "maildir"] = "maildir"
+    from_address: str = "nproxy billing <billing@nproxy.localhost>"
+    smtp: SmtpConfig = SmtpConfig()
+    maildir: MaildirConfig = MaildirConfig()
+
+
+class KeyPoolConfig(Section):
+    cooldown_minutes: Positive = 10.0
+    failures_before_manual_review: Count = 3
+    balance_poll_seconds: Positive = 60.0
+    balance_probe_concurrency: Count = 8
+
+
+class InvoiceExpirerConfig(Section):
+    enabled: bool = True
+    interval_seconds: Positive = 60.0
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 10_000
+
+
+class RenewalSchedulerConfig(Section):
+    enabled: bool = True
+    interval_seconds: Positive = 300.0
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 500
+
+
+class MailSenderConfig(Section):
+    enabled: bool = True
+    interval_seconds: Positive = 15.0
+    max_attempts: Count = 8
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 200
+    lease_seconds: Positive = 120.0
+
+
+class KeyPoolRecovererConfig(Section):
+    enabled: bool = True
+    interval_seconds: Positive = 60.0
+
+
+class ActorsConfig(Section):
+    invoice_expirer: InvoiceExpirerConfig = InvoiceExpirerConfig()
+    renewal_scheduler: RenewalSchedulerConfig = RenewalSchedulerConfig()
+    mail_sender: MailSenderConfig = MailSenderConfig()
+    key_pool_recoverer: KeyPoolRecovererConfig = KeyPoolRecovererConfig()
+
+
+class Config(Section):
+    database: DatabaseConfig = DatabaseConfig()
+    daemon: DaemonConfig = DaemonConfig()
+    http: HttpConfig = HttpConfig()
+    log: LogConfig = LogConfig()
+    urls: UrlsConfig = UrlsConfig()
+    billing: BillingConfig = BillingConfig()
+    payment: PaymentConfig = PaymentConfig()
+    email: EmailConfig = EmailConfig()
+    key_pool: KeyPoolConfig = KeyPoolConfig()
+    actors: ActorsConfig = ActorsConfig()
+
+
+# (dotted secret key, dotted file key). The file key fills the secret key.
+SECRET_KEYS: tuple[tuple[str, str], ...] = (
+    ("database.dsn", "database.dsn_file"),
+    ("payment.nowpayments.api_key", "payment.nowpayments.api_key_file"),
+    ("email.smtp.password", "email.smtp.password_file"),
+)
+
+_PATH_IN_ERROR = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+def load(path: str | None, environ: Mapping[str, str]) -> Config:
+    """Load and validate the configuration; raises :class:`ConfigError` naming the key."""
+    data = _read_toml(path) if path else {}
+    _apply_env(data, environ)
+    config = _convert(data)
+    return _resolve_secret_files(config, environ)
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with Path(path).open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError("--config", f"file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"invalid TOML in {path}: {exc}") from None
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        key = ".".join(parts)
+        field_type = _field_type(parts, key)
+        value = _coerce(raw, field_type, key)
+        target = data
+        for part in parts[:-1]:
+            child = target.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(key, "is a section in the file and a value in the environment")
+            target = child
+        target[parts[-1]] = value
+
+
+def _field_type(parts: list[str], key: str) -> Any:
+    struct_type: Any = Config
+    for index, part in enumerate(parts):
+        fields = {field.name: field.type for field in msgspec.structs.fields(struct_type)}
+        if part not in fields:
+            raise ConfigError(key, f"unknown key (from environment variable {ENV_PREFIX}…)")
+        field_type = fields[part]
+        is_section = isinstance(field_type, type) and issubclass(field_type, Section)
+        if index == len(parts) - 1:
+            if is_section:
+                raise ConfigError(key, "is a section, not a value")
+            return field_type
+        if not is_section:
+            raise ConfigError(key, "unknown key (from environment variable)")
+        struct_type = field_type
+    raise ConfigError(key, "empty key")
+
+
+def _coerce(raw: str, field_type: Any, key: str) -> Any:
+    try:
+        return msgspec.convert(raw, field_type, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(key, _reason(exc)) from None
+
+
+def _convert(data: dict[str, Any]) -> Config:
+    try:
+        return msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _PATH_IN_ERROR.search(text)
+        key = match.group(1) if match else "config"
+        unknown = re.search(r"unknown field `([^`]*)`", text)
+        if unknown:
+            key = f"{key}.{unknown.group(1)}" if match else unknown.group(1)
+            raise ConfigError(key, "unknown key") from None
+        raise ConfigError(key, _reason(exc)) from None
+
+
+def _reason(exc: msgspec.ValidationError) -> str:
+    return _PATH_IN_ERROR.sub("", str(exc))
+
+
+def _resolve_secret_files(config: Config, environ: Mapping[str, str]) -> Config:
+    for secret_key, file_key in SECRET_KEYS:
+        file_name = _get(config, file_key)
+        if not file_name:
+            continue
+        if _get(config, secret_key):
+            raise ConfigError(file_key, f"set together with {secret_key}; use one of them")
+        path = Path(file_name)
+        credentials = environ.get("CREDENTIALS_DIRECTORY")
+        if not path.is_absolute() and credentials:
+            path = Path(credentials) / path
+        try:
+            secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(file_key, f"cannot read {path}: {exc.strerror}") from None
+        config = _replace(config, secret_key, secret)
+    return config
+
+
+def _get(config: Config, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _replace(struct: Any, dotted: str, new: Any) -> Any:
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        return msgspec.structs.replace(struct, **{head: new})
+    return msgspec.structs.replace(struct, **{head: _replace(getattr(struct, head), rest, new)})
+
+
+def secrets_of(config: Config) -> list[str]:
+    """Every secret value set in the configuration, including a DSN's password."""
+    values = [_get(config, key) for key, _ in SECRET_KEYS]
+    password = dsn_password(config.database.dsn)
+    return [value for value in [*values, password] if value]
+
+
+def dsn_password(dsn: str) -> str:
+    """The password part of a ``postgresql://user:password@host/db`` DSN, or ``""``."""
+    match = re.match(r"^[a-z]+://[^:/@]*:([^@]*)@", dsn)
+    if match:
+        return match.group(1)
+    keyword = re.search(r"(?:^|\s)password=(\S+)", dsn)
+    return keyword.group(1) if keyword else ""
+
+
+def redacted(config: Config) -> dict[str, Any]:
+    """The effective configuration as builtins, every secret replaced by ``"***"``."""
+    data: dict[str, Any] = msgspec.to_builtins(config)
+    for secret_key, _ in SECRET_KEYS:
+        *parents, leaf = secret_key.split(".")
+        section = data
+        for part in parents:
+            section = section[part]
+        if section[leaf]:
+            section[leaf] = REDACTED
+    return data
+
+
+def redact_text(text: str, secrets: list[str]) -> str:
+    """Replace every occurrence of a known secret in ``text``."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text

@@ -1,0 +1,78 @@
+"""Ports: what the actors need from the outside world, as Protocols.
+
+Adapters in :mod:`nproxyd.adapters` implement them and translate every failure into the
+project's exception tree (:mod:`nproxyd.core.errors`), deciding once whether it is transient.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from email.message import EmailMessage
+from typing import Protocol
+
+import msgspec
+
+
+class InvoiceRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """What the renewal scheduler asks a payment provider for."""
+
+    order_id: str  # idempotency reference derived from the renewal claim
+    subscription_id: str
+    user_id: str
+    plan_code: str
+    amount_usd: Decimal
+    currency: str  # the plan's billing currency, e.g. USDT
+    description: str
+
+
+class ProviderInvoice(msgspec.Struct, frozen=True, kw_only=True):
+    """What a payment provider answered for an :class:`InvoiceRequest`."""
+
+    provider_invoice_id: str
+    payment_address: str | None
+    pay_amount: Decimal | None
+    pay_currency: str | None
+    expires_at: datetime | None
+
+
+class PaymentProvider(Protocol):
+    """Creates payment invoices at a provider.
+
+    ``create_invoice`` raises :class:`~nproxyd.core.errors.ProviderTransientError` when the
+    request may succeed later (including when its outcome is unknown) and
+    :class:`~nproxyd.core.errors.ProviderPermanentError` when it will not.
+    """
+
+    name: str
+
+    async def create_invoice(self, request: InvoiceRequest, now: datetime) -> ProviderInvoice: ...
+
+    async def aclose(self) -> None: ...
+
+
+class MailTransport(Protocol):
+    """Delivers one composed message to one recipient.
+
+    ``send`` raises :class:`~nproxyd.core.errors.MailTransientError` (retry later) or
+    :class:`~nproxyd.core.errors.MailPermanentError` (never retry). It may be called
+    concurrently; an implementation bounds and reuses its own connections.
+    """
+
+    async def send(self, message: EmailMessage, recipient: str) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ProviderKeyRef(msgspec.Struct, frozen=True, kw_only=True):
+    """A provider API key as the balance probe sees it (never the key's secret)."""
+
+    id: str
+    provider: str
+    label: str
+
+
+class BalanceProbe(Protocol):
+    """Reads a provider key's balance; raises :class:`~nproxyd.core.errors.BalanceProbeError`."""
+
+    async def balance(self, key: ProviderKeyRef) -> Decimal: ...
