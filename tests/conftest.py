@@ -1,10 +1,38 @@
-"""Shared fixtures: anyio runs every async test on asyncio."""
+"""Shared fixtures: anyio on asyncio, a real PostgreSQL, a fresh database per test."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
+
 import pytest
+
+from nproxyd.store.database import Database, create_pool
+from tests.pg import TestServer
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[TestServer]:
+    server = TestServer()
+    server.start()
+    yield server
+
+
+@pytest.fixture
+async def dsn(pg_server: TestServer) -> AsyncIterator[str]:
+    """A fresh, migrated database of its own for one test."""
+    value = await pg_server.clone()
+    yield value
+    await pg_server.drop(value)
+
+
+@pytest.fixture
+async def db(dsn: str) -> AsyncIterator[Database]:
+    pool = await create_pool(dsn, max_size=10, timeout_seconds=5)
+    database = Database(pool)
+    yield database
+    await database.close()

@@ -1,0 +1,125 @@
+"""Key-pool recoverer: cooldown keys back to active, balance polling, parking failing keys."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Protocol
+
+import anyio
+import msgspec
+import structlog
+
+from nproxyd.core.errors import BalanceProbeError
+from nproxyd.core.messages import KeyPoolReport
+from nproxyd.core.ports import BalanceProbe, ProviderKeyRef
+from nproxyd.store.rows import KeyRow, KeyTransition
+
+_MAX_PROBES_PER_TICK = 1000
+
+
+class KeyPoolStore(Protocol):
+    async def recover(self, now: datetime) -> list[str]: ...
+
+    async def claim_balance_due(
+        self, now: datetime, poll_seconds: float, limit: int
+    ) -> list[KeyRow]: ...
+
+    async def record_balances(
+        self, ids: Sequence[str], balances: Sequence[Decimal], now: datetime
+    ) -> None: ...
+
+    async def record_failures(
+        self,
+        ids: Sequence[str],
+        errors: Sequence[str],
+        now: datetime,
+        *,
+        cooldown_minutes: float,
+        failures_before_manual_review: int,
+    ) -> list[KeyTransition]: ...
+
+
+class KeyPoolSettings(msgspec.Struct, frozen=True, kw_only=True):
+    interval_seconds: float
+    cooldown_minutes: float
+    failures_before_manual_review: int
+    balance_poll_seconds: float
+    probe_concurrency: int
+
+
+class KeyPoolRecoverer:
+    """Recovers cooled-down keys, then probes the balances that are due."""
+
+    name = "key-pool-recoverer"
+
+    def __init__(self, store: KeyPoolStore, probe: BalanceProbe, settings: KeyPoolSettings) -> None:
+        self.store = store
+        self.probe = probe
+        self.settings = settings
+        self.interval_seconds = settings.interval_seconds
+        self.log = structlog.get_logger().bind(actor=self.name)
+
+    async def tick(self, now: datetime) -> KeyPoolReport:
+        recovered = await self.store.recover(now)
+        if recovered:
+            self.log.info("provider_keys_recovered", recovered_count=len(recovered))
+        keys = await self.store.claim_balance_due(
+            now, self.settings.balance_poll_seconds, _MAX_PROBES_PER_TICK
+        )
+        balances, failures = await self._probe_all(keys)
+        await self._record(balances, failures, now)
+        if keys:
+            self.log.info(
+                "provider_key_balance_checked",
+                checked_count=len(keys),
+                failed_count=len(failures),
+            )
+        return KeyPoolReport(
+            recovered_count=len(recovered),
+            balance_checked_count=len(keys),
+            balance_failed_count=len(failures),
+        )
+
+    async def _probe_all(
+        self, keys: list[KeyRow]
+    ) -> tuple[dict[str, Decimal], dict[str, str]]:
+        balances: dict[str, Decimal] = {}
+        failures: dict[str, str] = {}
+        limiter = anyio.CapacityLimiter(self.settings.probe_concurrency)
+
+        async def probe(key: KeyRow) -> None:
+            async with limiter:
+                ref = ProviderKeyRef(id=key.id, provider=key.provider, label=key.label)
+                try:
+                    balance = await self.probe.balance(ref)
+                except BalanceProbeError as exc:
+                    failures[key.id] = f"balance probe failed: {exc.message}"
+                    return
+            balances[key.id] = balance
+            if balance <= 0:
+                failures[key.id] = f"balance exhausted: {balance}"
+
+        async with anyio.create_task_group() as group:
+            for key in keys:
+                group.start_soon(probe, key, name=f"balance-probe-{key.id}")
+        return balances, failures
+
+    async def _record(
+        self, balances: dict[str, Decimal], failures: dict[str, str], now: datetime
+    ) -> None:
+        if balances:
+            await self.store.record_balances(list(balances), list(balances.values()), now)
+        if failures:
+            transitions = await self.store.record_failures(
+                list(failures),
+                list(failures.values()),
+                now,
+                cooldown_minutes=self.settings.cooldown_minutes,
+                failures_before_manual_review=self.settings.failures_before_manual_review,
+            )
+            for transition in transitions:
+                self.log.warning(
+                    "provider_key_failed", key_id=transition.id, status=transition.status
+                )

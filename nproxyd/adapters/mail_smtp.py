@@ -1,0 +1,202 @@
+"""SMTP mail transport over aiosmtplib, with a small pool of reused connections.
+
+Every send borrows one connection exclusively: an idle one from the stack, or a new one while
+fewer than ``max_connections`` exist. A connection goes back to the stack only when its state
+is known to be clean; anything else (a timeout, a cancelled send, a failed reset) closes it.
+Driver exceptions are translated in :meth:`SmtpTransport._translate` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+import ssl
+from email.message import EmailMessage
+
+import aiosmtplib
+import anyio
+
+from nproxyd.core.config import SmtpConfig, redact_text
+from nproxyd.core.errors import MailError, MailPermanentError, MailTransientError
+
+# Replies after which the server has answered and aiosmtplib has already sent RSET: the
+# connection is reusable once a reset of our own confirms the envelope is clean.
+_REPLY_ERRORS = (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused)
+# Refused before any command was sent (bad address, missing From): the connection is untouched.
+_LOCAL_REFUSALS = (ValueError, aiosmtplib.SMTPNotSupported)
+_SERVICE_CLOSING = 421
+
+
+class SmtpTransport:
+    """Delivers mail to one SMTP server; implements :class:`nproxyd.core.ports.MailTransport`."""
+
+    def __init__(self, config: SmtpConfig, tls_context: ssl.SSLContext | None = None) -> None:
+        self._config = config
+        self._tls_context = tls_context
+        self._idle: list[aiosmtplib.SMTP] = []
+        self._slots = anyio.Semaphore(config.max_connections)
+        self._connections_opened = 0
+        self._local_hostname: str | None = None
+        self._closed = False
+        self._secrets = _secret_forms(config.username, config.password)
+
+    @property
+    def connections_opened(self) -> int:
+        """How many SMTP connections this transport has opened so far."""
+        return self._connections_opened
+
+    async def send(self, message: EmailMessage, recipient: str) -> None:
+        """Deliver ``message`` to ``recipient``; raises a :class:`MailError` subclass."""
+        if self._closed:
+            raise MailTransientError("SMTP transport is closed")
+        async with self._slots:
+            connection, reused = await self._checkout()
+            try:
+                await self._transmit(connection, message, recipient)
+            except Exception as exc:
+                if not (reused and _dropped(exc)):
+                    raise self._translate(exc, connecting=False) from None
+            else:
+                return
+            # The server closed a pooled connection while it sat idle (idle timeout, restart).
+            # Retrying once on a fresh connection keeps that from costing the message an
+            # attempt; delivery is at-least-once and the Message-ID marks any duplicate.
+            connection = await self._open()
+            try:
+                await self._transmit(connection, message, recipient)
+            except Exception as exc:
+                raise self._translate(exc, connecting=False) from None
+
+    async def aclose(self) -> None:
+        """Refuse new sends and QUIT every idle connection."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        async with anyio.create_task_group() as group:
+            for connection in idle:
+                group.start_soon(_quit, connection, name="smtp-quit")
+
+    async def _checkout(self) -> tuple[aiosmtplib.SMTP, bool]:
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.is_connected:
+                return connection, True
+            connection.close()
+        return await self._open(), False
+
+    async def _open(self) -> aiosmtplib.SMTP:
+        config = self._config
+        if self._local_hostname is None:
+            self._local_hostname = await anyio.to_thread.run_sync(socket.getfqdn)
+        connection = aiosmtplib.SMTP(
+            hostname=config.host,
+            port=config.port,
+            local_hostname=self._local_hostname,
+            timeout=config.timeout_seconds,
+            use_tls=config.security == "tls",
+            start_tls=config.security == "starttls",
+            tls_context=self._tls_context,
+            username=config.username or None,
+            password=config.password if config.username else None,
+        )
+        try:
+            await connection.connect()  # closes itself on any failure
+        except Exception as exc:
+            raise self._translate(exc, connecting=True) from None
+        self._connections_opened += 1
+        return connection
+
+    async def _transmit(
+        self, connection: aiosmtplib.SMTP, message: EmailMessage, recipient: str
+    ) -> None:
+        clean = False
+        try:
+            await connection.send_message(message, recipients=[recipient])
+            clean = True
+        except _REPLY_ERRORS:
+            clean = await _reset(connection)
+            raise
+        except _LOCAL_REFUSALS:
+            clean = True
+            raise
+        finally:
+            self._checkin(connection, clean=clean)
+
+    def _checkin(self, connection: aiosmtplib.SMTP, *, clean: bool) -> None:
+        if clean and connection.is_connected and not self._closed:
+            self._idle.append(connection)
+        else:
+            connection.close()
+
+    def _translate(self, exc: Exception, *, connecting: bool) -> MailError:
+        """The one place where SMTP driver errors become transient or permanent.
+
+        Anything that goes wrong while connecting, upgrading to TLS or logging in is about the
+        transport, not the message, so it is transient even when the reply is 5xx: a wrong
+        password (535) or a server refusing service must not kill every queued mail; the
+        sender's ``max_attempts`` still bounds the retries while the operator fixes it.
+        """
+        if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+            refusal = exc.recipients[0]
+            return self._reply_error(
+                refusal.code, f"recipient {refusal.recipient} refused: {refusal.message}", False
+            )
+        if isinstance(exc, aiosmtplib.SMTPResponseException):
+            return self._reply_error(exc.code, exc.message, connecting)
+        if isinstance(exc, _LOCAL_REFUSALS) and not connecting:
+            return MailPermanentError(self._redact(f"SMTP refused the message locally: {exc}"))
+        stage = "connect" if connecting else "send"
+        return MailTransientError(self._redact(f"SMTP {stage} failed: {_describe(exc)}"))
+
+    def _reply_error(self, code: int, text: str, connecting: bool) -> MailError:
+        where = f"{self._config.host}:{self._config.port}"
+        detail = self._redact(f"SMTP {code} from {where}: {text}")
+        if code >= 500 and not connecting:
+            return MailPermanentError(detail)
+        return MailTransientError(detail)
+
+    def _redact(self, text: str) -> str:
+        return redact_text(text, self._secrets)
+
+
+def _dropped(exc: Exception) -> bool:
+    """The server went away under a connection (not a reply about this message)."""
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+        return True
+    return isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code == _SERVICE_CLOSING
+
+
+async def _reset(connection: aiosmtplib.SMTP) -> bool:
+    """RSET after a refusal; aiosmtplib's own RSET swallows failures, so confirm it here."""
+    if not connection.is_connected:
+        return False
+    try:
+        await connection.rset()
+    except (aiosmtplib.SMTPException, OSError):
+        return False
+    return True
+
+
+async def _quit(connection: aiosmtplib.SMTP) -> None:
+    try:
+        await connection.quit()
+    except (aiosmtplib.SMTPException, OSError):
+        pass
+    finally:
+        connection.close()
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _secret_forms(username: str, password: str) -> list[str]:
+    """The password as it may be echoed: raw, and as AUTH LOGIN / AUTH PLAIN send it."""
+    if not password:
+        return []
+    plain = f"\0{username}\0{password}".encode()
+    return [
+        password,
+        base64.b64encode(password.encode()).decode(),
+        base64.b64encode(plain).decode(),
+    ]

@@ -1,0 +1,285 @@
+"""The periodic actor loop, written once for every actor.
+
+An :class:`ActorLoop` runs one :class:`Actor`: it awaits a tick, then sleeps on the injected
+:class:`~nproxyd.core.clock.Clock` until the next tick is due, a wake-up arrives or shutdown is
+set. Ticks of one actor never overlap; wake-ups during a tick coalesce into one follow-up tick;
+a failed tick is retried with capped, jittered exponential backoff and never ends the loop.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import msgspec
+import structlog
+
+from nproxyd.core.clock import Clock
+from nproxyd.core.messages import Report
+
+# Keeps 2**n finite; any realistic cap is reached long before.
+_MAX_BACKOFF_EXPONENT = 60
+
+
+class Actor(Protocol):
+    """A periodic unit of work: one tick per interval, reporting what it did."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def interval_seconds(self) -> float: ...
+
+    async def tick(self, now: datetime) -> Report: ...
+
+
+class EventLogger(Protocol):
+    """The part of a structlog bound logger the runtime uses."""
+
+    def bind(self, **new_values: Any) -> EventLogger: ...
+
+    def info(self, event: str, **kw: Any) -> Any: ...
+
+    def warning(self, event: str, **kw: Any) -> Any: ...
+
+    def error(self, event: str, **kw: Any) -> Any: ...
+
+
+class TickOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """What one tick did: its report, or the class and message of the exception it raised."""
+
+    actor: str
+    started_at: datetime
+    duration_seconds: float
+    ok: bool
+    report: Report | None = None
+    error_class: str | None = None
+    error_message: str | None = None
+
+
+class TickObserver(Protocol):
+    """Watches ticks (metrics, health). Called from the loop; must not block."""
+
+    def tick_started(self, actor: str) -> None: ...
+
+    def tick_finished(self, outcome: TickOutcome) -> None: ...
+
+
+class NullObserver:
+    """An observer that ignores everything."""
+
+    def tick_started(self, actor: str) -> None:
+        pass
+
+    def tick_finished(self, outcome: TickOutcome) -> None:
+        pass
+
+
+class LoopStats(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of one loop's state, for ``/status``. Wall times are UTC."""
+
+    actor: str
+    interval_seconds: float
+    running: bool = False
+    ticks_run: int = 0
+    ticks_failed: int = 0
+    consecutive_failures: int = 0
+    last_started_at: datetime | None = None
+    last_finished_at: datetime | None = None
+    last_outcome: TickOutcome | None = None
+    next_due_monotonic: float | None = None
+    next_due_at: datetime | None = None
+
+
+def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random) -> float:
+    """Delay before retry number *attempt* (1-based).
+
+    ``min(cap, base * 2**(attempt-1))``, scaled by a random factor in [0.5, 1.0] so that
+    retries of many loops spread out but the first is never later than *base*.
+    """
+    exponent = min(max(attempt - 1, 0), _MAX_BACKOFF_EXPONENT)
+    ceiling = min(cap, base * 2.0**exponent)
+    return ceiling * rng.uniform(0.5, 1.0)
+
+
+async def sleep_until_set(
+    clock: Clock, seconds: float, *events: anyio.Event, name: str = "sleep"
+) -> None:
+    """Sleep *seconds* on *clock*, cut short as soon as any of *events* is set."""
+    if seconds <= 0 or any(event.is_set() for event in events):
+        await anyio.lowlevel.checkpoint()
+        return
+    async with anyio.create_task_group() as tg:
+        for event in events:
+            tg.start_soon(_cancel_when_set, event, tg.cancel_scope, name=f"{name}.interrupt")
+        await clock.sleep(seconds)
+        tg.cancel_scope.cancel()
+
+
+async def _cancel_when_set(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+class ActorLoop:
+    """Runs one actor's ticks until shutdown. See the module docstring for the rules."""
+
+    def __init__(
+        self,
+        actor: Actor,
+        clock: Clock,
+        observer: TickObserver | None = None,
+        *,
+        wake: anyio.abc.ObjectReceiveStream[object] | None = None,
+        max_backoff_seconds: float = 300,
+        rng: random.Random | None = None,
+        logger: EventLogger | None = None,
+    ) -> None:
+        if actor.interval_seconds <= 0:
+            raise ValueError(f"{actor.name}: interval_seconds must be positive")
+        self._actor = actor
+        self._clock = clock
+        self._observer: TickObserver = observer or NullObserver()
+        self._wake = wake
+        self._max_backoff_seconds = max_backoff_seconds
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._log = (logger or structlog.get_logger()).bind(actor=actor.name)
+        self._wake_event = anyio.Event()
+        self._stats = LoopStats(actor=actor.name, interval_seconds=actor.interval_seconds)
+
+    @property
+    def name(self) -> str:
+        return self._actor.name
+
+    @property
+    def stats(self) -> LoopStats:
+        return self._stats
+
+    def wake_now(self) -> None:
+        """Ask for a tick as soon as the current one (if any) finishes; same as a wake message."""
+        self._wake_event.set()
+
+    async def run(self, shutdown: anyio.Event) -> None:
+        """Tick until *shutdown* is set; a running tick is finished first, never cancelled."""
+        async with anyio.create_task_group() as tg:
+            if self._wake is not None:
+                tg.start_soon(self._drain_wake, self._wake, name=f"{self.name}.wake")
+            try:
+                await self._loop(shutdown)
+            finally:
+                tg.cancel_scope.cancel()
+
+    async def _loop(self, shutdown: anyio.Event) -> None:
+        while not shutdown.is_set():
+            due = await self._tick_once()
+            if shutdown.is_set():
+                break
+            await self._sleep_until(due, shutdown)
+        self._stats = msgspec.structs.replace(
+            self._stats, next_due_monotonic=None, next_due_at=None
+        )
+
+    async def _drain_wake(self, wake: anyio.abc.ObjectReceiveStream[object]) -> None:
+        # Draining continuously keeps senders from blocking while a tick runs; every message
+        # only sets the flag, which is what coalesces a burst into one follow-up tick.
+        try:
+            async for _ in wake:
+                self._wake_event.set()
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+
+    async def _tick_once(self) -> float:
+        """Run one tick; return the monotonic time the next one is due."""
+        self._wake_event = anyio.Event()  # this tick serves every earlier wake-up
+        start = self._clock.monotonic()
+        started_at = self._clock.now()
+        self._stats = msgspec.structs.replace(
+            self._stats,
+            running=True,
+            last_started_at=started_at,
+            next_due_monotonic=None,
+            next_due_at=None,
+        )
+        self._observer.tick_started(self.name)
+        try:
+            report = await self._actor.tick(started_at)
+        except Exception as exc:
+            outcome = self._outcome(started_at, start, error=exc)
+        else:
+            outcome = self._outcome(started_at, start, report=report)
+        return self._finish(outcome, start)
+
+    def _outcome(
+        self,
+        started_at: datetime,
+        start: float,
+        *,
+        report: Report | None = None,
+        error: Exception | None = None,
+    ) -> TickOutcome:
+        return TickOutcome(
+            actor=self.name,
+            started_at=started_at,
+            duration_seconds=max(self._clock.monotonic() - start, 0.0),
+            ok=error is None,
+            report=report,
+            error_class=None if error is None else type(error).__name__,
+            error_message=None if error is None else str(error),
+        )
+
+    def _finish(self, outcome: TickOutcome, start: float) -> float:
+        failures = 0 if outcome.ok else self._stats.consecutive_failures + 1
+        if outcome.ok:
+            # Anchored at the tick's start, so tick duration never makes the schedule drift;
+            # an overrun yields one immediate tick, never a burst of missed ones.
+            due = start + self._actor.interval_seconds
+            if self._stats.consecutive_failures:
+                self._log.info("tick_recovered", failed_ticks=self._stats.consecutive_failures)
+        else:
+            delay = self._retry_delay(failures)
+            due = self._clock.monotonic() + delay
+            self._log_failure(outcome, failures, delay)
+        self._stats = msgspec.structs.replace(
+            self._stats,
+            running=False,
+            ticks_run=self._stats.ticks_run + 1,
+            ticks_failed=self._stats.ticks_failed + (0 if outcome.ok else 1),
+            consecutive_failures=failures,
+            last_finished_at=self._clock.now(),
+            last_outcome=outcome,
+            next_due_monotonic=due,
+            next_due_at=self._wall_time(due),
+        )
+        self._observer.tick_finished(outcome)
+        return due
+
+    def _retry_delay(self, failures: int) -> float:
+        interval = self._actor.interval_seconds
+        cap = max(self._max_backoff_seconds, interval)
+        return backoff_delay(failures, base=interval, cap=cap, rng=self._rng)
+
+    def _log_failure(self, outcome: TickOutcome, failures: int, delay: float) -> None:
+        self._log.warning(
+            "tick_failed",
+            error_class=outcome.error_class,
+            error_message=outcome.error_message,
+            consecutive_failures=failures,
+            retry_in_seconds=round(delay, 3),
+        )
+
+    def _wall_time(self, monotonic: float) -> datetime:
+        return self._clock.now() + timedelta(seconds=monotonic - self._clock.monotonic())
+
+    async def _sleep_until(self, due: float, shutdown: anyio.Event) -> None:
+        # A wake-up never cuts a failure backoff short: the backoff protects whatever the
+        # tick depends on. The wake-up stays pending and is served by the retry tick.
+        events = [shutdown]
+        if self._stats.consecutive_failures == 0:
+            events.append(self._wake_event)
+        delay = due - self._clock.monotonic()
+        await sleep_until_set(self._clock, delay, *events, name=f"{self.name}.sleep")
+

@@ -1,0 +1,58 @@
+"""The embedded PostgreSQL used when ``database.dsn`` is empty (a pgserver instance).
+
+pgserver keeps one server per data directory and counts the processes using it, so a second
+nproxyd process with the same state directory reuses the running server, and the last one to
+exit stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import anyio
+import asyncpg
+
+from nproxyd.core.errors import DatabaseUnavailable
+from nproxyd.store.database import map_errors
+
+DATABASE_NAME = "nproxyd"
+
+
+def _start(pgdata: Path) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        logging.getLogger("pgserver").setLevel(logging.WARNING)
+        import pgserver  # noqa: PLC0415 - heavy import, only when embedded
+
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        uri: str = server.get_uri()
+    return uri
+
+
+async def start_embedded(state_dir: Path) -> str:
+    """Start (or reuse) the embedded server; returns a DSN of its ``nproxyd`` database."""
+    try:
+        admin_uri = await anyio.to_thread.run_sync(_start, state_dir / "postgres")
+    except Exception as exc:
+        raise DatabaseUnavailable(f"embedded PostgreSQL failed to start: {exc}") from exc
+    await _ensure_database(admin_uri)
+    return admin_uri.replace("/postgres?", f"/{DATABASE_NAME}?", 1)
+
+
+async def _ensure_database(admin_uri: str) -> None:
+    with map_errors():
+        connection = await asyncpg.connect(admin_uri)
+        try:
+            exists = await connection.fetchval(
+                "SELECT 1 FROM pg_database WHERE datname = $1", DATABASE_NAME
+            )
+            if not exists:
+                try:
+                    await connection.execute(f"CREATE DATABASE {DATABASE_NAME}")
+                except asyncpg.DuplicateDatabaseError:
+                    pass  # another process created it first
+        finally:
+            await connection.close()

@@ -1,0 +1,118 @@
+"""Row types the stores return: frozen msgspec Structs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+
+
+def convert_rows(rows: Iterable[Mapping[str, Any]], row_type: type[T]) -> list[T]:
+    """Convert asyncpg records into Structs."""
+    return [msgspec.convert(dict(row), row_type) for row in rows]
+
+
+class ExpiryBatch(msgspec.Struct, frozen=True, kw_only=True):
+    scanned: int
+    expired: int
+    last_expires_at: datetime | None
+    last_id: str | None
+
+
+class RenewalCandidate(msgspec.Struct, frozen=True, kw_only=True):
+    subscription_id: str
+    user_id: str
+    current_period_end: datetime
+    cycle_start: datetime
+    email: str | None
+    plan_code: str
+    monthly_price_usd: Decimal | None
+    billing_currency: str | None
+
+
+class ClaimedSlot(msgspec.Struct, frozen=True, kw_only=True):
+    subscription_id: str
+    cycle_start: datetime
+    order_id: str
+    attempts: int
+
+
+class StoredInvoice(msgspec.Struct, frozen=True, kw_only=True):
+    """An invoice to store with its renewal mail, for a slot this instance claimed."""
+
+    subscription_id: str
+    cycle_start: datetime
+    token: str
+    invoice_id: str
+    user_id: str
+    provider_invoice_id: str
+    currency: str
+    amount: Decimal
+    payment_address: str | None
+    expires_at: datetime | None
+    to_address: str
+    body: str
+    message_id: str
+
+
+class ReleasedSlot(msgspec.Struct, frozen=True, kw_only=True):
+    """A claimed slot given back after a provider failure."""
+
+    subscription_id: str
+    cycle_start: datetime
+    token: str
+    state: str  # 'retry' or 'failed'
+    available_at: datetime
+    error: str
+
+
+class CompletedSlot(msgspec.Struct, frozen=True, kw_only=True):
+    subscription_id: str
+    superseded: bool
+
+
+class KeyRow(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    provider: str
+    label: str
+
+
+class KeyTransition(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    status: str
+
+
+class OutboxMail(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    to_address: str
+    subject: str
+    body: str
+    message_id: str
+    attempts: int
+    created_at: datetime
+
+
+class MailOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    status: str  # 'sent', 'pending' (retry later) or 'dead'
+    error: str | None
+    next_attempt_at: datetime
+
+
+class DeadMail(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    to_address: str
+    subject: str
+    attempts: int
+    last_error: str | None
+    updated_at: datetime
+
+
+class OutboxCounts(msgspec.Struct, frozen=True, kw_only=True):
+    pending: int
+    dead: int

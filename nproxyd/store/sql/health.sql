@@ -1,0 +1,3 @@
+-- ping --
+-- Does the database answer?
+SELECT 1;

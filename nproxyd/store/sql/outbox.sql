@@ -1,0 +1,70 @@
+-- claim_due_mail --
+-- Lease a batch of due pending mail to this instance; $1 now, $2 lease until, $3 holder, $4 batch size.
+WITH due AS (
+    SELECT id
+    FROM mail_outbox
+    WHERE status = 'pending'
+      AND next_attempt_at <= $1
+      AND (lease_until IS NULL OR lease_until <= $1)
+    ORDER BY next_attempt_at, id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE mail_outbox AS m
+SET lease_until = $2, leased_by = $3
+FROM due
+WHERE m.id = due.id
+RETURNING m.id, m.to_address, m.subject, m.body, m.message_id, m.attempts, m.created_at;
+
+-- record_mail_outcomes --
+-- Record delivery outcomes of leased mail; $1 ids, $2 statuses ('sent', 'pending' or 'dead'), $3 errors, $4 next attempt times, $5 now.
+UPDATE mail_outbox AS m
+SET status = t.status,
+    attempts = m.attempts + 1,
+    last_error = t.error,
+    next_attempt_at = t.next_attempt_at,
+    sent_at = CASE WHEN t.status = 'sent' THEN $5 ELSE m.sent_at END,
+    lease_until = NULL,
+    leased_by = '',
+    updated_at = $5
+FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
+    AS t(id, status, error, next_attempt_at)
+WHERE m.id = t.id AND m.status = 'pending';
+
+-- enqueue_mail --
+-- Queue one mail; $1 to, $2 subject, $3 body, $4 message id, $5 dedupe key (or NULL), $6 now. Returns its id, or nothing when the dedupe key exists.
+INSERT INTO mail_outbox
+    (to_address, subject, body, message_id, dedupe_key, next_attempt_at, created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $6, $6)
+ON CONFLICT (dedupe_key) DO NOTHING
+RETURNING id;
+
+-- list_dead_mail --
+-- Dead mail, newest first; $1 limit.
+SELECT id, to_address, subject, attempts, last_error, updated_at
+FROM mail_outbox
+WHERE status = 'dead'
+ORDER BY updated_at DESC, id
+LIMIT $1;
+
+-- retry_dead_mail --
+-- Put the given dead mail back to pending with attempts reset; $1 ids, $2 now. Returns the ids.
+UPDATE mail_outbox
+SET status = 'pending', attempts = 0, next_attempt_at = $2, lease_until = NULL,
+    leased_by = '', updated_at = $2
+WHERE id = ANY($1::text[]) AND status = 'dead'
+RETURNING id;
+
+-- retry_all_dead_mail --
+-- Put every dead mail back to pending with attempts reset; $1 now. Returns the ids.
+UPDATE mail_outbox
+SET status = 'pending', attempts = 0, next_attempt_at = $1, lease_until = NULL,
+    leased_by = '', updated_at = $1
+WHERE status = 'dead'
+RETURNING id;
+
+-- outbox_counts --
+-- Pending and dead mail, each counted through its partial index (sent mail is not counted).
+SELECT
+    (SELECT count(*) FROM mail_outbox WHERE status = 'pending') AS pending,
+    (SELECT count(*) FROM mail_outbox WHERE status = 'dead') AS dead;

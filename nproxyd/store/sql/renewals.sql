@@ -1,0 +1,117 @@
+-- renewal_candidates --
+-- One keyset batch of subscriptions that need a renewal invoice now; $1 now, $2 window end (now + lead), $3 cursor period end, $4 cursor id, $5 batch size. Excludes slots with an invoice in the cycle or a claim that is done or not yet available.
+SELECT
+    s.id AS subscription_id,
+    s.user_id,
+    s.current_period_end,
+    coalesce(s.current_period_start, s.activated_at, s.created_at) AS cycle_start,
+    u.email,
+    p.code AS plan_code,
+    p.monthly_price_usd,
+    p.billing_currency
+FROM subscriptions AS s
+JOIN users AS u ON u.id = s.user_id
+JOIN subscription_plans AS p ON p.id = s.plan_id
+WHERE s.status = 'active'
+  AND s.renews_manually
+  AND s.current_period_end > $1
+  AND s.current_period_end <= $2
+  AND (s.current_period_end, s.id) > ($3::timestamptz, $4::text)
+  AND NOT EXISTS (
+      SELECT 1 FROM payment_invoices AS i
+      WHERE i.subscription_id = s.id
+        AND i.created_at >= coalesce(s.current_period_start, s.activated_at, s.created_at)
+  )
+  AND NOT EXISTS (
+      SELECT 1 FROM nproxyd_renewal_claims AS c
+      WHERE c.subscription_id = s.id
+        AND c.cycle_start = coalesce(s.current_period_start, s.activated_at, s.created_at)
+        AND (c.state = 'done' OR c.available_at > $1)
+  )
+ORDER BY s.current_period_end, s.id
+LIMIT $5;
+
+-- claim_renewal_slots --
+-- Claim (subscription, cycle) slots; $1 subscription ids, $2 cycle starts, $3 order ids, $4 holder, $5 token, $6 now, $7 lease until. Returns the slots this call won.
+INSERT INTO nproxyd_renewal_claims AS c
+    (subscription_id, cycle_start, order_id, state, token, holder, available_at, attempts,
+     created_at, updated_at)
+SELECT t.subscription_id, t.cycle_start, t.order_id, 'claimed', $5, $4, $7, 1, $6, $6
+FROM unnest($1::text[], $2::timestamptz[], $3::text[]) AS t(subscription_id, cycle_start, order_id)
+ON CONFLICT (subscription_id, cycle_start) DO UPDATE
+SET state = 'claimed',
+    token = excluded.token,
+    holder = excluded.holder,
+    available_at = excluded.available_at,
+    attempts = c.attempts + 1,
+    updated_at = excluded.updated_at
+WHERE c.state <> 'done' AND c.available_at <= $6
+RETURNING c.subscription_id, c.cycle_start, c.order_id, c.attempts;
+
+-- commit_renewal_invoices --
+-- Store invoices and their mail and complete their claims, fenced by claim token, in one statement; a slot whose cycle gained an invoice meanwhile is completed as superseded. $1 subscription ids, $2 cycle starts, $3 tokens, $4 invoice ids, $5 user ids, $6 provider invoice ids, $7 currencies, $8 amounts, $9 payment addresses, $10 expiries, $11 recipients, $12 bodies, $13 message ids, $14 provider, $15 now, $16 subject. Returns the completed slots.
+WITH t AS (
+    SELECT *
+    FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[],
+                $7::text[], $8::numeric[], $9::text[], $10::timestamptz[], $11::text[],
+                $12::text[], $13::text[])
+        AS t(subscription_id, cycle_start, token, invoice_id, user_id, provider_invoice_id,
+             currency, amount, payment_address, expires_at, to_address, body, message_id)
+), checked AS (
+    SELECT t.*, EXISTS (
+        SELECT 1 FROM payment_invoices AS i
+        WHERE i.subscription_id = t.subscription_id AND i.created_at >= t.cycle_start
+    ) AS superseded
+    FROM t
+), completed AS (
+    UPDATE nproxyd_renewal_claims AS c
+    SET state = 'done',
+        invoice_id = CASE WHEN x.superseded THEN NULL ELSE x.invoice_id END,
+        last_error = CASE WHEN x.superseded
+                          THEN 'superseded: the cycle already has an invoice' END,
+        token = '',
+        available_at = $15,
+        updated_at = $15
+    FROM checked AS x
+    WHERE c.subscription_id = x.subscription_id
+      AND c.cycle_start = x.cycle_start
+      AND c.state = 'claimed'
+      AND c.token = x.token
+    RETURNING c.subscription_id, c.cycle_start, x.superseded
+), stored AS (
+    SELECT t.* FROM t
+    JOIN completed AS d USING (subscription_id, cycle_start)
+    WHERE NOT d.superseded
+), invoices AS (
+    INSERT INTO payment_invoices
+        (id, user_id, subscription_id, provider, provider_invoice_id, status, currency,
+         amount_crypto, amount_usd, payment_address, expires_at, created_at, updated_at)
+    SELECT invoice_id, user_id, subscription_id, $14, provider_invoice_id, 'pending', currency,
+           amount, amount, payment_address, expires_at, $15, $15
+    FROM stored
+    RETURNING id
+), mails AS (
+    INSERT INTO mail_outbox
+        (to_address, subject, body, message_id, dedupe_key, next_attempt_at, created_at,
+         updated_at)
+    SELECT to_address, $16, body, message_id, 'renewal-invoice:' || invoice_id, $15, $15, $15
+    FROM stored
+    RETURNING id
+)
+SELECT subscription_id, superseded FROM completed;
+
+-- release_renewal_claims --
+-- Give claims back after a provider failure, fenced by token; $1 subscription ids, $2 cycle starts, $3 tokens, $4 states ('retry' or 'failed'), $5 available at, $6 errors, $7 now.
+UPDATE nproxyd_renewal_claims AS c
+SET state = t.state,
+    available_at = t.available_at,
+    last_error = t.error,
+    token = '',
+    holder = '',
+    updated_at = $7
+FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::timestamptz[],
+            $6::text[]) AS t(subscription_id, cycle_start, token, state, available_at, error)
+WHERE c.subscription_id = t.subscription_id
+  AND c.cycle_start = t.cycle_start
+  AND c.state = 'claimed'
+  AND c.token = t.token;

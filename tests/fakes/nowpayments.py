@@ -1,0 +1,298 @@
+"""A local NOWPayments: ``POST /v1/payment`` over real HTTP, with switchable failure modes.
+
+Use it as an async context manager in the test's event loop::
+
+    async with FakeNowPayments() as fake:
+        config = NowPaymentsConfig(api_base_url=fake.url, api_key=fake.api_key)
+
+or, for tests that run the real daemon as a subprocess, in a thread with its own loop::
+
+    with FakeNowPayments().running_in_thread() as fake:
+        env["NPROXYD__PAYMENT__NOWPAYMENTS__API_BASE_URL"] = fake.url
+
+Every request is recorded (``requests``, ``calls_for(order_id)``), successful ones also in
+``payments``. State changes are guarded by a lock, so a test may switch modes from another
+thread while the server runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import threading
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from types import TracebackType
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+_ENCODER = msgspec.json.Encoder(decimal_format="number")
+_DECODER = msgspec.json.Decoder(float_hook=Decimal)  # amounts stay exact
+DEFAULT_API_KEY = "test-nowpayments-key-0123456789"
+
+
+class Mode(enum.Enum):
+    """How the fake answers a request."""
+
+    OK = "ok"
+    AMOUNT_MINIMAL = "amount_minimal"  # 400 AMOUNT_MINIMAL_ERROR
+    UNAUTHORIZED = "unauthorized"  # 401
+    FORBIDDEN = "forbidden"  # 403 INVALID_API_KEY
+    RATE_LIMITED = "rate_limited"  # 429
+    SERVER_ERROR = "server_error"  # 500
+    UNAVAILABLE = "unavailable"  # 503
+    HANG = "hang"  # answers only after hang_seconds
+    MALFORMED_JSON = "malformed_json"  # 201 with a body that is not JSON
+    MISSING_FIELDS = "missing_fields"  # 201 without payment_id and pay_address
+
+
+_ERRORS: dict[Mode, tuple[int, str, str]] = {
+    Mode.AMOUNT_MINIMAL: (400, "AMOUNT_MINIMAL_ERROR", "amountTo is too small"),
+    Mode.UNAUTHORIZED: (401, "AUTH_REQUIRED", "Authorization header is empty"),
+    Mode.FORBIDDEN: (403, "INVALID_API_KEY", "Invalid api key"),
+    Mode.RATE_LIMITED: (429, "TOO_MANY_REQUESTS", "Too many requests"),
+    Mode.SERVER_ERROR: (500, "INTERNAL_ERROR", "Internal server error"),
+    Mode.UNAVAILABLE: (503, "SERVICE_UNAVAILABLE", "Service temporarily unavailable"),
+}
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the fake received it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    json: Any  # the decoded body, or None when it was not JSON
+    mode: Mode  # how it was answered
+
+    @property
+    def order_id(self) -> str | None:
+        return self.json.get("order_id") if isinstance(self.json, dict) else None
+
+
+@dataclass
+class _State:
+    mode: Mode = Mode.OK
+    queued: deque[Mode] = field(default_factory=deque)
+    requests: list[RecordedRequest] = field(default_factory=list)
+    payments: list[dict[str, Any]] = field(default_factory=list)
+
+
+class FakeNowPayments:
+    """The fake server. ``url`` (ending in ``/v1``) is set once it has started."""
+
+    def __init__(
+        self,
+        api_key: str = DEFAULT_API_KEY,
+        *,
+        hang_seconds: float = 5.0,
+        numeric_ids: bool = False,
+        valid_for: timedelta = timedelta(hours=24),
+    ) -> None:
+        self.api_key = api_key
+        self.hang_seconds = hang_seconds
+        self.numeric_ids = numeric_ids
+        self.valid_for = valid_for
+        self.pay_amount: Decimal | None = None  # answer this instead of the price
+        self.omit_fields: frozenset[str] = frozenset()  # left out of a 201 answer
+        self.error_message: str | None = None  # replaces the message of error answers
+        self._state = _State()
+        self._lock = threading.Lock()
+        self._ids = itertools.count(5_000_000_001)
+        self._runner: web.AppRunner | None = None
+        self._stopping: asyncio.Event | None = None
+        self._url: str | None = None
+
+    # -- control -------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            raise RuntimeError("FakeNowPayments is not running")
+        return self._url
+
+    def set_mode(self, mode: Mode) -> None:
+        """Answer every following request with ``mode`` (and forget queued failures)."""
+        with self._lock:
+            self._state.mode = mode
+            self._state.queued.clear()
+
+    def fail_next(self, count: int, mode: Mode) -> None:
+        """Answer the next ``count`` requests with ``mode``, then go back to the current mode."""
+        with self._lock:
+            self._state.queued.extend([mode] * count)
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._state.requests)
+
+    @property
+    def payments(self) -> list[dict[str, Any]]:
+        """The payments the fake created (its 201 answers), oldest first."""
+        with self._lock:
+            return list(self._state.payments)
+
+    def calls_for(self, order_id: str) -> int:
+        """How many requests arrived for ``order_id``, whatever they were answered."""
+        return sum(1 for request in self.requests if request.order_id == order_id)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/payment", self._create_payment)
+        self._stopping = asyncio.Event()
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=0.5
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self._url = f"http://127.0.0.1:{port}/v1"
+
+    async def stop(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()  # releases hanging handlers at once
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self._url = None
+
+    async def __aenter__(self) -> FakeNowPayments:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @contextmanager
+    def running_in_thread(self, startup_timeout: float = 10.0) -> Iterator[FakeNowPayments]:
+        """Run the server in a daemon thread with its own event loop, for the duration."""
+        started = threading.Event()
+        loop = asyncio.new_event_loop()
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self.start())
+            except BaseException as exc:
+                failure.append(exc)
+                return
+            finally:
+                started.set()
+            loop.run_forever()
+            loop.run_until_complete(self.stop())
+            loop.close()
+
+        thread = threading.Thread(target=serve, name="fake-nowpayments", daemon=True)
+        thread.start()
+        if not started.wait(startup_timeout) or failure:
+            raise RuntimeError(f"fake NOWPayments did not start: {failure}")
+        try:
+            yield self
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(startup_timeout)
+
+    # -- the endpoint --------------------------------------------------------------------
+
+    async def _create_payment(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = _DECODER.decode(raw)
+        except msgspec.DecodeError:
+            body = None
+        mode = self._record(request, raw, body)
+        if request.headers.get("x-api-key") != self.api_key:
+            return self._error(403, "INVALID_API_KEY", "Invalid api key")
+        if not isinstance(body, dict) or "price_amount" not in body:
+            return self._error(400, "INVALID_REQUEST_PARAMS", "price_amount is required")
+        return await self._answer(mode, body)
+
+    def _record(self, request: web.Request, raw: bytes, body: Any) -> Mode:
+        with self._lock:
+            state = self._state
+            mode = state.queued.popleft() if state.queued else state.mode
+            state.requests.append(
+                RecordedRequest(
+                    method=request.method,
+                    path=request.path,
+                    headers=dict(request.headers),
+                    body=raw,
+                    json=body,
+                    mode=mode,
+                )
+            )
+        return mode
+
+    async def _answer(self, mode: Mode, body: dict[str, Any]) -> web.StreamResponse:
+        if mode in _ERRORS:
+            return self._error(*_ERRORS[mode])
+        if mode is Mode.HANG:
+            await self._hang()
+        if mode is Mode.MALFORMED_JSON:
+            return web.Response(
+                status=201, body=b'{"payment_id": 1, "pay_addr', content_type="application/json"
+            )
+        payment = self._payment(body)
+        omit = {"payment_id", "pay_address"} if mode is Mode.MISSING_FIELDS else self.omit_fields
+        answer = {key: value for key, value in payment.items() if key not in omit}
+        return web.Response(
+            status=201, body=_ENCODER.encode(answer), content_type="application/json"
+        )
+
+    async def _hang(self) -> None:
+        assert self._stopping is not None
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), self.hang_seconds)
+
+    def _error(self, status: int, code: str, message: str) -> web.Response:
+        text = self.error_message if self.error_message is not None else message
+        body = {"status": False, "statusCode": status, "code": code, "message": text}
+        return web.Response(
+            status=status, body=_ENCODER.encode(body), content_type="application/json"
+        )
+
+    def _payment(self, body: dict[str, Any]) -> dict[str, Any]:
+        created = datetime.now(UTC)
+        number = next(self._ids)
+        price = body["price_amount"]
+        payment = {
+            "payment_id": number if self.numeric_ids else str(number),
+            "payment_status": "waiting",
+            "pay_address": f"TFake{number:029d}",
+            "price_amount": price,
+            "price_currency": body.get("price_currency"),
+            "pay_amount": self.pay_amount if self.pay_amount is not None else price,
+            "pay_currency": body.get("pay_currency"),
+            "order_id": body.get("order_id"),
+            "order_description": body.get("order_description"),
+            "created_at": _iso(created),
+            "updated_at": _iso(created),
+            "valid_until": _iso(created + self.valid_for),
+            "expiration_estimate_date": _iso(created + self.valid_for),
+        }
+        with self._lock:
+            self._state.payments.append(payment)
+        return payment
+
+
+def _iso(value: datetime) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
