@@ -42,7 +42,7 @@ class TestServer:
         if not self.admin_dsn:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                import pgserver
+                import pgserver  # noqa: PLC0415 - only without NPROXYD_TEST_DSN
 
                 self.pgdata = Path(tempfile.mkdtemp(prefix="nproxyd-test-pg-")) / "data"
                 server = pgserver.get_server(self.pgdata, cleanup_mode="delete")

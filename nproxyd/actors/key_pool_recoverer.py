@@ -82,9 +82,7 @@ class KeyPoolRecoverer:
             balance_failed_count=len(failures),
         )
 
-    async def _probe_all(
-        self, keys: list[KeyRow]
-    ) -> tuple[dict[str, Decimal], dict[str, str]]:
+    async def _probe_all(self, keys: list[KeyRow]) -> tuple[dict[str, Decimal], dict[str, str]]:
         balances: dict[str, Decimal] = {}
         failures: dict[str, str] = {}
         limiter = anyio.CapacityLimiter(self.settings.probe_concurrency)

@@ -25,6 +25,10 @@ _REPLY_ERRORS = (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefu
 # Refused before any command was sent (bad address, missing From): the connection is untouched.
 _LOCAL_REFUSALS = (ValueError, aiosmtplib.SMTPNotSupported)
 _SERVICE_CLOSING = 421
+# 530-539: authentication or encryption refused (530 auth required, 535 bad credentials,
+# 538 encryption required): the transport's configuration is wrong, not the message.
+_AUTH_REPLIES = range(530, 540)
+_FORBIDDEN_IN_ADDRESS = frozenset('<>,;"()[]\\')
 
 
 class SmtpTransport:
@@ -49,6 +53,7 @@ class SmtpTransport:
         """Deliver ``message`` to ``recipient``; raises a :class:`MailError` subclass."""
         if self._closed:
             raise MailTransientError("SMTP transport is closed")
+        _check_address(recipient)
         async with self._slots:
             connection, reused = await self._checkout()
             try:
@@ -150,12 +155,25 @@ class SmtpTransport:
     def _reply_error(self, code: int, text: str, connecting: bool) -> MailError:
         where = f"{self._config.host}:{self._config.port}"
         detail = self._redact(f"SMTP {code} from {where}: {text}")
-        if code >= 500 and not connecting:
+        if code >= 500 and code not in _AUTH_REPLIES and not connecting:
             return MailPermanentError(detail)
         return MailTransientError(detail)
 
     def _redact(self, text: str) -> str:
         return redact_text(text, self._secrets)
+
+
+def _check_address(recipient: str) -> None:
+    """Refuse anything but a bare ``local@domain`` address, before it reaches the wire."""
+    # aiosmtplib keeps whatever email.utils.parseaddr finds in a string, so "a@x\r\nb<c@y>"
+    # would quietly go to a@x; a recipient that is not a plain address is a caller's bug.
+    local, at, domain = recipient.rpartition("@")
+    malformed = not (local and at and domain) or any(
+        char.isspace() or not char.isprintable() or char in _FORBIDDEN_IN_ADDRESS
+        for char in recipient
+    )
+    if malformed:
+        raise MailPermanentError(f"invalid recipient address: {recipient!r}")
 
 
 def _dropped(exc: Exception) -> bool:

@@ -6,7 +6,6 @@ environment variables, then ``*_file`` keys that fill the matching secret key.
 
 from __future__ import annotations
 
-import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -29,7 +28,7 @@ class Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     """A configuration section: frozen, and unknown keys are errors."""
 
 
-class DatabaseConfig(Section):
+class DatabaseConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     dsn: str = ""
     dsn_file: str = ""
     auto_migrate: bool = True
@@ -37,7 +36,7 @@ class DatabaseConfig(Section):
     connect_timeout_seconds: Positive = 5.0
 
 
-class DaemonConfig(Section):
+class DaemonConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     state_dir: str = ""
     instance_id: str = ""
     shutdown_grace_seconds: NonNegative = 10.0
@@ -45,20 +44,20 @@ class DaemonConfig(Section):
     restart_window_seconds: Positive = 60.0
 
 
-class HttpConfig(Section):
+class HttpConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     listen: str = "127.0.0.1:9187"
 
 
-class LogConfig(Section):
+class LogConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
 
 
-class UrlsConfig(Section):
+class UrlsConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     app_base_url: str = "http://127.0.0.1:3000"
 
 
-class BillingConfig(Section):
+class BillingConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     renewal_lead_time_hours: Positive = 72.0
     payment_provider: Literal["simulated", "nowpayments"] = "simulated"
     provider_concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 8
@@ -66,13 +65,13 @@ class BillingConfig(Section):
     claim_lease_seconds: Positive = 120.0
 
 
-class SimulatedPaymentConfig(Section):
+class SimulatedPaymentConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     invoice_ttl_hours: Positive = 24.0
     latency_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
     failure_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
 
 
-class NowPaymentsConfig(Section):
+class NowPaymentsConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     api_base_url: str = "https://api.nowpayments.io/v1"
     api_key: str = ""
     api_key_file: str = ""
@@ -80,12 +79,12 @@ class NowPaymentsConfig(Section):
     timeout_seconds: Positive = 30.0
 
 
-class PaymentConfig(Section):
+class PaymentConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     simulated: SimulatedPaymentConfig = SimulatedPaymentConfig()
     nowpayments: NowPaymentsConfig = NowPaymentsConfig()
 
 
-class SmtpConfig(Section):
+class SmtpConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 25
     security: Literal["none", "starttls", "tls"] = "none"
@@ -96,37 +95,37 @@ class SmtpConfig(Section):
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
 
 
-class MaildirConfig(Section):
+class MaildirConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     path: str = ""
 
 
-class EmailConfig(Section):
+class EmailConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     transport: Literal["smtp", "maildir"] = "maildir"
     from_address: str = "nproxy billing <billing@nproxy.localhost>"
     smtp: SmtpConfig = SmtpConfig()
     maildir: MaildirConfig = MaildirConfig()
 
 
-class KeyPoolConfig(Section):
+class KeyPoolConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     cooldown_minutes: Positive = 10.0
     failures_before_manual_review: Count = 3
     balance_poll_seconds: Positive = 60.0
     balance_probe_concurrency: Count = 8
 
 
-class InvoiceExpirerConfig(Section):
+class InvoiceExpirerConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
     interval_seconds: Positive = 60.0
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 10_000
 
 
-class RenewalSchedulerConfig(Section):
+class RenewalSchedulerConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
     interval_seconds: Positive = 300.0
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 500
 
 
-class MailSenderConfig(Section):
+class MailSenderConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
     interval_seconds: Positive = 15.0
     max_attempts: Count = 8
@@ -134,19 +133,19 @@ class MailSenderConfig(Section):
     lease_seconds: Positive = 120.0
 
 
-class KeyPoolRecovererConfig(Section):
+class KeyPoolRecovererConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
     interval_seconds: Positive = 60.0
 
 
-class ActorsConfig(Section):
+class ActorsConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     invoice_expirer: InvoiceExpirerConfig = InvoiceExpirerConfig()
     renewal_scheduler: RenewalSchedulerConfig = RenewalSchedulerConfig()
     mail_sender: MailSenderConfig = MailSenderConfig()
     key_pool_recoverer: KeyPoolRecovererConfig = KeyPoolRecovererConfig()
 
 
-class Config(Section):
+class Config(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     database: DatabaseConfig = DatabaseConfig()
     daemon: DaemonConfig = DaemonConfig()
     http: HttpConfig = HttpConfig()

@@ -101,9 +101,7 @@ def all_keys() -> list[str]:
     return [doc.dotted for _, docs in config_sections() for doc in docs]
 
 
-def _walk(
-    struct: inspect.StructType, path: list[str], out: list[tuple[str, list[KeyDoc]]]
-) -> None:
+def _walk(struct: inspect.StructType, path: list[str], out: list[tuple[str, list[KeyDoc]]]) -> None:
     docs: list[KeyDoc] = []
     out.append((".".join(path), docs))
     for field in struct.fields:
@@ -179,7 +177,9 @@ def render_configuration_markdown(example_toml: str | None = None) -> str:
     text = example_toml if example_toml is not None else EXAMPLE_PATH.read_text("utf-8")
     comments = parse_example(text)
     sections = config_sections()
-    missing = [doc.dotted for _, docs in sections for doc in docs if not comments.keys.get(doc.dotted)]
+    missing = [
+        doc.dotted for _, docs in sections for doc in docs if not comments.keys.get(doc.dotted)
+    ]
     if missing:
         raise ValueError(f"keys without a description in the example: {', '.join(missing)}")
     lines = [_HEADER]

@@ -22,7 +22,7 @@ def backoff_seconds(
     failed together do not retry together.
     """
     exponent = min(max(failures - 1, 0), 32)
-    delay = min(cap_seconds, base_seconds * (2**exponent))
+    delay: float = min(cap_seconds, base_seconds * float(2**exponent))
     if rng is not None:
         delay *= rng.uniform(0.5, 1.0)
     return delay

@@ -282,4 +282,3 @@ class ActorLoop:
             events.append(self._wake_event)
         delay = due - self._clock.monotonic()
         await sleep_until_set(self._clock, delay, *events, name=f"{self.name}.sleep")
-

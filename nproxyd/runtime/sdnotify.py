@@ -84,7 +84,9 @@ class Notifier:
             self._log.warning("sd_notify_failed", reason=reason)
 
 
-def watchdog_interval_seconds(environ: Mapping[str, str], *, pid: int | None = None) -> float | None:
+def watchdog_interval_seconds(
+    environ: Mapping[str, str], *, pid: int | None = None
+) -> float | None:
     """How often to send ``WATCHDOG=1``: half of ``WATCHDOG_USEC``, or None if not asked.
 
     ``WATCHDOG_PID``, when set, must name this process (*pid*, default ``os.getpid()``).

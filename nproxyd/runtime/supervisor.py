@@ -133,9 +133,9 @@ class Supervisor:
         try:
             await child.factory(shutdown)
         except Exception as exc:
-            # The message is left out on purpose: an unexpected error may carry data
-            # (a DSN, a key) and this path has no adapter that vetted it.
-            log.error(
+            # No message or traceback on purpose: an unexpected error may carry data (a DSN,
+            # a key) that no adapter vetted. Class and crash site locate the bug.
+            log.error(  # noqa: TRY400
                 "actor_crashed",
                 error_class=type(exc).__name__,
                 crash_site=_crash_site(exc),

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import asyncpg
+import asyncpg.pool
 
 from nproxyd.core.errors import DatabaseUnavailable, StoreError
 from nproxyd.store.sql import QUERIES
@@ -87,7 +88,7 @@ class Database:
 class Transaction:
     """Named statements on one connection inside a transaction."""
 
-    def __init__(self, connection: asyncpg.Connection) -> None:
+    def __init__(self, connection: asyncpg.pool.PoolConnectionProxy[asyncpg.Record]) -> None:
         self.connection = connection
 
     async def fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:

@@ -7,6 +7,7 @@ exit stops it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -27,7 +28,7 @@ def _start(pgdata: Path) -> str:
         import pgserver  # noqa: PLC0415 - heavy import, only when embedded
 
         pgdata.parent.mkdir(parents=True, exist_ok=True)
-        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
         uri: str = server.get_uri()
     return uri
 
@@ -50,9 +51,8 @@ async def _ensure_database(admin_uri: str) -> None:
                 "SELECT 1 FROM pg_database WHERE datname = $1", DATABASE_NAME
             )
             if not exists:
-                try:
+                # another process may create it first
+                with contextlib.suppress(asyncpg.DuplicateDatabaseError):
                     await connection.execute(f"CREATE DATABASE {DATABASE_NAME}")
-                except asyncpg.DuplicateDatabaseError:
-                    pass  # another process created it first
         finally:
             await connection.close()

@@ -14,11 +14,13 @@ from importlib import resources
 
 import asyncpg
 import msgspec
+from asyncpg.pool import PoolConnectionProxy
 
 from nproxyd.core.errors import MigrationError
 from nproxyd.store.database import map_errors
 
 NO_TRANSACTION = "-- nproxyd:no-transaction"
+Connection = asyncpg.Connection | PoolConnectionProxy
 _LOCK_KEY = 0x6E70726F  # "npro": the advisory lock every migrating process takes
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -57,7 +59,7 @@ def statements(sql: str) -> list[str]:
     return [part.strip() for part in re.split(r";\s*$", body, flags=re.MULTILINE) if part.strip()]
 
 
-async def migrate(connection: asyncpg.Connection) -> list[int]:
+async def migrate(connection: Connection) -> list[int]:
     """Apply every pending migration; returns the versions applied by this call."""
     with map_errors():
         await connection.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
@@ -68,12 +70,12 @@ async def migrate(connection: asyncpg.Connection) -> list[int]:
             await connection.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
 
 
-async def applied_versions(connection: asyncpg.Connection) -> set[int]:
+async def applied_versions(connection: Connection) -> set[int]:
     rows = await connection.fetch("SELECT version FROM nproxyd_schema_migrations")
     return {row["version"] for row in rows}
 
 
-async def _apply_pending(connection: asyncpg.Connection) -> list[int]:
+async def _apply_pending(connection: Connection) -> list[int]:
     done = await applied_versions(connection)
     applied = []
     for migration in available():
@@ -89,7 +91,7 @@ async def _apply_pending(connection: asyncpg.Connection) -> list[int]:
     return applied
 
 
-async def _apply(connection: asyncpg.Connection, migration: Migration) -> None:
+async def _apply(connection: Connection, migration: Migration) -> None:
     record = "INSERT INTO nproxyd_schema_migrations (version, name) VALUES ($1, $2)"
     if migration.transactional:
         async with connection.transaction():
@@ -102,7 +104,7 @@ async def _apply(connection: asyncpg.Connection, migration: Migration) -> None:
     await connection.execute(record, migration.version, migration.name)
 
 
-async def _drop_invalid_index(connection: asyncpg.Connection, statement: str) -> None:
+async def _drop_invalid_index(connection: Connection, statement: str) -> None:
     """A CONCURRENTLY build that was interrupted leaves an invalid index: drop it first."""
     match = re.search(r"INDEX CONCURRENTLY IF NOT EXISTS (\w+)", statement)
     if not match:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -12,9 +12,9 @@ import msgspec
 T = TypeVar("T")
 
 
-def convert_rows(rows: Iterable[Mapping[str, Any]], row_type: type[T]) -> list[T]:
-    """Convert asyncpg records into Structs."""
-    return [msgspec.convert(dict(row), row_type) for row in rows]
+def convert_rows(rows: Iterable[Any], row_type: type[T]) -> list[T]:
+    """Convert asyncpg records (or any mappings) into Structs."""
+    return [msgspec.convert(dict(row.items()), row_type) for row in rows]
 
 
 class ExpiryBatch(msgspec.Struct, frozen=True, kw_only=True):

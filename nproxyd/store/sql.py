@@ -34,8 +34,9 @@ def parse(text: str) -> dict[str, str]:
 def load_queries() -> dict[str, str]:
     """Every named statement of every file in ``nproxyd/store/sql``."""
     queries: dict[str, str] = {}
-    for entry in sorted(resources.files("nproxyd.store").joinpath("sql").iterdir(),
-                        key=lambda item: item.name):
+    for entry in sorted(
+        resources.files("nproxyd.store").joinpath("sql").iterdir(), key=lambda item: item.name
+    ):
         if entry.name.endswith(".sql"):
             for name, statement in parse(entry.read_text(encoding="utf-8")).items():
                 if name in queries:

@@ -93,9 +93,7 @@ class RenewalStore:
     async def candidates(
         self, now: datetime, window_end: datetime, after: tuple[datetime, str], limit: int
     ) -> list[RenewalCandidate]:
-        rows = await self.db.fetch(
-            "renewal_candidates", now, window_end, after[0], after[1], limit
-        )
+        rows = await self.db.fetch("renewal_candidates", now, window_end, after[0], after[1], limit)
         return convert_rows(rows, RenewalCandidate)
 
     async def claim(

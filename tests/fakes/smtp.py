@@ -68,6 +68,21 @@ class _Handler:
         session.host_name = hostname
         return f"250 {server.hostname}"
 
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
+    ) -> str:
+        closing = self._owner._take(self._owner._mail_failures)
+        if closing is not None:
+            # Reply first, then hang up: what a server does on an idle timeout or shutdown.
+            if server.transport is not None:
+                asyncio.get_running_loop().call_soon(server.transport.close)
+            return closing
+        if self._owner._requires_auth and not session.authenticated:
+            return "530 5.7.0 Authentication required"
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
     ) -> str:
@@ -78,12 +93,13 @@ class _Handler:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        failure = self._owner._take_failure()
+        failure = self._owner._take(self._owner._data_failures)
         if failure is not None:
             return failure
         transport = server.transport
         tls = transport is not None and transport.get_extra_info("ssl_object") is not None
-        login = session.login_data.decode() if session.login_data else None
+        auth_data = session.auth_data
+        login = auth_data.login.decode() if isinstance(auth_data, LoginPassword) else None
         raw = envelope.original_content or envelope.content or b""
         self._owner._record(
             ReceivedMessage(
@@ -118,7 +134,8 @@ class FakeSmtpServer:
         self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
         self._connections = 0
         self._refusals: dict[str, str] = {}
-        self._failures: list[str] = []
+        self._data_failures: list[str] = []
+        self._mail_failures: list[str] = []
         self._controller: Controller | None = None
         self._ca = trustme.CA() if tls != "none" else None
         self._server_tls = self._make_server_tls()
@@ -154,6 +171,10 @@ class FakeSmtpServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    @property
+    def _requires_auth(self) -> bool:
+        return self._credentials is not None
 
     @property
     def running(self) -> bool:
@@ -198,7 +219,14 @@ class FakeSmtpServer:
     def fail_next(self, count: int, reply: str = "451 4.3.0 Try again later") -> None:
         """Answer the end of DATA with ``reply`` for the next ``count`` messages."""
         with self._lock:
-            self._failures.extend([reply] * count)
+            self._data_failures.extend([reply] * count)
+
+    def hang_up_on_next_mail(
+        self, count: int = 1, reply: str = "421 4.4.2 Idle timeout, closing connection"
+    ) -> None:
+        """Answer MAIL FROM with ``reply`` and close the connection, ``count`` times."""
+        with self._lock:
+            self._mail_failures.extend([reply] * count)
 
     def client_tls_context(self) -> ssl.SSLContext:
         """A client context that trusts this server's certificate (and checks the host)."""
@@ -220,9 +248,9 @@ class FakeSmtpServer:
         with self._lock:
             return self._refusals.get(address.lower())
 
-    def _take_failure(self) -> str | None:
+    def _take(self, queue: list[str]) -> str | None:
         with self._lock:
-            return self._failures.pop(0) if self._failures else None
+            return queue.pop(0) if queue else None
 
     def _record(self, message: ReceivedMessage) -> None:
         with self._lock:
@@ -263,9 +291,10 @@ class FakeSmtpServer:
             options["tls_context"] = self._server_tls
             options["require_starttls"] = True
         if self._credentials is not None:
-            options["authenticator"] = self._authenticate
-            options["auth_required"] = True
+            # AUTH is demanded at MAIL FROM (handle_MAIL) rather than with aiosmtpd's
+            # auth_required, which warns on every session when TLS is not required too.
             # Implicit TLS is not STARTTLS to aiosmtpd, so only STARTTLS can insist on it.
+            options["authenticator"] = self._authenticate
             options["auth_require_tls"] = self.tls == "starttls"
         return options
 

@@ -10,6 +10,7 @@ from email.utils import make_msgid
 
 import anyio
 import pytest
+import trustme
 
 from nproxyd.adapters.mail_smtp import SmtpTransport
 from nproxyd.core.config import SmtpConfig
@@ -64,7 +65,8 @@ class TestDelivery:
         parsed = received.message
         assert parsed["Subject"] == "Your nproxy subscription renewal invoice"
         assert parsed["Message-ID"] == message["Message-ID"]
-        assert parsed.get_content() == message.get_content()
+        # SMTP carries CRLF line ends; the text itself is unchanged.
+        assert parsed.get_content().splitlines() == message.get_content().splitlines()
 
     async def test_envelope_recipient_is_the_argument(self, server: FakeSmtpServer) -> None:
         """The recipient argument, not the To header, decides where the mail goes."""
@@ -211,20 +213,31 @@ class TestRefusals:
         assert received.rcpt_tos == ("alice@example.test",)
         assert server.connections == 1
 
-    async def test_malformed_address_is_permanent(self, server: FakeSmtpServer) -> None:
-        """A recipient the server cannot parse (553) is permanent."""
+    async def test_bad_address_reply_is_permanent(self, server: FakeSmtpServer) -> None:
+        """553 (mailbox name not allowed) for the recipient is permanent."""
+        server.reject_recipient("bad@example.test", "553 5.1.3 Error: malformed address")
         transport = SmtpTransport(config_for(server))
         with pytest.raises(MailPermanentError, match="553"):
-            await transport.send(compose(), "not an address@@")
+            await transport.send(compose(), "bad@example.test")
         await transport.aclose()
 
-    async def test_header_injection_in_address_is_permanent(
-        self, server: FakeSmtpServer
+    @pytest.mark.parametrize(
+        "recipient",
+        [
+            "a@example.test\r\nRCPT TO:<b@example.test>",
+            "Bob <b@example.test>",
+            "not an address",
+            "no-at-sign",
+            "",
+        ],
+    )
+    async def test_invalid_address_is_permanent(
+        self, server: FakeSmtpServer, recipient: str
     ) -> None:
-        """An address with a line break is refused before anything is sent."""
+        """A recipient that is not a bare address is refused and nothing is sent anywhere."""
         transport = SmtpTransport(config_for(server))
-        with pytest.raises(MailPermanentError):
-            await transport.send(compose(), "a@example.test\r\nRCPT TO:<b@example.test>")
+        with pytest.raises(MailPermanentError, match="invalid recipient"):
+            await transport.send(compose(), recipient)
         await transport.send(compose(), "a@example.test")
         await transport.aclose()
 
@@ -262,17 +275,46 @@ class TestOutages:
         await transport.aclose()
         assert transport.connections_opened == 0
 
-    async def test_reconnects_after_server_restart(self, server: FakeSmtpServer) -> None:
+    # pause None: the client usually has not read the EOF yet, so the send fails on the stale
+    # connection and is retried; 0.2 s: the pool already sees it closed and skips it.
+    @pytest.mark.parametrize("pause", [None, 0.2])
+    async def test_reconnects_after_server_restart(
+        self, server: FakeSmtpServer, pause: float | None
+    ) -> None:
         """A pooled connection lost in a server restart is replaced and the send succeeds."""
         transport = SmtpTransport(config_for(server, max_connections=1))
         await transport.send(compose(subject="before"), "a@example.test")
         server.stop()
         server.start()
+        if pause is not None:
+            await anyio.sleep(pause)
         await transport.send(compose(subject="after"), "a@example.test")
         await transport.aclose()
 
         assert [m.message["Subject"] for m in server.messages] == ["before", "after"]
         assert transport.connections_opened == 2
+
+    async def test_pooled_connection_hung_up_is_retried_once(self, server: FakeSmtpServer) -> None:
+        """421 and hang-up on a pooled connection: the send is retried on a fresh one."""
+        transport = SmtpTransport(config_for(server, max_connections=1))
+        await transport.send(compose(subject="first"), "a@example.test")
+        server.hang_up_on_next_mail()
+        await transport.send(compose(subject="second"), "a@example.test")
+        await transport.aclose()
+
+        assert [m.message["Subject"] for m in server.messages] == ["first", "second"]
+        assert transport.connections_opened == 2
+
+    async def test_fresh_connection_hung_up_is_transient(self, server: FakeSmtpServer) -> None:
+        """421 on a brand-new connection is not retried: it is a transient error."""
+        transport = SmtpTransport(config_for(server))
+        server.hang_up_on_next_mail(2)
+        with pytest.raises(MailTransientError, match="421"):
+            await transport.send(compose(), "a@example.test")
+        await transport.aclose()
+
+        assert transport.connections_opened == 1
+        assert server.messages == []
 
     async def test_down_then_up_again(self, server: FakeSmtpServer) -> None:
         """Sends fail as transient while the server is down and succeed once it is back."""
@@ -309,7 +351,5 @@ def _closed_port() -> int:
 
 
 def _unrelated_ca_pem() -> str:
-    import trustme
-
     pem: bytes = trustme.CA().cert_pem.bytes()
     return pem.decode()

@@ -12,7 +12,7 @@ WITH due AS (
     FROM provider_keys
     WHERE status = 'active'
       AND (balance_checked_at IS NULL
-           OR balance_checked_at <= $1 - make_interval(secs => $2::float8))
+           OR balance_checked_at <= $1::timestamptz - make_interval(secs => $2::float8))
     ORDER BY balance_checked_at NULLS FIRST, id
     LIMIT $3
     FOR UPDATE SKIP LOCKED
@@ -37,7 +37,7 @@ SET consecutive_failures = k.consecutive_failures + 1,
     status = CASE WHEN k.consecutive_failures + 1 >= $5 THEN 'manual_review' ELSE 'cooldown' END,
     cooldown_until = CASE
         WHEN k.consecutive_failures + 1 >= $5 THEN NULL
-        ELSE $3 + make_interval(secs => $4::float8 * 60)
+        ELSE $3::timestamptz + make_interval(secs => $4::float8 * 60)
     END,
     last_error = t.error,
     updated_at = $3

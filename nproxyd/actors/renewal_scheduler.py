@@ -1,0 +1,375 @@
+"""Renewal scheduler: one renewal invoice per paid cycle, claimed in the database first.
+
+A tick reads due subscriptions in keyset batches, claims their (subscription, cycle) slots in
+one statement, calls the payment provider for the slots it won (bounded concurrency), and
+commits each group of answers in one statement: invoice, outbox mail and claim completion
+together. A crash anywhere leaves a claim whose lease elapses; the next tick of any instance
+takes it over with the same provider ``order_id``.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+import anyio
+import msgspec
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from nproxyd.core.channels import Outbox
+from nproxyd.core.clock import Clock
+from nproxyd.core.config import Config
+from nproxyd.core.errors import ProviderPermanentError
+from nproxyd.core.messages import OutboxReady, RenewalReport
+from nproxyd.core.ports import InvoiceRequest, PaymentProvider, ProviderInvoice
+from nproxyd.core.rules import (
+    backoff_seconds,
+    candidate_problem,
+    new_message_id,
+    order_id,
+    render_renewal_body,
+)
+from nproxyd.store.rows import (
+    ClaimedSlot,
+    CompletedSlot,
+    ReleasedSlot,
+    RenewalCandidate,
+    StoredInvoice,
+)
+
+_START = (datetime.min.replace(tzinfo=UTC), "")
+_COMMIT_GROUP = 500
+Outcome = StoredInvoice | ReleasedSlot
+
+
+class RenewalStorePort(Protocol):
+    async def candidates(
+        self, now: datetime, window_end: datetime, after: tuple[datetime, str], limit: int
+    ) -> list[RenewalCandidate]: ...
+
+    async def claim(
+        self,
+        slots: Sequence[tuple[str, datetime, str]],
+        *,
+        holder: str,
+        token: str,
+        now: datetime,
+        lease_until: datetime,
+    ) -> list[ClaimedSlot]: ...
+
+    async def commit(
+        self, invoices: Sequence[StoredInvoice], *, provider: str, now: datetime
+    ) -> list[CompletedSlot]: ...
+
+    async def release(self, slots: Sequence[ReleasedSlot], now: datetime) -> int: ...
+
+
+class RenewalSettings(msgspec.Struct, frozen=True, kw_only=True):
+    interval_seconds: float
+    lead_hours: float
+    batch_size: int
+    provider_concurrency: int
+    claim_lease_seconds: float
+    failed_retry_hours: float
+    app_base_url: str
+    from_address: str
+    instance_id: str
+    retry_base_seconds: float = 60.0
+    retry_cap_seconds: float = 3600.0
+
+    @classmethod
+    def from_config(cls, config: Config, instance_id: str) -> RenewalSettings:
+        return cls(
+            interval_seconds=config.actors.renewal_scheduler.interval_seconds,
+            lead_hours=config.billing.renewal_lead_time_hours,
+            batch_size=config.actors.renewal_scheduler.batch_size,
+            provider_concurrency=config.billing.provider_concurrency,
+            claim_lease_seconds=config.billing.claim_lease_seconds,
+            failed_retry_hours=config.billing.failed_retry_hours,
+            app_base_url=config.urls.app_base_url,
+            from_address=config.email.from_address,
+            instance_id=instance_id,
+        )
+
+
+class _Totals:
+    def __init__(self) -> None:
+        self.candidates = self.claimed = self.created = self.superseded = 0
+        self.skipped = self.transient = self.permanent = 0
+
+    def report(self) -> RenewalReport:
+        return RenewalReport(
+            candidates=self.candidates,
+            claimed=self.claimed,
+            created_count=self.created,
+            superseded=self.superseded,
+            skipped_bad=self.skipped,
+            transient_failures=self.transient,
+            permanent_failures=self.permanent,
+        )
+
+
+class RenewalScheduler:
+    name = "renewal-scheduler"
+
+    def __init__(
+        self,
+        store: RenewalStorePort,
+        provider: PaymentProvider,
+        settings: RenewalSettings,
+        *,
+        clock: Clock,
+        outbox: Outbox,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.provider = provider
+        self.settings = settings
+        self.clock = clock
+        self.outbox = outbox
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self.interval_seconds = settings.interval_seconds
+        self.log = structlog.get_logger().bind(actor=self.name)
+
+    async def tick(self, now: datetime) -> RenewalReport:
+        started = self.clock.monotonic()
+        window_end = now + timedelta(hours=self.settings.lead_hours)
+        totals = _Totals()
+        cursor = _START
+        while True:
+            batch = await self.store.candidates(now, window_end, cursor, self.settings.batch_size)
+            if not batch:
+                break
+            totals.candidates += len(batch)
+            cursor = (batch[-1].current_period_end, batch[-1].subscription_id)
+            await self._process(batch, now, started, totals)
+            if len(batch) < self.settings.batch_size:
+                break
+        if totals.created:
+            self.log.info("renewal_invoices_created", created_count=totals.created)
+        return totals.report()
+
+    def _valid(self, batch: list[RenewalCandidate], totals: _Totals) -> list[RenewalCandidate]:
+        valid = []
+        for candidate in batch:
+            problem = candidate_problem(
+                email=candidate.email,
+                price=candidate.monthly_price_usd,
+                currency=candidate.billing_currency,
+            )
+            if problem is None:
+                valid.append(candidate)
+                continue
+            totals.skipped += 1
+            self.log.warning(
+                "renewal_candidate_skipped",
+                subscription_id=candidate.subscription_id,
+                reason=problem,
+            )
+        return valid
+
+    async def _process(
+        self, batch: list[RenewalCandidate], now: datetime, started: float, totals: _Totals
+    ) -> None:
+        valid = self._valid(batch, totals)
+        if not valid:
+            return
+        token = uuid.uuid4().hex
+        # The lease runs from the moment of claiming, even late in a long tick.
+        elapsed = self.clock.monotonic() - started
+        lease_until = now + timedelta(seconds=elapsed + self.settings.claim_lease_seconds)
+        claimed = await self.store.claim(
+            [
+                (c.subscription_id, c.cycle_start, order_id(c.subscription_id, c.cycle_start))
+                for c in valid
+            ],
+            holder=self.settings.instance_id,
+            token=token,
+            now=now,
+            lease_until=lease_until,
+        )
+        totals.claimed += len(claimed)
+        by_slot = {(c.subscription_id, c.cycle_start): c for c in valid}
+        pairs = [(by_slot[(s.subscription_id, s.cycle_start)], s) for s in claimed]
+        await self._invoice_all(pairs, token, now, totals)
+
+    async def _invoice_all(
+        self,
+        pairs: list[tuple[RenewalCandidate, ClaimedSlot]],
+        token: str,
+        now: datetime,
+        totals: _Totals,
+    ) -> None:
+        if not pairs:
+            return
+        sender, receiver = anyio.create_memory_object_stream[Outcome](len(pairs))
+        limiter = anyio.CapacityLimiter(self.settings.provider_concurrency)
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._commit_loop, receiver, now, totals, name="renewal-commit")
+            async with sender, anyio.create_task_group() as calls:
+                for candidate, slot in pairs:
+                    calls.start_soon(
+                        self._request,
+                        candidate,
+                        slot,
+                        token,
+                        now,
+                        limiter,
+                        sender,
+                        totals,
+                        name=f"renewal-invoice-{candidate.subscription_id}",
+                    )
+
+    async def _request(
+        self,
+        candidate: RenewalCandidate,
+        slot: ClaimedSlot,
+        token: str,
+        now: datetime,
+        limiter: anyio.CapacityLimiter,
+        results: MemoryObjectSendStream[Outcome],
+        totals: _Totals,
+    ) -> None:
+        async with limiter:
+            try:
+                answer = await self.provider.create_invoice(self._request_for(candidate, slot), now)
+                outcome: Outcome = self._stored(candidate, slot, token, answer)
+            except ProviderPermanentError as exc:
+                outcome = self._failed(candidate, slot, token, now, exc.message)
+                totals.permanent += 1
+            except Exception as exc:
+                outcome = self._retry(candidate, slot, token, now, exc)
+                totals.transient += 1
+        results.send_nowait(outcome)
+
+    def _request_for(self, candidate: RenewalCandidate, slot: ClaimedSlot) -> InvoiceRequest:
+        assert candidate.monthly_price_usd is not None and candidate.billing_currency
+        return InvoiceRequest(
+            order_id=slot.order_id,
+            subscription_id=candidate.subscription_id,
+            user_id=candidate.user_id,
+            plan_code=candidate.plan_code,
+            amount_usd=candidate.monthly_price_usd,
+            currency=candidate.billing_currency,
+            description=f"nproxy {candidate.plan_code} renewal",
+        )
+
+    def _stored(
+        self,
+        candidate: RenewalCandidate,
+        slot: ClaimedSlot,
+        token: str,
+        answer: ProviderInvoice,
+    ) -> StoredInvoice:
+        if not answer.provider_invoice_id:
+            raise ProviderPermanentError("the provider returned no invoice id")
+        assert candidate.monthly_price_usd is not None and candidate.billing_currency
+        assert candidate.email is not None
+        amount = candidate.monthly_price_usd
+        body = render_renewal_body(
+            period_end=candidate.current_period_end,
+            amount=amount,
+            currency=candidate.billing_currency,
+            payment_address=answer.payment_address,
+            expires_at=answer.expires_at,
+            app_base_url=self.settings.app_base_url,
+        )
+        return StoredInvoice(
+            subscription_id=slot.subscription_id,
+            cycle_start=slot.cycle_start,
+            token=token,
+            invoice_id=str(uuid.uuid4()),
+            user_id=candidate.user_id,
+            provider_invoice_id=answer.provider_invoice_id,
+            currency=candidate.billing_currency,
+            amount=amount,
+            payment_address=answer.payment_address,
+            expires_at=answer.expires_at,
+            to_address=candidate.email,
+            body=body,
+            message_id=new_message_id(self.settings.from_address),
+        )
+
+    def _failed(
+        self,
+        candidate: RenewalCandidate,
+        slot: ClaimedSlot,
+        token: str,
+        now: datetime,
+        reason: str,
+    ) -> ReleasedSlot:
+        self.log.warning(
+            "renewal_invoice_failed", subscription_id=candidate.subscription_id, reason=reason
+        )
+        retry_at = now + timedelta(hours=self.settings.failed_retry_hours)
+        return self._released(slot, token, "failed", retry_at, reason)
+
+    def _retry(
+        self,
+        candidate: RenewalCandidate,
+        slot: ClaimedSlot,
+        token: str,
+        now: datetime,
+        exc: Exception,
+    ) -> ReleasedSlot:
+        reason = f"{type(exc).__name__}: {exc}"
+        delay = backoff_seconds(
+            slot.attempts,
+            base_seconds=self.settings.retry_base_seconds,
+            cap_seconds=self.settings.retry_cap_seconds,
+            rng=self.rng,
+        )
+        self.log.info(
+            "renewal_invoice_retry_scheduled",
+            subscription_id=candidate.subscription_id,
+            attempts=slot.attempts,
+            retry_in_seconds=round(delay, 1),
+            reason=reason,
+        )
+        return self._released(slot, token, "retry", now + timedelta(seconds=delay), reason)
+
+    @staticmethod
+    def _released(
+        slot: ClaimedSlot, token: str, state: str, available_at: datetime, error: str
+    ) -> ReleasedSlot:
+        return ReleasedSlot(
+            subscription_id=slot.subscription_id,
+            cycle_start=slot.cycle_start,
+            token=token,
+            state=state,
+            available_at=available_at,
+            error=error[:1000],
+        )
+
+    async def _commit_loop(
+        self,
+        receiver: MemoryObjectReceiveStream[Outcome],
+        now: datetime,
+        totals: _Totals,
+    ) -> None:
+        async with receiver:
+            async for first in receiver:
+                group = [first]
+                while len(group) < _COMMIT_GROUP:
+                    try:
+                        group.append(receiver.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                await self._commit(group, now, totals)
+
+    async def _commit(self, group: list[Outcome], now: datetime, totals: _Totals) -> None:
+        invoices = [item for item in group if isinstance(item, StoredInvoice)]
+        released = [item for item in group if isinstance(item, ReleasedSlot)]
+        if invoices:
+            completed = await self.store.commit(invoices, provider=self.provider.name, now=now)
+            created = sum(1 for slot in completed if not slot.superseded)
+            totals.created += created
+            totals.superseded += len(completed) - created
+            if created:
+                self.outbox.offer(OutboxReady(count=created))
+        if released:
+            await self.store.release(released, now)

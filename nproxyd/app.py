@@ -1,0 +1,194 @@
+"""The composition root: config -> pool -> stores -> adapters -> queues -> actors.
+
+Nothing else imports everything. ``open_components`` is shared by ``nproxyd run`` and the
+one-shot commands, so a one-shot tick runs exactly the code the daemon runs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import anyio
+import msgspec
+import platformdirs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from nproxyd.actors.invoice_expirer import InvoiceExpirer
+from nproxyd.actors.key_pool_recoverer import KeyPoolRecoverer, KeyPoolSettings
+from nproxyd.actors.mail_sender import MailSender, MailSettings
+from nproxyd.actors.renewal_scheduler import RenewalScheduler, RenewalSettings
+from nproxyd.adapters.balance_simulated import SimulatedBalanceProbe
+from nproxyd.adapters.mail_maildir import MaildirTransport
+from nproxyd.adapters.mail_smtp import SmtpTransport
+from nproxyd.adapters.payment_nowpayments import NowPaymentsProvider
+from nproxyd.adapters.payment_simulated import SimulatedPaymentProvider
+from nproxyd.core.channels import Outbox
+from nproxyd.core.clock import Clock
+from nproxyd.core.config import Config
+from nproxyd.core.messages import OutboxReady
+from nproxyd.core.ports import MailTransport, PaymentProvider
+from nproxyd.runtime.actor import Actor
+from nproxyd.store.database import Database, create_pool
+from nproxyd.store.embedded import start_embedded
+from nproxyd.store.migrate import migrate
+from nproxyd.store.stores import HealthStore, InvoiceStore, KeyStore, OutboxStore, RenewalStore
+
+OUTBOX_READY_BUFFER = 64
+
+
+class Stores(msgspec.Struct, frozen=True, kw_only=True):
+    invoices: InvoiceStore
+    keys: KeyStore
+    renewals: RenewalStore
+    outbox: OutboxStore
+    health: HealthStore
+
+    @classmethod
+    def for_database(cls, db: Database) -> Stores:
+        return cls(
+            invoices=InvoiceStore(db),
+            keys=KeyStore(db),
+            renewals=RenewalStore(db),
+            outbox=OutboxStore(db),
+            health=HealthStore(db),
+        )
+
+
+class Components(msgspec.Struct, frozen=True, kw_only=True):
+    config: Config
+    clock: Clock
+    instance_id: str
+    db: Database
+    stores: Stores
+    outbox_ready: Outbox
+    outbox_ready_receiver: MemoryObjectReceiveStream[OutboxReady]
+    actors: dict[str, Actor]
+
+
+def state_dir(config: Config) -> Path:
+    return Path(config.daemon.state_dir or platformdirs.user_state_dir("nproxyd"))
+
+
+def instance_id(config: Config) -> str:
+    return config.daemon.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+async def resolve_dsn(config: Config) -> str:
+    """The configured DSN, or the embedded server's when none is configured."""
+    if config.database.dsn:
+        return config.database.dsn
+    return await start_embedded(state_dir(config))
+
+
+async def open_database(config: Config, *, auto_migrate: bool) -> Database:
+    dsn = await resolve_dsn(config)
+    pool = await create_pool(
+        dsn,
+        max_size=config.database.pool_max_size,
+        timeout_seconds=config.database.connect_timeout_seconds,
+    )
+    if auto_migrate:
+        async with pool.acquire() as connection:
+            await migrate(connection)
+    return Database(pool)
+
+
+def payment_provider(config: Config, clock: Clock) -> PaymentProvider:
+    if config.billing.payment_provider == "nowpayments":
+        return NowPaymentsProvider(config.payment.nowpayments)
+    return SimulatedPaymentProvider(config.payment.simulated, clock.sleep)
+
+
+def mail_transport(config: Config) -> MailTransport:
+    if config.email.transport == "smtp":
+        return SmtpTransport(config.email.smtp)
+    path = config.email.maildir.path or str(state_dir(config) / "maildir")
+    return MaildirTransport(Path(path))
+
+
+def mail_concurrency(config: Config) -> int:
+    return config.email.smtp.max_connections if config.email.transport == "smtp" else 4
+
+
+def build_actors(
+    config: Config,
+    clock: Clock,
+    stores: Stores,
+    instance: str,
+    outbox: Outbox,
+    provider: PaymentProvider,
+    transport: MailTransport,
+) -> dict[str, Actor]:
+    actors_config = config.actors
+    expirer = InvoiceExpirer(
+        stores.invoices,
+        interval_seconds=actors_config.invoice_expirer.interval_seconds,
+        batch_size=actors_config.invoice_expirer.batch_size,
+    )
+    renewal = RenewalScheduler(
+        stores.renewals,
+        provider,
+        RenewalSettings.from_config(config, instance),
+        clock=clock,
+        outbox=outbox,
+    )
+    mail = MailSender(
+        stores.outbox,
+        transport,
+        MailSettings.from_config(config, instance, mail_concurrency(config)),
+        clock=clock,
+    )
+    keys = KeyPoolRecoverer(
+        stores.keys,
+        SimulatedBalanceProbe(),
+        KeyPoolSettings(
+            interval_seconds=actors_config.key_pool_recoverer.interval_seconds,
+            cooldown_minutes=config.key_pool.cooldown_minutes,
+            failures_before_manual_review=config.key_pool.failures_before_manual_review,
+            balance_poll_seconds=config.key_pool.balance_poll_seconds,
+            probe_concurrency=config.key_pool.balance_probe_concurrency,
+        ),
+    )
+    return {actor.name: actor for actor in (expirer, renewal, mail, keys)}
+
+
+def enabled(config: Config, name: str) -> bool:
+    section = getattr(config.actors, name.replace("-", "_"))
+    return bool(section.enabled)
+
+
+@asynccontextmanager
+async def open_components(
+    config: Config, clock: Clock, *, auto_migrate: bool | None = None
+) -> AsyncIterator[Components]:
+    """Build every component; closes what it opened on exit."""
+    migrate_now = config.database.auto_migrate if auto_migrate is None else auto_migrate
+    async with AsyncExitStack() as stack:
+        db = await open_database(config, auto_migrate=migrate_now)
+        stack.push_async_callback(db.close)
+        stores = Stores.for_database(db)
+        provider = payment_provider(config, clock)
+        stack.push_async_callback(provider.aclose)
+        transport = mail_transport(config)
+        stack.push_async_callback(transport.aclose)
+        sender: MemoryObjectSendStream[OutboxReady]
+        sender, receiver = anyio.create_memory_object_stream[OutboxReady](OUTBOX_READY_BUFFER)
+        stack.enter_context(sender)
+        stack.enter_context(receiver)
+        instance = instance_id(config)
+        outbox = Outbox(sender)
+        actors = build_actors(config, clock, stores, instance, outbox, provider, transport)
+        yield Components(
+            config=config,
+            clock=clock,
+            instance_id=instance,
+            db=db,
+            stores=stores,
+            outbox_ready=outbox,
+            outbox_ready_receiver=receiver,
+            actors=actors,
+        )
