@@ -27,7 +27,7 @@ from nproxyd.adapters.mail_smtp import SmtpTransport
 from nproxyd.adapters.payment_nowpayments import NowPaymentsProvider
 from nproxyd.adapters.payment_simulated import SimulatedPaymentProvider
 from nproxyd.core.channels import Outbox
-from nproxyd.core.clock import Clock
+from nproxyd.core.clock import Clock, SystemClock
 from nproxyd.core.config import Config
 from nproxyd.core.messages import OutboxReady
 from nproxyd.core.ports import MailTransport, PaymentProvider
@@ -116,6 +116,7 @@ def mail_concurrency(config: Config) -> int:
 
 def build_actors(
     config: Config,
+    *,
     clock: Clock,
     stores: Stores,
     instance: str,
@@ -181,7 +182,15 @@ async def open_components(
         stack.enter_context(receiver)
         instance = instance_id(config)
         outbox = Outbox(sender)
-        actors = build_actors(config, clock, stores, instance, outbox, provider, transport)
+        actors = build_actors(
+            config,
+            clock=clock,
+            stores=stores,
+            instance=instance,
+            outbox=outbox,
+            provider=provider,
+            transport=transport,
+        )
         yield Components(
             config=config,
             clock=clock,
@@ -192,3 +201,24 @@ async def open_components(
             outbox_ready_receiver=receiver,
             actors=actors,
         )
+
+
+async def run_daemon(config: Config) -> int:
+    """``nproxyd run``: build everything, supervise the actors, serve HTTP until a signal."""
+    from nproxyd.runtime.daemon import Daemon  # noqa: PLC0415 - only the daemon needs it
+
+    clock = SystemClock()
+    async with open_components(config, clock) as components:
+        names = [name for name in components.actors if enabled(config, name)]
+        daemon = Daemon(
+            config=config,
+            clock=clock,
+            instance_id=components.instance_id,
+            actors={name: components.actors[name] for name in names},
+            wake={"mail-sender": components.outbox_ready_receiver},
+            health=components.stores.health,
+            outbox=components.stores.outbox,
+            keys=components.stores.keys,
+            channel=components.outbox_ready,
+        )
+        return await daemon.run()

@@ -113,6 +113,22 @@ class _Totals:
         )
 
 
+class _Run:
+    """What the provider calls of one claimed batch share."""
+
+    def __init__(
+        self,
+        token: str,
+        now: datetime,
+        limiter: anyio.CapacityLimiter,
+        results: MemoryObjectSendStream[Outcome],
+    ) -> None:
+        self.token = token
+        self.now = now
+        self.limiter = limiter
+        self.results = results
+
+
 class RenewalScheduler:
     name = "renewal-scheduler"
 
@@ -207,7 +223,7 @@ class RenewalScheduler:
         if not pairs:
             return
         sender, receiver = anyio.create_memory_object_stream[Outcome](len(pairs))
-        limiter = anyio.CapacityLimiter(self.settings.provider_concurrency)
+        run = _Run(token, now, anyio.CapacityLimiter(self.settings.provider_concurrency), sender)
         async with anyio.create_task_group() as group:
             group.start_soon(self._commit_loop, receiver, now, totals, name="renewal-commit")
             async with sender, anyio.create_task_group() as calls:
@@ -216,35 +232,26 @@ class RenewalScheduler:
                         self._request,
                         candidate,
                         slot,
-                        token,
-                        now,
-                        limiter,
-                        sender,
+                        run,
                         totals,
                         name=f"renewal-invoice-{candidate.subscription_id}",
                     )
 
     async def _request(
-        self,
-        candidate: RenewalCandidate,
-        slot: ClaimedSlot,
-        token: str,
-        now: datetime,
-        limiter: anyio.CapacityLimiter,
-        results: MemoryObjectSendStream[Outcome],
-        totals: _Totals,
+        self, candidate: RenewalCandidate, slot: ClaimedSlot, run: _Run, totals: _Totals
     ) -> None:
-        async with limiter:
+        async with run.limiter:
             try:
-                answer = await self.provider.create_invoice(self._request_for(candidate, slot), now)
-                outcome: Outcome = self._stored(candidate, slot, token, answer)
+                request = self._request_for(candidate, slot)
+                answer = await self.provider.create_invoice(request, run.now)
+                outcome: Outcome = self._stored(candidate, slot, run.token, answer)
             except ProviderPermanentError as exc:
-                outcome = self._failed(candidate, slot, token, now, exc.message)
+                outcome = self._failed(candidate, slot, run.token, run.now, exc.message)
                 totals.permanent += 1
             except Exception as exc:
-                outcome = self._retry(candidate, slot, token, now, exc)
+                outcome = self._retry(candidate, slot, run.token, run.now, exc)
                 totals.transient += 1
-        results.send_nowait(outcome)
+        run.results.send_nowait(outcome)
 
     def _request_for(self, candidate: RenewalCandidate, slot: ClaimedSlot) -> InvoiceRequest:
         assert candidate.monthly_price_usd is not None and candidate.billing_currency

@@ -92,7 +92,10 @@ def parse_example(text: str) -> ExampleComments:
 def config_sections() -> list[tuple[str, list[KeyDoc]]]:
     """Every table of :class:`Config` that holds values, in declaration order, with its keys."""
     sections: list[tuple[str, list[KeyDoc]]] = []
-    _walk(inspect.type_info(Config), [], sections)
+    root = inspect.type_info(Config)
+    if not isinstance(root, inspect.StructType):
+        raise TypeError("Config is not a Struct")
+    _walk(root, [], sections)
     return [(name, docs) for name, docs in sections if docs]
 
 

@@ -37,8 +37,11 @@ def _timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMappi
 
 
 def _order(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    head = {key: event.pop(key) for key in ("ts", "level", "event", "service", "instance")
-            if key in event}
+    head = {
+        key: event.pop(key)
+        for key in ("ts", "level", "event", "service", "instance")
+        if key in event
+    }
     if "actor" in event:
         head["actor"] = event.pop("actor")
     head.update(event)

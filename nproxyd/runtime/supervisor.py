@@ -31,6 +31,13 @@ class _Child:
     factory: ChildFactory
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member groups (a task group's wrapping)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def _crash_site(exc: BaseException) -> str | None:
     """``file:line in function`` of the innermost frame: where the bug is, without data."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -132,7 +139,8 @@ class Supervisor:
     async def _run_child(self, child: _Child, shutdown: anyio.Event, log: EventLogger) -> None:
         try:
             await child.factory(shutdown)
-        except Exception as exc:
+        except Exception as raised:
+            exc = _root_cause(raised)
             # No message or traceback on purpose: an unexpected error may carry data (a DSN,
             # a key) that no adapter vetted. Class and crash site locate the bug.
             log.error(  # noqa: TRY400

@@ -109,6 +109,23 @@ class TestRestart:
         assert sup.healthy
         assert outcome.error is None
 
+    async def test_crash_inside_a_task_group_is_logged_by_its_cause(self, clock: FakeClock) -> None:
+        """A child whose task group wraps a KeyError is logged as KeyError at its source."""
+
+        async def grouped(shutdown: anyio.Event) -> None:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(shutdown.wait, name="waiter")
+                raise KeyError("plan")
+
+        sup, _ = make_supervisor(clock)
+        sup.add("grouped", grouped)
+        with capture_logs() as logs:
+            async with running(sup, anyio.Event()):
+                await clock.settle()
+        crash = next(e for e in logs if e["event"] == "actor_crashed")
+        assert crash["error_class"] == "KeyError"
+        assert crash["crash_site"].endswith("in grouped")
+
     async def test_restart_backoff_is_capped(self, clock: FakeClock) -> None:
         """Backoff doubles from 1 s and stops growing at max_backoff_seconds (4 s)."""
         sup, _ = make_supervisor(clock, max_backoff_seconds=4)
