@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import structlog
 
 from nproxyd.store.database import Database, create_pool
 from tests.pg import TestServer
@@ -13,6 +14,13 @@ from tests.pg import TestServer
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """A test that configures structlog must not leak its output stream into the next."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """A real SMTP server on 127.0.0.1 for tests (aiosmtpd in its own thread).
 
 It records what it receives, counts client sessions, and can misbehave on request: refuse a
-recipient, answer 451 for the next messages, require AUTH, speak STARTTLS or implicit TLS with
-a throwaway CA from trustme, and go down and come back on the same port. It is a plain class
+recipient, answer 451 for the next messages, hold every message for a while before accepting
+it (a slow server), require AUTH, speak STARTTLS or implicit TLS with a throwaway CA from
+trustme, and go down and come back on the same port. It is a plain class
 (``start()``/``stop()``) so system tests of the real daemon can use it too.
 """
 
@@ -96,6 +97,9 @@ class _Handler:
         failure = self._owner._take(self._owner._data_failures)
         if failure is not None:
             return failure
+        delay = self._owner._data_delay_seconds
+        if delay > 0:
+            await asyncio.sleep(delay)
         transport = server.transport
         tls = transport is not None and transport.get_extra_info("ssl_object") is not None
         auth_data = session.auth_data
@@ -124,6 +128,7 @@ class FakeSmtpServer:
         tls: TlsMode = "none",
         username: str | None = None,
         password: str | None = None,
+        data_delay_seconds: float = 0.0,
     ) -> None:
         self.host = host
         self.port = port or _free_port(host)
@@ -136,6 +141,7 @@ class FakeSmtpServer:
         self._refusals: dict[str, str] = {}
         self._data_failures: list[str] = []
         self._mail_failures: list[str] = []
+        self._data_delay_seconds = data_delay_seconds
         self._controller: Controller | None = None
         self._ca = trustme.CA() if tls != "none" else None
         self._server_tls = self._make_server_tls()
@@ -227,6 +233,15 @@ class FakeSmtpServer:
         """Answer MAIL FROM with ``reply`` and close the connection, ``count`` times."""
         with self._lock:
             self._mail_failures.extend([reply] * count)
+
+    def slow_down(self, seconds: float) -> None:
+        """Hold every message ``seconds`` before accepting it at the end of DATA (0: no delay).
+
+        Sessions wait concurrently, so a client with several connections is slowed per message,
+        not serialised.
+        """
+        with self._lock:
+            self._data_delay_seconds = seconds
 
     def client_tls_context(self) -> ssl.SSLContext:
         """A client context that trusts this server's certificate (and checks the host)."""

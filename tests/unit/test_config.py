@@ -1,0 +1,184 @@
+"""Configuration loading, overrides, secrets and redaction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from nproxyd.core.config import (
+    Config,
+    ConfigError,
+    dsn_password,
+    load,
+    redact_text,
+    redacted,
+    secrets_of,
+)
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "nproxyd.toml"
+    path.write_text(text)
+    return str(path)
+
+
+class TestLoad:
+    def test_no_file_and_no_environment_gives_the_defaults(self) -> None:
+        """Built-in defaults apply when nothing is configured."""
+        config = load(None, {})
+        assert config == Config()
+        assert config.billing.renewal_lead_time_hours == 72
+        assert config.http.listen == "127.0.0.1:9187"
+
+    def test_file_values_override_defaults(self, tmp_path: Path) -> None:
+        """A TOML file sets nested keys."""
+        path = write(tmp_path, "[actors.mail_sender]\ninterval_seconds = 3\nbatch_size = 9\n")
+        config = load(path, {})
+        assert (config.actors.mail_sender.interval_seconds, config.actors.mail_sender.batch_size) == (
+            3,
+            9,
+        )
+
+    def test_environment_overrides_file_with_typed_values(self, tmp_path: Path) -> None:
+        """NPROXYD__SECTION__KEY wins over the file and is parsed to the key's type."""
+        path = write(tmp_path, "[billing]\nrenewal_lead_time_hours = 24\n")
+        config = load(
+            path,
+            {
+                "NPROXYD__BILLING__RENEWAL_LEAD_TIME_HOURS": "48",
+                "NPROXYD__ACTORS__MAIL_SENDER__ENABLED": "false",
+                "NPROXYD__EMAIL__SMTP__PORT": "2525",
+                "UNRELATED": "x",
+            },
+        )
+        assert config.billing.renewal_lead_time_hours == 48
+        assert config.actors.mail_sender.enabled is False
+        assert config.email.smtp.port == 2525
+
+    @pytest.mark.parametrize(
+        ("environ", "key"),
+        [
+            ({"NPROXYD__BILLING__NOPE": "1"}, "billing.nope"),
+            ({"NPROXYD__BILLING__RENEWAL_LEAD_TIME_HOURS": "soon"}, "billing.renewal_lead_time_hours"),
+            ({"NPROXYD__BILLING__PROVIDER_CONCURRENCY": "0"}, "billing.provider_concurrency"),
+            ({"NPROXYD__EMAIL__TRANSPORT": "pigeon"}, "email.transport"),
+            ({"NPROXYD__EMAIL": "x"}, "email"),
+        ],
+    )
+    def test_bad_environment_values_name_the_key(self, environ: dict[str, str], key: str) -> None:
+        """Unknown keys, wrong types and out-of-range values are errors naming the key."""
+        with pytest.raises(ConfigError) as caught:
+            load(None, environ)
+        assert caught.value.key == key
+
+    @pytest.mark.parametrize(
+        ("text", "key"),
+        [
+            ("[email.smtp]\nfoo = 1\n", "email.smtp.foo"),
+            ("[billing]\nrenewal_lead_time_hours = 'x'\n", "billing.renewal_lead_time_hours"),
+            ("[email.smtp]\nport = 70000\n", "email.smtp.port"),
+            ("[nonsense]\n", "nonsense"),
+            ("not toml at all [", "--config"),
+        ],
+    )
+    def test_bad_file_values_name_the_key(self, tmp_path: Path, text: str, key: str) -> None:
+        """Errors in the file name the dotted key (or the file when it is not TOML)."""
+        with pytest.raises(ConfigError) as caught:
+            load(write(tmp_path, text), {})
+        assert caught.value.key == key
+
+    def test_missing_file_is_a_config_error(self, tmp_path: Path) -> None:
+        """A config path that does not exist is a configuration error."""
+        with pytest.raises(ConfigError, match="file not found"):
+            load(str(tmp_path / "missing.toml"), {})
+
+    def test_config_is_frozen(self) -> None:
+        """Config Structs cannot be mutated."""
+        config = load(None, {})
+        with pytest.raises(AttributeError):
+            config.billing.renewal_lead_time_hours = 1  # type: ignore[misc]
+
+
+class TestSecretFiles:
+    def test_file_keys_fill_secrets_relative_to_credentials_directory(self, tmp_path: Path) -> None:
+        """A relative *_file path is read from $CREDENTIALS_DIRECTORY, trailing newline dropped."""
+        (tmp_path / "np-key").write_text("k-123\n")
+        config = load(
+            None,
+            {
+                "NPROXYD__PAYMENT__NOWPAYMENTS__API_KEY_FILE": "np-key",
+                "CREDENTIALS_DIRECTORY": str(tmp_path),
+            },
+        )
+        assert config.payment.nowpayments.api_key == "k-123"
+
+    def test_both_secret_and_file_is_an_error(self, tmp_path: Path) -> None:
+        """Setting a secret and its *_file at once is refused, naming the file key."""
+        (tmp_path / "pw").write_text("x")
+        with pytest.raises(ConfigError) as caught:
+            load(
+                None,
+                {
+                    "NPROXYD__EMAIL__SMTP__PASSWORD": "y",
+                    "NPROXYD__EMAIL__SMTP__PASSWORD_FILE": str(tmp_path / "pw"),
+                },
+            )
+        assert caught.value.key == "email.smtp.password_file"
+
+    def test_unreadable_secret_file_names_the_key(self, tmp_path: Path) -> None:
+        """A *_file that cannot be read stops loading with its key."""
+        with pytest.raises(ConfigError) as caught:
+            load(None, {"NPROXYD__DATABASE__DSN_FILE": str(tmp_path / "none")})
+        assert caught.value.key == "database.dsn_file"
+
+
+class TestRedaction:
+    ENV = {
+        "NPROXYD__DATABASE__DSN": "postgresql://app:hunter2@db.internal:5432/nproxy",
+        "NPROXYD__PAYMENT__NOWPAYMENTS__API_KEY": "np-secret-key",
+        "NPROXYD__EMAIL__SMTP__PASSWORD": "smtp-pass",
+    }
+
+    def test_redacted_config_hides_every_secret(self) -> None:
+        """check-config's JSON shows secrets as *** and contains no secret value."""
+        config = load(None, self.ENV)
+        text = json.dumps(redacted(config))
+        for secret in ("hunter2", "np-secret-key", "smtp-pass"):
+            assert secret not in text
+        data = redacted(config)
+        assert data["payment"]["nowpayments"]["api_key"] == "***"
+        assert data["email"]["smtp"]["password"] == "***"
+        assert data["database"]["dsn"] == "***"
+
+    def test_empty_secrets_stay_empty(self) -> None:
+        """An unset secret is shown as empty, not as ***."""
+        assert redacted(load(None, {}))["email"]["smtp"]["password"] == ""
+
+    def test_secrets_include_the_dsn_password(self) -> None:
+        """The DSN's password is a secret of its own, for scrubbing logs and errors."""
+        secrets = secrets_of(load(None, self.ENV))
+        assert "hunter2" in secrets
+        assert redact_text("failed for app:hunter2@db", secrets) == "failed for app:***@db"
+
+    @pytest.mark.parametrize(
+        ("dsn", "password"),
+        [
+            ("postgresql://u:p%40ss@h/db", "p%40ss"),
+            ("postgresql://u@h/db", ""),
+            ("host=h user=u password=pw dbname=d", "pw"),
+        ],
+    )
+    def test_dsn_password_forms(self, dsn: str, password: str) -> None:
+        """The password is found in URL and keyword DSNs."""
+        assert dsn_password(dsn) == password
+
+    def test_redacted_output_round_trips_as_json(self) -> None:
+        """The effective config encodes to JSON with every section."""
+        encoded = msgspec.json.encode(redacted(load(None, {})))
+        assert set(json.loads(encoded)) == {
+            "database", "daemon", "http", "log", "urls", "billing", "payment", "email",
+            "key_pool", "actors",
+        }
