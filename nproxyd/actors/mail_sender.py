@@ -17,6 +17,7 @@ import anyio
 import msgspec
 import structlog
 
+from nproxyd.actors.leases import LeaseClock, kept_alive
 from nproxyd.core.clock import Clock
 from nproxyd.core.config import Config
 from nproxyd.core.errors import MailPermanentError
@@ -33,6 +34,8 @@ class OutboxPort(Protocol):
     ) -> list[OutboxMail]: ...
 
     async def record(self, outcomes: Sequence[MailOutcome], now: datetime) -> int: ...
+
+    async def extend(self, ids: Sequence[str], holder: str, lease_until: datetime) -> int: ...
 
 
 class MailSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -82,18 +85,21 @@ class MailSender:
 
     async def tick(self, now: datetime) -> MailReport:
         """Deliver everything due at ``now`` once."""
-        started = self.clock.monotonic()
+        leases = LeaseClock(self.clock, now, self.settings.lease_seconds)
+        holder = self.settings.instance_id
         counts: Counter[str] = Counter()
         failures: Counter[str] = Counter()
         while True:
-            elapsed = self.clock.monotonic() - started
-            lease_until = now + timedelta(seconds=elapsed + self.settings.lease_seconds)
-            batch = await self.store.claim(
-                now, lease_until, self.settings.instance_id, self.settings.batch_size
-            )
+            batch = await self.store.claim(now, leases.deadline(), holder, self.settings.batch_size)
             if not batch:
                 break
-            outcomes = await self._deliver_all(batch, now, failures)
+            ids = [mail.id for mail in batch]
+
+            async def extend(until: datetime, ids: list[str] = ids) -> int:
+                return await self.store.extend(ids, holder, until)
+
+            async with kept_alive(leases, extend, what="mail"):
+                outcomes = await self._deliver_all(batch, now, failures)
             await self.store.record(outcomes, now)
             counts.update(outcome.status for outcome in outcomes)
             counts["claimed"] += len(batch)

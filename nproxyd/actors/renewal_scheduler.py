@@ -20,6 +20,7 @@ import msgspec
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from nproxyd.actors.leases import LeaseClock, kept_alive
 from nproxyd.core.channels import Outbox
 from nproxyd.core.clock import Clock
 from nproxyd.core.config import Config
@@ -66,6 +67,8 @@ class RenewalStorePort(Protocol):
     ) -> list[CompletedSlot]: ...
 
     async def release(self, slots: Sequence[ReleasedSlot], now: datetime) -> int: ...
+
+    async def extend(self, token: str, lease_until: datetime) -> int: ...
 
 
 class RenewalSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -152,7 +155,7 @@ class RenewalScheduler:
         self.log = structlog.get_logger().bind(actor=self.name)
 
     async def tick(self, now: datetime) -> RenewalReport:
-        started = self.clock.monotonic()
+        leases = LeaseClock(self.clock, now, self.settings.claim_lease_seconds)
         window_end = now + timedelta(hours=self.settings.lead_hours)
         totals = _Totals()
         cursor = _START
@@ -162,7 +165,7 @@ class RenewalScheduler:
                 break
             totals.candidates += len(batch)
             cursor = (batch[-1].current_period_end, batch[-1].subscription_id)
-            await self._process(batch, now, started, totals)
+            await self._process(batch, leases, totals)
             if len(batch) < self.settings.batch_size:
                 break
         if totals.created:
@@ -189,15 +192,13 @@ class RenewalScheduler:
         return valid
 
     async def _process(
-        self, batch: list[RenewalCandidate], now: datetime, started: float, totals: _Totals
+        self, batch: list[RenewalCandidate], leases: LeaseClock, totals: _Totals
     ) -> None:
         valid = self._valid(batch, totals)
         if not valid:
             return
         token = uuid.uuid4().hex
-        # The lease runs from the moment of claiming, even late in a long tick.
-        elapsed = self.clock.monotonic() - started
-        lease_until = now + timedelta(seconds=elapsed + self.settings.claim_lease_seconds)
+        now = leases.now
         claimed = await self.store.claim(
             [
                 (c.subscription_id, c.cycle_start, order_id(c.subscription_id, c.cycle_start))
@@ -206,12 +207,17 @@ class RenewalScheduler:
             holder=self.settings.instance_id,
             token=token,
             now=now,
-            lease_until=lease_until,
+            lease_until=leases.deadline(),
         )
         totals.claimed += len(claimed)
         by_slot = {(c.subscription_id, c.cycle_start): c for c in valid}
         pairs = [(by_slot[(s.subscription_id, s.cycle_start)], s) for s in claimed]
-        await self._invoice_all(pairs, token, now, totals)
+
+        async def extend(until: datetime) -> int:
+            return await self.store.extend(token, until)
+
+        async with kept_alive(leases, extend, what="renewal-claims"):
+            await self._invoice_all(pairs, token, now, totals)
 
     async def _invoice_all(
         self,

@@ -129,6 +129,9 @@ class RenewalStore:
         )
         return convert_rows(rows, CompletedSlot)
 
+    async def extend(self, token: str, lease_until: datetime) -> int:
+        return affected(await self.db.execute("extend_renewal_claims", token, lease_until))
+
     async def release(self, slots: Sequence[ReleasedSlot], now: datetime) -> int:
         columns = [
             [getattr(slot, field) for slot in slots] for field in ReleasedSlot.__struct_fields__
@@ -152,6 +155,9 @@ class OutboxStore:
             for field in MailOutcome.__struct_fields__
         ]
         return affected(await self.db.execute("record_mail_outcomes", *columns, now))
+
+    async def extend(self, ids: Sequence[str], holder: str, lease_until: datetime) -> int:
+        return affected(await self.db.execute("extend_mail_leases", list(ids), holder, lease_until))
 
     async def enqueue(
         self,

@@ -37,10 +37,16 @@ def recoverer(db: Database, probe: SimulatedBalanceProbe | None = None) -> KeyPo
 class TestRecovery:
     async def test_elapsed_cooldown_returns_to_active_keeping_failures(self, db: Database) -> None:
         """A cooldown key whose cooldown elapsed is active again with its failure count kept."""
-        await seed.key(db.pool, "due", status="cooldown", failures=2,
-                       cooldown_until=NOW - timedelta(seconds=1))
-        await seed.key(db.pool, "later", status="cooldown", failures=1,
-                       cooldown_until=NOW + timedelta(minutes=1))
+        await seed.key(
+            db.pool, "due", status="cooldown", failures=2, cooldown_until=NOW - timedelta(seconds=1)
+        )
+        await seed.key(
+            db.pool,
+            "later",
+            status="cooldown",
+            failures=1,
+            cooldown_until=NOW + timedelta(minutes=1),
+        )
 
         report = await recoverer(db).tick(NOW)
 
@@ -127,5 +133,8 @@ class TestBalancePolling:
         first = await recoverer(db).tick(NOW)
         soon = await recoverer(db).tick(NOW + timedelta(seconds=30))
         later = await recoverer(db).tick(NOW + timedelta(seconds=61))
-        assert [first.balance_checked_count, soon.balance_checked_count,
-                later.balance_checked_count] == [1, 0, 1]
+        assert [
+            first.balance_checked_count,
+            soon.balance_checked_count,
+            later.balance_checked_count,
+        ] == [1, 0, 1]

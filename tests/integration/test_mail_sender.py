@@ -465,9 +465,7 @@ class TestSeveralSenders:
                 MailSender(
                     OutboxStore(db),
                     transport,
-                    settings(
-                        instance_id=instance, lease_seconds=1.0, batch_size=40, concurrency=2
-                    ),
+                    settings(instance_id=instance, lease_seconds=1.0, batch_size=40, concurrency=2),
                     clock=SystemClock(),
                 )
             )

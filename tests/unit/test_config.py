@@ -37,7 +37,10 @@ class TestLoad:
         """A TOML file sets nested keys."""
         path = write(tmp_path, "[actors.mail_sender]\ninterval_seconds = 3\nbatch_size = 9\n")
         config = load(path, {})
-        assert (config.actors.mail_sender.interval_seconds, config.actors.mail_sender.batch_size) == (
+        assert (
+            config.actors.mail_sender.interval_seconds,
+            config.actors.mail_sender.batch_size,
+        ) == (
             3,
             9,
         )
@@ -62,7 +65,10 @@ class TestLoad:
         ("environ", "key"),
         [
             ({"NPROXYD__BILLING__NOPE": "1"}, "billing.nope"),
-            ({"NPROXYD__BILLING__RENEWAL_LEAD_TIME_HOURS": "soon"}, "billing.renewal_lead_time_hours"),
+            (
+                {"NPROXYD__BILLING__RENEWAL_LEAD_TIME_HOURS": "soon"},
+                "billing.renewal_lead_time_hours",
+            ),
             ({"NPROXYD__BILLING__PROVIDER_CONCURRENCY": "0"}, "billing.provider_concurrency"),
             ({"NPROXYD__EMAIL__TRANSPORT": "pigeon"}, "email.transport"),
             ({"NPROXYD__EMAIL": "x"}, "email"),
@@ -179,6 +185,14 @@ class TestRedaction:
         """The effective config encodes to JSON with every section."""
         encoded = msgspec.json.encode(redacted(load(None, {})))
         assert set(json.loads(encoded)) == {
-            "database", "daemon", "http", "log", "urls", "billing", "payment", "email",
-            "key_pool", "actors",
+            "database",
+            "daemon",
+            "http",
+            "log",
+            "urls",
+            "billing",
+            "payment",
+            "email",
+            "key_pool",
+            "actors",
         }

@@ -107,6 +107,9 @@ CREATE TABLE IF NOT EXISTS nproxyd_renewal_claims (
 CREATE INDEX IF NOT EXISTS nproxyd_renewal_claims_open
     ON nproxyd_renewal_claims (available_at) WHERE state <> 'done';
 
+CREATE INDEX IF NOT EXISTS nproxyd_renewal_claims_token
+    ON nproxyd_renewal_claims (token) WHERE state = 'claimed';
+
 CREATE INDEX IF NOT EXISTS nproxyd_mail_outbox_due
     ON mail_outbox (next_attempt_at, id) WHERE status = 'pending';
 

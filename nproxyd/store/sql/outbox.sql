@@ -68,3 +68,12 @@ RETURNING id;
 SELECT
     (SELECT count(*) FROM mail_outbox WHERE status = 'pending') AS pending,
     (SELECT count(*) FROM mail_outbox WHERE status = 'dead') AS dead;
+
+-- extend_mail_leases --
+-- Extend the lease of mail this holder still holds unrecorded; $1 ids, $2 holder, $3 lease until.
+UPDATE mail_outbox
+SET lease_until = $3
+WHERE id = ANY($1::text[])
+  AND leased_by = $2
+  AND status = 'pending'
+  AND lease_until IS NOT NULL;

@@ -115,3 +115,9 @@ WHERE c.subscription_id = t.subscription_id
   AND c.cycle_start = t.cycle_start
   AND c.state = 'claimed'
   AND c.token = t.token;
+
+-- extend_renewal_claims --
+-- Extend the lease of the slots still claimed with this token; $1 token, $2 lease until.
+UPDATE nproxyd_renewal_claims
+SET available_at = $2
+WHERE token = $1 AND state = 'claimed';

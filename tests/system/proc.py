@@ -1,0 +1,160 @@
+"""Running the real ``nproxyd`` process in system tests.
+
+``nproxyd_env`` builds the environment (configuration through ``NPROXYD__SECTION__KEY``
+variables only, nothing inherited from the caller's ``NPROXYD*`` settings), ``run_nproxyd``
+runs a command to completion with a timeout, and :class:`Processes` starts long-running ones
+and kills whatever is still alive when the test ends (use it from a fixture).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+NPROXYD = (sys.executable, "-m", "nproxyd")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_TIMEOUT_SECONDS = 30.0
+
+
+def nproxyd_env(
+    *, dsn: str, state_dir: Path | str, settings: Mapping[str, object] | None = None
+) -> dict[str, str]:
+    """The environment of an nproxyd process using ``dsn`` and ``state_dir``.
+
+    ``settings`` maps dotted keys (``"email.smtp.port"``) or ready variable names
+    (``"NPROXYD__EMAIL__SMTP__PORT"``) to values.
+    """
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("NPROXYD_", "NOTIFY_SOCKET", "WATCHDOG_"))
+    }
+    env["NPROXYD__DATABASE__DSN"] = dsn
+    env["NPROXYD__DAEMON__STATE_DIR"] = str(state_dir)
+    env["PYTHONUNBUFFERED"] = "1"
+    for key, value in (settings or {}).items():
+        env[env_name(key)] = _env_value(value)
+    return env
+
+
+def env_name(key: str) -> str:
+    """The variable of a dotted key: ``"email.smtp.port"`` -> ``NPROXYD__EMAIL__SMTP__PORT``."""
+    if key.startswith("NPROXYD__"):
+        return key
+    return "NPROXYD__" + "__".join(part.upper() for part in key.split("."))
+
+
+def _env_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def run_nproxyd(
+    args: Sequence[str], env: Mapping[str, str], *, timeout: float = DEFAULT_TIMEOUT_SECONDS
+) -> subprocess.CompletedProcess[str]:
+    """Run ``nproxyd ARGS`` to completion; raises ``subprocess.TimeoutExpired`` (after a kill)."""
+    return subprocess.run(
+        [*NPROXYD, *args],
+        env=dict(env),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """Every non-empty line of ``text`` parsed as one JSON object."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def wait_until(
+    condition: Callable[[], bool], *, timeout: float, interval: float = 0.05, what: str = ""
+) -> None:
+    """Poll ``condition`` until it holds; raises ``TimeoutError`` naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+class Processes:
+    """Started ``nproxyd`` processes; :meth:`kill_all` ends the ones still running.
+
+    Output goes to files under ``log_dir`` rather than pipes, so a chatty process never blocks
+    on a full pipe while the test is busy elsewhere.
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.started: list[subprocess.Popen[bytes]] = []
+        self._outputs: dict[int, tuple[Path, Path]] = {}
+
+    def start(self, args: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+        """Start ``nproxyd ARGS`` in its own session, stdout and stderr into files."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        number = len(self.started)
+        stdout_path = self.log_dir / f"nproxyd-{number}.stdout"
+        stderr_path = self.log_dir / f"nproxyd-{number}.stderr"
+        with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+            process = subprocess.Popen(
+                [*NPROXYD, *args],
+                env=dict(env),
+                cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                start_new_session=True,
+            )
+        self.started.append(process)
+        self._outputs[process.pid] = (stdout_path, stderr_path)
+        return process
+
+    def output(self, process: subprocess.Popen[bytes]) -> tuple[str, str]:
+        """What ``process`` wrote so far: (stdout, stderr)."""
+        stdout_path, stderr_path = self._outputs[process.pid]
+        return (
+            stdout_path.read_text(errors="replace"),
+            stderr_path.read_text(errors="replace"),
+        )
+
+    def finish(
+        self, process: subprocess.Popen[bytes], *, timeout: float = DEFAULT_TIMEOUT_SECONDS
+    ) -> tuple[int, str, str]:
+        """Wait for ``process``; returns (exit code, stdout, stderr). Kills it on timeout."""
+        try:
+            code = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(process)
+            process.wait()
+            stderr = self.output(process)[1]
+            raise AssertionError(
+                f"nproxyd {process.args} did not finish within {timeout} s\n{stderr[-4000:]}"
+            ) from None
+        return (code, *self.output(process))
+
+    @staticmethod
+    def kill(process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the process's group if the process is still running."""
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, sig)
+
+    def kill_all(self) -> None:
+        """Kill every started process still running and reap it."""
+        for process in self.started:
+            self.kill(process)
+        for process in self.started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
