@@ -8,7 +8,9 @@ exit stops it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -33,13 +35,33 @@ def _start(pgdata: Path) -> str:
     return uri
 
 
+def _lock(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    return descriptor
+
+
+def _unlock(descriptor: int) -> None:
+    fcntl.flock(descriptor, fcntl.LOCK_UN)
+    os.close(descriptor)
+
+
 async def start_embedded(state_dir: Path) -> str:
-    """Start (or reuse) the embedded server; returns a DSN of its ``nproxyd`` database."""
+    """Start (or reuse) the embedded server; returns a DSN of its ``nproxyd`` database.
+
+    Processes sharing a state directory serialise on a lock file while one of them starts the
+    server and creates the database.
+    """
+    descriptor = await anyio.to_thread.run_sync(_lock, state_dir / "postgres.lock")
     try:
-        admin_uri = await anyio.to_thread.run_sync(_start, state_dir / "postgres")
-    except Exception as exc:
-        raise DatabaseUnavailable(f"embedded PostgreSQL failed to start: {exc}") from exc
-    await _ensure_database(admin_uri)
+        try:
+            admin_uri = await anyio.to_thread.run_sync(_start, state_dir / "postgres")
+        except Exception as exc:
+            raise DatabaseUnavailable(f"embedded PostgreSQL failed to start: {exc}") from exc
+        await _ensure_database(admin_uri)
+    finally:
+        _unlock(descriptor)
     return admin_uri.replace("/postgres?", f"/{DATABASE_NAME}?", 1)
 
 
@@ -52,7 +74,9 @@ async def _ensure_database(admin_uri: str) -> None:
             )
             if not exists:
                 # another process may create it first
-                with contextlib.suppress(asyncpg.DuplicateDatabaseError):
+                with contextlib.suppress(
+                    asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError
+                ):
                     await connection.execute(f"CREATE DATABASE {DATABASE_NAME}")
         finally:
             await connection.close()

@@ -168,7 +168,9 @@ def sample(families: Mapping[str, Metric], name: str, **labels: str) -> float:
 
 
 def family_of(families: Mapping[str, Metric], exposed: str) -> Metric:
-    """The family that exposes the sample *exposed* (counters drop ``_total`` in the parser)."""
+    """The family that exposes *exposed* (the parser drops a counter's ``_total``)."""
+    if exposed in families:
+        return families[exposed]
     for family in families.values():
         if any(item.name == exposed for item in family.samples):
             return family
@@ -317,7 +319,7 @@ class TestMetrics:
         assert {s.labels["kind"] for s in failures.samples} >= {"transient", "permanent"}
         keys = family_of(families, "nproxyd_provider_keys")
         assert {s.labels["status"] for s in keys.samples} == KEY_STATUSES
-        histogram = {s.name for s in family_of(families, "nproxyd_actor_tick_duration_seconds")}
+        histogram = family_of(families, "nproxyd_actor_tick_duration_seconds")
         assert {
             "nproxyd_actor_tick_duration_seconds_bucket",
             "nproxyd_actor_tick_duration_seconds_count",

@@ -11,10 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -158,3 +163,120 @@ class Processes:
         for process in self.started:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=10)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (bind port 0, read it, release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def http_get(url: str, *, timeout: float = 5.0) -> tuple[int, str]:
+    """GET ``url``: (status, body text) for any HTTP answer; raises ``OSError`` without one."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode()
+
+
+def http_status(url: str, *, timeout: float = 5.0) -> int | None:
+    """The status ``url`` answers with, or None when nothing answers."""
+    try:
+        return http_get(url, timeout=timeout)[0]
+    except OSError:
+        return None
+
+
+def wait_ready(
+    processes: Processes,
+    process: subprocess.Popen[bytes],
+    base_url: str,
+    *,
+    timeout: float = 15.0,
+) -> None:
+    """Wait until ``base_url``/readyz answers 200; fails early if ``process`` exits."""
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            stdout, stderr = processes.output(process)
+            raise AssertionError(
+                f"nproxyd exited {process.returncode} before ready\n"
+                f"{stderr[-3000:]}\n{stdout[-3000:]}"
+            )
+        return http_status(base_url + "/readyz", timeout=2.0) == 200
+
+    wait_until(ready, timeout=timeout, what=f"{base_url}/readyz to answer 200")
+
+
+class ThrowawayPostgres:
+    """A PostgreSQL server of its own on 127.0.0.1, from pgserver's binaries, stoppable at will.
+
+    PostgreSQL refuses to run as root; then it runs as pgserver's ``pgserver`` system user, as
+    pgserver itself does. Use :meth:`cleanup` in a ``finally``.
+    """
+
+    def __init__(self) -> None:
+        # A short path under /tmp: the socket path must fit in sun_path, and the server's user
+        # must be able to traverse every parent (pytest's tmp_path root is 0700).
+        self.root = Path(tempfile.mkdtemp(prefix="nproxyd-pg-"))
+        self.pgdata = self.root / "data"
+        self.log = self.root / "postgres.log"
+        self.port = free_port()
+        self.user: str | None = "pgserver" if os.geteuid() == 0 else None
+        self.running = False
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _commands(self) -> Any:
+        import pgserver._commands  # noqa: PLC0415 - only tests with a server of their own
+
+        return pgserver._commands
+
+    def init(self) -> None:
+        """Create the cluster (trust authentication, superuser ``postgres``)."""
+        commands = self._commands()
+        self.root.chmod(0o755)
+        if self.user is not None:
+            import pwd  # noqa: PLC0415
+
+            from pgserver.utils import ensure_prefix_permissions, ensure_user_exists  # noqa: PLC0415
+
+            ensure_user_exists(self.user)
+            ensure_prefix_permissions(self.root)
+            entry = pwd.getpwnam(self.user)
+            os.chown(self.root, entry.pw_uid, entry.pw_gid)
+        commands.initdb(
+            ["--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres"],
+            pgdata=self.pgdata,
+            user=self.user,
+            timeout=60,
+        )
+
+    def start(self) -> None:
+        options = f"-k {self.root} -h 127.0.0.1 -p {self.port}"
+        self._commands().pg_ctl(
+            ["-w", "-o", options, "-l", str(self.log), "start"],
+            pgdata=self.pgdata,
+            user=self.user,
+            timeout=30,
+        )
+        self.running = True
+
+    def stop(self, mode: str = "fast") -> None:
+        self._commands().pg_ctl(
+            ["-w", "-m", mode, "stop"], pgdata=self.pgdata, user=self.user, timeout=30
+        )
+        self.running = False
+
+    def cleanup(self) -> None:
+        """Stop the server if it runs (immediately) and remove its files."""
+        if self.running:
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
