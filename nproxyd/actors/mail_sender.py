@@ -33,7 +33,7 @@ class OutboxPort(Protocol):
         self, now: datetime, lease_until: datetime, holder: str, limit: int
     ) -> list[OutboxMail]: ...
 
-    async def record(self, outcomes: Sequence[MailOutcome], now: datetime) -> int: ...
+    async def record(self, outcomes: Sequence[MailOutcome], now: datetime, holder: str) -> int: ...
 
     async def extend(self, ids: Sequence[str], holder: str, lease_until: datetime) -> int: ...
 
@@ -100,7 +100,7 @@ class MailSender:
 
             async with kept_alive(leases, extend, what="mail"):
                 outcomes = await self._deliver_all(batch, now, failures)
-            await self.store.record(outcomes, now)
+            await self.store.record(outcomes, now, holder)
             counts.update(outcome.status for outcome in outcomes)
             counts["claimed"] += len(batch)
             if len(batch) < self.settings.batch_size:

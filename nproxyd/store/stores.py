@@ -149,12 +149,12 @@ class OutboxStore:
         rows = await self.db.fetch("claim_due_mail", now, lease_until, holder, limit)
         return convert_rows(rows, OutboxMail)
 
-    async def record(self, outcomes: Sequence[MailOutcome], now: datetime) -> int:
+    async def record(self, outcomes: Sequence[MailOutcome], now: datetime, holder: str) -> int:
         columns = [
             [getattr(outcome, field) for outcome in outcomes]
             for field in MailOutcome.__struct_fields__
         ]
-        return affected(await self.db.execute("record_mail_outcomes", *columns, now))
+        return affected(await self.db.execute("record_mail_outcomes", *columns, now, holder))
 
     async def extend(self, ids: Sequence[str], holder: str, lease_until: datetime) -> int:
         return affected(await self.db.execute("extend_mail_leases", list(ids), holder, lease_until))

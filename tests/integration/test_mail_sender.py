@@ -334,6 +334,29 @@ class TestDelivery:
         assert transport.connections_opened == 0
         assert server.messages == []
 
+    async def test_subject_that_cannot_be_a_header_is_dead_without_a_connection(
+        self, db: Database, server: FakeSmtpServer, make_sender: SenderFactory
+    ) -> None:
+        """A subject with a line break (header injection) goes dead; the server never sees it."""
+        now = SystemClock().now()
+        row = await db.pool.fetchrow(
+            "INSERT INTO mail_outbox (to_address, subject, body, next_attempt_at)"
+            " VALUES ('alice@example.test', $1, 'Body', $2) RETURNING id",
+            "Invoice\r\nBcc: evil@example.test",
+            now,
+        )
+        assert row is not None
+        sender, transport = make_sender()
+
+        report = await sender.tick(now)
+
+        assert report.dead_count == 1
+        dead = await outbox_row(db, row["id"])
+        assert dead["status"] == "dead"
+        assert dead["last_error"]
+        assert server.connections == 0
+        assert transport.connections_opened == 0
+
     async def test_connections_are_reused_up_to_max_connections(
         self, db: Database, server: FakeSmtpServer, make_sender: SenderFactory
     ) -> None:
@@ -402,10 +425,13 @@ class LedgerStore:
             await self.ledger.first_batch_taken()
         return batch
 
-    async def record(self, outcomes: Sequence[MailOutcome], now: datetime) -> int:
-        recorded = await self.inner.record(outcomes, now)
+    async def record(self, outcomes: Sequence[MailOutcome], now: datetime, holder: str) -> int:
+        recorded = await self.inner.record(outcomes, now, holder)
         self.ledger.released(outcomes)
         return recorded
+
+    async def extend(self, ids: Sequence[str], holder: str, lease_until: datetime) -> int:
+        return await self.inner.extend(ids, holder, lease_until)
 
 
 class TestSeveralSenders:
@@ -570,3 +596,20 @@ class TestCounts:
 
         assert await store.counts() == OutboxCounts(pending=2, dead=2)
         assert await statuses(db) == Counter(sent=3, pending=2, dead=2)
+
+
+class TestLeaseFencing:
+    async def test_outcome_of_a_lost_lease_is_not_recorded(self, db: Database) -> None:
+        """A sender whose lease another instance took over cannot overwrite that lease."""
+        now = SystemClock().now()
+        store = OutboxStore(db)
+        await insert_mail(db, 1, now)
+        (mail,) = await store.claim(now, now + timedelta(seconds=1), "slow", 10)
+        later = now + timedelta(seconds=2)
+        (taken,) = await store.claim(later, later + timedelta(seconds=60), "fast", 10)
+        outcome = MailOutcome(id=mail.id, status="sent", error=None, next_attempt_at=later)
+
+        assert await store.record([outcome], later, "slow") == 0
+        row = await outbox_row(db, taken.id)
+        assert (row["status"], row["leased_by"]) == ("pending", "fast")
+        assert await store.record([outcome], later, "fast") == 1

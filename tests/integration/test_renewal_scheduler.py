@@ -11,7 +11,6 @@ from typing import Any
 
 import anyio
 import pytest
-from anyio.streams.memory import MemoryObjectReceiveStream
 from structlog.testing import capture_logs
 
 from nproxyd.actors.renewal_scheduler import RenewalScheduler, RenewalSettings
@@ -191,9 +190,12 @@ class TestWorkedExample:
     async def test_creates_one_invoice_and_one_mail(self, db: Database, channel: Channel) -> None:
         """The worked example creates one pending 29 USDT invoice and its exact renewal mail."""
         await worked_example(db)
-        report = await make_scheduler(db, simulated(), channel).tick(NOW)
+        with capture_logs() as logs:
+            report = await make_scheduler(db, simulated(), channel).tick(NOW)
 
         assert (report.candidates, report.claimed, report.created_count) == (1, 1, 1)
+        created = [entry for entry in logs if entry["event"] == "renewal_invoices_created"]
+        assert [entry["created_count"] for entry in created] == [1]
         [invoice] = await automatic_invoices(db.pool)
         assert invoice["subscription_id"] == "sub_1"
         assert invoice["user_id"] == "user_sub_1"
@@ -217,17 +219,19 @@ class TestWorkedExample:
         await assert_renewal_invariants(db.pool)
 
     async def test_second_tick_creates_nothing(self, db: Database, channel: Channel) -> None:
-        """A second tick at the same time neither calls the provider nor stores anything."""
+        """A second tick neither calls the provider, stores, nor logs an invoice creation."""
         await worked_example(db)
         provider = WrappedProvider(simulated())
         scheduler = make_scheduler(db, provider, channel)
         await scheduler.tick(NOW)
         channel.received()
 
-        report = await scheduler.tick(NOW)
-        later = await scheduler.tick(NOW + timedelta(hours=1))
+        with capture_logs() as logs:
+            report = await scheduler.tick(NOW)
+            later = await scheduler.tick(NOW + timedelta(hours=1))
 
         assert (report.created_count, later.created_count) == (0, 0)
+        assert [entry for entry in logs if entry["event"] == "renewal_invoices_created"] == []
         assert (report.candidates, later.candidates) == (0, 0)
         assert len(provider.requests) == 1
         assert (await count(db, "payment_invoices"), await count(db, "mail_outbox")) == (1, 1)

@@ -145,7 +145,7 @@ class Processes:
             process.wait()
             stderr = self.output(process)[1]
             raise AssertionError(
-                f"nproxyd {process.args} did not finish within {timeout} s\n{stderr[-4000:]}"
+                f"nproxyd {process.args!r} did not finish within {timeout} s\n{stderr[-4000:]}"
             ) from None
         return (code, *self.output(process))
 

@@ -156,7 +156,6 @@ class TestSeveralProcesses:
             assert code == 0, stderr[-4000:]
             [report] = json_lines(stdout)
             reports.append(report)
-        print("TWO", [r["sent_count"] for r in reports])
         assert sum(report["sent_count"] for report in reports) == 1000
         assert all(report["sent_count"] > 0 for report in reports)
         assert received_ids(smtp) == Counter({message_id(i): 1 for i in range(1000)})
@@ -224,7 +223,6 @@ class TestKill:
         received = received_ids(smtp)
         assert set(received) == {message_id(i) for i in range(total)}
         duplicates = {mid for mid, count in received.items() if count > 1}
-        print("KILL in_flight", len(in_flight), "dups", len(duplicates), "second", report)
         assert duplicates <= in_flight
 
 

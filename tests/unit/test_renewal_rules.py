@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -120,16 +121,24 @@ class TestRenewalBody:
         assert lines[4] == "Invoice expires at 2026-03-10T12:00:05.123Z."
 
 
-class TestCandidateProblem:
-    GOOD = {"email": "ana@example.com", "price": Decimal("29.00"), "currency": "USDT"}
+def problem(**overrides: Any) -> str | None:
+    values: dict[str, Any] = {
+        "email": "ana@example.com",
+        "price": Decimal("29.00"),
+        "currency": "USDT",
+    }
+    values.update(overrides)
+    return candidate_problem(**values)
 
+
+class TestCandidateProblem:
     def test_good_candidate_has_no_problem(self) -> None:
         """A plan with a 2-decimal price, a currency and a plain address is invoiceable."""
-        assert candidate_problem(**self.GOOD) is None  # type: ignore[arg-type]
+        assert problem() is None
 
     def test_zero_price_is_not_a_problem(self) -> None:
         """A free plan (price 0.00) is not a bad row."""
-        assert candidate_problem(**{**self.GOOD, "price": Decimal("0.00")}) is None  # type: ignore[arg-type]
+        assert problem(price=Decimal("0.00")) is None
 
     @pytest.mark.parametrize(
         ("field", "value", "reason"),
@@ -154,7 +163,7 @@ class TestCandidateProblem:
     )
     def test_bad_candidate_is_named(self, field: str, value: object, reason: str) -> None:
         """Each kind of bad row is refused with its own reason."""
-        assert candidate_problem(**{**self.GOOD, field: value}) == reason  # type: ignore[arg-type]
+        assert problem(**{field: value}) == reason
 
 
 class TestOrderId:

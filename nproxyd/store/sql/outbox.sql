@@ -17,7 +17,7 @@ WHERE m.id = due.id
 RETURNING m.id, m.to_address, m.subject, m.body, m.message_id, m.attempts, m.created_at;
 
 -- record_mail_outcomes --
--- Record delivery outcomes of leased mail; $1 ids, $2 statuses ('sent', 'pending' or 'dead'), $3 errors, $4 next attempt times, $5 now.
+-- Record delivery outcomes of mail this holder still holds (a lease another instance took over is theirs); $1 ids, $2 statuses ('sent', 'pending' or 'dead'), $3 errors, $4 next attempt times, $5 now, $6 holder.
 UPDATE mail_outbox AS m
 SET status = t.status,
     attempts = m.attempts + 1,
@@ -29,7 +29,7 @@ SET status = t.status,
     updated_at = $5
 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
     AS t(id, status, error, next_attempt_at)
-WHERE m.id = t.id AND m.status = 'pending';
+WHERE m.id = t.id AND m.status = 'pending' AND m.leased_by = $6;
 
 -- enqueue_mail --
 -- Queue one mail; $1 to, $2 subject, $3 body, $4 message id, $5 dedupe key (or NULL), $6 now. Returns its id, or nothing when the dedupe key exists.
