@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from email.utils import parseaddr
 
@@ -68,8 +68,14 @@ def new_message_id(from_address: str) -> str:
 
 
 def order_id(subscription_id: str, cycle_start: datetime) -> str:
-    """The provider idempotency reference of a (subscription, cycle) slot."""
-    return f"renewal-{subscription_id}-{int(cycle_start.timestamp())}"
+    """The provider idempotency reference of a (subscription, cycle) slot.
+
+    The cycle start is kept to the microsecond (PostgreSQL's resolution), so two cycles of one
+    subscription never share a reference.
+    """
+    epoch = cycle_start - datetime(1970, 1, 1, tzinfo=UTC)
+    micros = (epoch.days * 86_400 + epoch.seconds) * 1_000_000 + epoch.microseconds
+    return f"renewal-{subscription_id}-{micros}"
 
 
 def is_plausible_address(address: str | None) -> bool:

@@ -304,8 +304,10 @@ class TestShutdown:
             **{"payment.simulated.latency_ms": 60_000, "daemon.shutdown_grace_seconds": 2}
         )
         wait_until(
-            lambda: http_status(daemon.base_url + "/status") == 200
-            and daemon.get_json("/status")[1]["actors"]["renewal-scheduler"]["running"],
+            lambda: (
+                http_status(daemon.base_url + "/status") == 200
+                and daemon.get_json("/status")[1]["actors"]["renewal-scheduler"]["running"]
+            ),
             timeout=15,
             what="the renewal tick to hang on the provider",
         )
@@ -327,8 +329,10 @@ class TestShutdown:
             **{"payment.simulated.latency_ms": 60_000, "daemon.shutdown_grace_seconds": 30}
         )
         wait_until(
-            lambda: http_status(daemon.base_url + "/status") == 200
-            and daemon.get_json("/status")[1]["actors"]["renewal-scheduler"]["running"],
+            lambda: (
+                http_status(daemon.base_url + "/status") == 200
+                and daemon.get_json("/status")[1]["actors"]["renewal-scheduler"]["running"]
+            ),
             timeout=15,
             what="the renewal tick to hang on the provider",
         )
@@ -632,6 +636,10 @@ class TestPostgresRestart:
             assert status == 503
             assert body["database"] is False
             assert daemon.get("/livez")[0] == 200
+            assert daemon.get("/metrics")[0] == 200
+            status, body = daemon.get_json("/status")
+            assert status == 200
+            assert body["database"] is False
             time.sleep(1.5)  # a few failed ticks while the database is gone
             assert daemon.process.poll() is None
 

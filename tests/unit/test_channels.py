@@ -51,9 +51,12 @@ class FakeOutbox:
         batch, self.pending = self.pending[:limit], self.pending[limit:]
         return batch
 
-    async def record(self, outcomes: Sequence[MailOutcome], now: datetime) -> int:
+    async def record(self, outcomes: Sequence[MailOutcome], now: datetime, holder: str) -> int:
         self.recorded.extend(outcomes)
         return len(outcomes)
+
+    async def extend(self, ids: Sequence[str], holder: str, lease_until: datetime) -> int:
+        return len(ids)
 
 
 class RecordingTransport:
@@ -188,6 +191,8 @@ class TestMailSenderWake:
                     channel.offer(OutboxReady(count=1))
                 await clock.settle()
                 assert len(transport.sent) == 10
+                assert [o.status for o in outbox.recorded] == ["sent"] * 10
+                assert loop.stats.ticks_failed == 0
                 assert {at for _, at in transport.sent} == {1.0}
                 assert outbox.claims[:2] == [0.0, 1.0]
                 assert len(outbox.claims) <= 3

@@ -212,3 +212,10 @@ class TestBackoff:
         assert all(0.5 * capped <= delay <= capped for delay in delays)
         assert min(delays) < 0.6 * capped
         assert max(delays) > 0.9 * capped
+
+
+class TestOrderIdResolution:
+    def test_cycles_within_one_second_get_distinct_order_ids(self) -> None:
+        """Two cycle starts a microsecond apart never share a provider reference."""
+        start = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+        assert order_id("s", start) != order_id("s", start + timedelta(microseconds=1))

@@ -1,0 +1,67 @@
+"""``python -m tests.bench [name ...]``: the benchmarks of DESIGN.md §6, run on demand.
+
+Each benchmark gets fresh databases cloned from the migrated template of one throwaway
+PostgreSQL server (``tests.pg.TestServer``; ``NPROXYD_TEST_DSN`` points it at another server)
+and prints one line per figure on stdout; progress goes to stderr. The exit status is 1 when
+a figure misses its target, 64 for an unknown benchmark name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from nproxyd.runtime import logs
+from tests.bench import bench_expiry, bench_idle, bench_mail, bench_renewal
+from tests.bench.common import Figure, duration
+from tests.pg import TestServer
+
+Benchmark = Callable[[TestServer], Awaitable[list[Figure]]]
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "renewal_provider_bound": bench_renewal.provider_bound,
+    "renewal_db_bound": bench_renewal.db_bound,
+    "expiry": bench_expiry.run,
+    "mail": bench_mail.run,
+    "idle": bench_idle.run,
+}
+EX_USAGE = 64
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
+    parser.add_argument("names", nargs="*", metavar="NAME", help=", ".join(BENCHMARKS))
+    names = parser.parse_args(argv).names or list(BENCHMARKS)
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+        return EX_USAGE
+    # The actors log as in production (JSON at info level), into nothing: stdout is for figures.
+    with open(os.devnull, "w") as devnull:
+        logs.configure(level="info", fmt="json", stream=devnull)
+        server = TestServer()
+        server.start()
+        return anyio.run(run_all, names, server)
+
+
+async def run_all(names: list[str], server: TestServer) -> int:
+    failed = 0
+    started = time.perf_counter()
+    for name in names:
+        for figure in await BENCHMARKS[name](server):
+            print(figure.line(), flush=True)
+            failed += not figure.passed
+    print(
+        f"[bench] {len(names)} benchmark(s) in {duration(time.perf_counter() - started)}",
+        file=sys.stderr,
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
