@@ -28,6 +28,15 @@ def with_database(dsn: str, name: str) -> str:
     return f"{dsn} dbname={name}"
 
 
+def database_name(dsn: str) -> str:
+    """The database a URL or keyword DSN points at."""
+    match = re.match(r"^postgres(?:ql)?://[^/?]*/([^?]*)", dsn)
+    if match:
+        return match.group(1)
+    keyword = re.search(r"dbname=(\S+)", dsn)
+    return keyword.group(1) if keyword else ""
+
+
 class TestServer:
     """One PostgreSQL server for a test session, with a migrated template database."""
 
@@ -74,7 +83,7 @@ class TestServer:
         return with_database(self.admin_dsn, name)
 
     async def drop(self, dsn: str) -> None:
-        name = dsn.rsplit("/", 1)[-1].split("?", 1)[0]
+        name = database_name(dsn)
         admin = await asyncpg.connect(self.admin_dsn)
         try:
             await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

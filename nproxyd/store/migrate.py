@@ -10,12 +10,14 @@ re-run applies nothing.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from importlib import resources
 
 import asyncpg
 import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
+from nproxyd.core.clock import SystemClock
 from nproxyd.core.errors import MigrationError
 from nproxyd.store.database import map_errors
 
@@ -59,15 +61,30 @@ def statements(sql: str) -> list[str]:
     return [part.strip() for part in re.split(r";\s*$", body, flags=re.MULTILINE) if part.strip()]
 
 
-async def migrate(connection: Connection) -> list[int]:
+async def migrate(
+    connection: Connection, *, sleep: Callable[[float], Awaitable[None]] | None = None
+) -> list[int]:
     """Apply every pending migration; returns the versions applied by this call."""
     with map_errors():
-        await connection.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+        await _take_lock(connection, sleep or SystemClock().sleep)
         try:
             await connection.execute(_CREATE_TABLE)
             return await _apply_pending(connection)
         finally:
             await connection.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+
+
+async def _take_lock(connection: Connection, sleep: Callable[[float], Awaitable[None]]) -> None:
+    """Poll for the advisory lock instead of blocking in a statement.
+
+    A migrator waiting inside ``pg_advisory_lock`` holds a snapshot open, and the holder's
+    ``CREATE INDEX CONCURRENTLY`` waits for every such snapshot: a deadlock. Between polls the
+    waiting connection holds nothing.
+    """
+    delay = 0.05
+    while not await connection.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
+        await sleep(delay)
+        delay = min(delay * 2, 1.0)
 
 
 async def applied_versions(connection: Connection) -> set[int]:
