@@ -28,6 +28,13 @@ EXIT_USAGE = 64
 EXIT_UNAVAILABLE = 69
 EXIT_SOFTWARE = 70
 EXIT_CONFIG = 78
+# The first matching class decides the exit code and the prefix of the one stderr line.
+_EXITS: tuple[tuple[type[NproxydError], int, str], ...] = (
+    (ConfigError, EXIT_CONFIG, "config error: "),
+    (SupervisorGaveUp, EXIT_SOFTWARE, ""),
+    (DatabaseUnavailable, EXIT_UNAVAILABLE, ""),
+    (NproxydError, EXIT_SOFTWARE, ""),
+)
 ACTORS = ("invoice-expirer", "renewal-scheduler", "mail-sender", "key-pool-recoverer")
 
 
@@ -99,18 +106,10 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
     command = COMMANDS[args.command]
     try:
         return anyio.run(command, args, config)
-    except ConfigError as exc:
-        print(f"nproxyd: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except SupervisorGaveUp as exc:
-        print(f"nproxyd: {exc}", file=sys.stderr)
-        return EXIT_SOFTWARE
-    except DatabaseUnavailable as exc:
-        print(f"nproxyd: {redact_text(str(exc), secrets)}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
     except NproxydError as exc:
-        print(f"nproxyd: {redact_text(str(exc), secrets)}", file=sys.stderr)
-        return EXIT_SOFTWARE
+        code, prefix = next((c, p) for kind, c, p in _EXITS if isinstance(exc, kind))
+        print(f"nproxyd: {prefix}{redact_text(str(exc), secrets)}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         return EXIT_OK
 

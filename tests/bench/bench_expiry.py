@@ -67,10 +67,10 @@ async def seed_invoices(dsn: str, now: datetime) -> None:
             f"INSERT INTO payment_invoices (id, user_id, provider, provider_invoice_id, status,"
             f" currency, amount_crypto, amount_usd, payment_address, expires_at, created_at,"
             f" updated_at)"
-            f" SELECT md5(g::text)::uuid::text, {padded('u', '1 + g % $3')}, 'nowpayments',"
+            f" SELECT md5(g::text)::uuid::text, {padded('u', '1 + g % $3::int')}, 'nowpayments',"
             f"  'np_' || g, 'pending', 'USDT', 29, 29, 'addr_' || g, t.expires_at,"
             f"  t.expires_at - interval '1 day', t.expires_at - interval '1 day'"
-            f" FROM generate_series(1, $1 + $2) AS g,"
+            f" FROM generate_series(1, $1::int + $2::int) AS g,"
             f" LATERAL (SELECT CASE WHEN g <= $1"
             f"   THEN $4::timestamptz - ($1 + 1 - g) * interval '1 second'"
             f"   ELSE $4::timestamptz + (g - $1) * interval '1 minute' END AS expires_at) AS t",

@@ -280,3 +280,19 @@ class ThrowawayPostgres:
             with contextlib.suppress(subprocess.SubprocessError, OSError):
                 self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def sql(dsn: str, query: str, *args: Any) -> list[Any]:
+    """Run one statement on its own connection (from synchronous test code); returns its rows."""
+    import asyncio  # noqa: PLC0415
+
+    import asyncpg  # noqa: PLC0415
+
+    async def fetch() -> list[Any]:
+        connection = await asyncpg.connect(dsn)
+        try:
+            return list(await connection.fetch(query, *args))
+        finally:
+            await connection.close()
+
+    return asyncio.run(fetch())

@@ -34,6 +34,7 @@ from tests.system.proc import (
     json_lines,
     nproxyd_env,
     run_nproxyd,
+    sql,
     wait_ready,
     wait_until,
 )
@@ -51,19 +52,6 @@ WAITING_FOR_LOCK = (
     "SELECT count(*) FROM pg_stat_activity"
     " WHERE datname = current_database() AND application_name = 'nproxyd'"
 )
-
-
-def sql(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    """Run one statement on its own connection; returns its rows."""
-
-    async def fetch() -> list[asyncpg.Record]:
-        connection = await asyncpg.connect(dsn)
-        try:
-            return await connection.fetch(query, *args)
-        finally:
-            await connection.close()
-
-    return asyncio.run(fetch())
 
 
 def database_name(dsn: str) -> str:

@@ -13,27 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from tests.fakes.smtp import FakeSmtpServer
 from tests.pg import TestServer
-from tests.system.proc import Processes, json_lines, nproxyd_env, run_nproxyd, wait_until
+from tests.system.proc import Processes, json_lines, nproxyd_env, run_nproxyd, sql, wait_until
 
 pytestmark = pytest.mark.system
-
-
-def sql(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    """Run one statement on its own connection; returns its rows."""
-
-    async def fetch() -> list[asyncpg.Record]:
-        connection = await asyncpg.connect(dsn)
-        try:
-            return await connection.fetch(query, *args)
-        finally:
-            await connection.close()
-
-    return asyncio.run(fetch())
 
 
 def insert_mail(dsn: str, count: int, *, start: int = 0, due_in_seconds: float = -1.0) -> list[str]:
