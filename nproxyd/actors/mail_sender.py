@@ -60,6 +60,8 @@ class MailSettings(msgspec.Struct, frozen=True, kw_only=True):
             concurrency=concurrency,
             from_address=config.email.from_address,
             instance_id=instance_id,
+            retry_base_seconds=section.retry_base_seconds,
+            retry_cap_seconds=section.retry_max_seconds,
         )
 
 

@@ -96,6 +96,8 @@ class RenewalSettings(msgspec.Struct, frozen=True, kw_only=True):
             app_base_url=config.urls.app_base_url,
             from_address=config.email.from_address,
             instance_id=instance_id,
+            retry_base_seconds=config.billing.retry_base_seconds,
+            retry_cap_seconds=config.billing.retry_max_seconds,
         )
 
 

@@ -63,6 +63,8 @@ class BillingConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     provider_concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 8
     failed_retry_hours: Positive = 24.0
     claim_lease_seconds: Positive = 120.0
+    retry_base_seconds: Positive = 60.0
+    retry_max_seconds: Positive = 3600.0
 
 
 class SimulatedPaymentConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -131,6 +133,8 @@ class MailSenderConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only
     max_attempts: Count = 8
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 200
     lease_seconds: Positive = 120.0
+    retry_base_seconds: Positive = 30.0
+    retry_max_seconds: Positive = 3600.0
 
 
 class KeyPoolRecovererConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

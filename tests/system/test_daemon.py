@@ -64,14 +64,6 @@ def drop_database(admin_dsn: str, name: str) -> None:
 
 
 @pytest.fixture
-def system_dsn(pg_server: TestServer) -> Iterator[str]:
-    """A fresh migrated database for one nproxyd process."""
-    dsn = asyncio.run(pg_server.clone("daemon"))
-    yield dsn
-    drop_database(pg_server.admin_dsn, database_name(dsn))
-
-
-@pytest.fixture
 def processes(tmp_path: Path) -> Iterator[Processes]:
     started = Processes(tmp_path / "logs")
     yield started

@@ -6,7 +6,6 @@ a real PostgreSQL and a real SMTP server (aiosmtpd) on 127.0.0.1.
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from collections import Counter
 from collections.abc import Iterator
@@ -16,7 +15,6 @@ from typing import Any
 import pytest
 
 from tests.fakes.smtp import FakeSmtpServer
-from tests.pg import TestServer
 from tests.system.proc import Processes, json_lines, nproxyd_env, run_nproxyd, sql, wait_until
 
 pytestmark = pytest.mark.system
@@ -48,14 +46,6 @@ def received_ids(server: FakeSmtpServer) -> Counter[str]:
 def status_counts(dsn: str) -> Counter[str]:
     rows = sql(dsn, "SELECT status, count(*) AS n FROM mail_outbox GROUP BY status")
     return Counter({row["status"]: row["n"] for row in rows})
-
-
-@pytest.fixture
-def system_dsn(pg_server: TestServer) -> Iterator[str]:
-    """A fresh migrated database for one nproxyd process test."""
-    dsn = asyncio.run(pg_server.clone("sys"))
-    yield dsn
-    asyncio.run(pg_server.drop(dsn))
 
 
 @pytest.fixture
