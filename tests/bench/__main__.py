@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     names = parser.parse_args(argv).names or list(BENCHMARKS)
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
-        print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+        known = ", ".join(BENCHMARKS)
+        print(f"unknown benchmark(s): {', '.join(unknown)}; known: {known}", file=sys.stderr)
         return EX_USAGE
     # The actors log as in production (JSON at info level), into nothing: stdout is for figures.
     with open(os.devnull, "w") as devnull:

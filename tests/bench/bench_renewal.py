@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from datetime import datetime
+from statistics import median
 
 import anyio
 import msgspec
@@ -50,6 +51,8 @@ PROVIDER_CONCURRENCY = 32
 DB_BOUND_TOTAL = 1_000_000
 DB_BOUND_DUE = 10_000
 DB_BOUND_TARGET_PER_SECOND = 2_000.0
+# Implementation ticks per figure, each on its own copy of the data; the median is reported.
+TICK_RUNS = 3
 
 _FIND_DUE = """
 SELECT s.id, s.user_id, s.current_period_start, s.activated_at, s.created_at,
@@ -156,15 +159,10 @@ async def provider_bound(server: TestServer) -> list[Figure]:
         dsn = await databases.clone()
         await seed_subscribers(dsn, count=PROVIDER_BOUND_DUE, due=PROVIDER_BOUND_DUE)
         reference_dsn = await databases.copy(dsn)
-        seconds, report = await timed_tick(dsn, config, NOW)
-        invoices, mails = await renewal_counts(dsn, NOW)
-        note(
-            bench,
-            f"tick {duration(seconds)}: {report}; committed {invoices} invoices, {mails} mails",
-        )
+        seconds, complete = await median_tick(bench, databases, dsn, config, PROVIDER_BOUND_DUE)
         reference, created = await original_worker_loop(reference_dsn, config, NOW)
         note(bench, f"original loop {duration(reference)}: {created} invoices")
-    complete = invoices == mails == PROVIDER_BOUND_DUE and created == PROVIDER_BOUND_DUE
+    complete = complete and created == PROVIDER_BOUND_DUE
     ideal = PROVIDER_BOUND_DUE * PROVIDER_LATENCY_MS / 1000 / config.billing.provider_concurrency
     speedup = reference / seconds
     return [
@@ -199,14 +197,8 @@ async def db_bound(server: TestServer) -> list[Figure]:
             bench,
             f"seeded {DB_BOUND_TOTAL} subscriptions and invoices in {duration(watch.seconds)}",
         )
-        seconds, report = await timed_tick(dsn, config, NOW)
-        invoices, mails = await renewal_counts(dsn, NOW)
-        note(
-            bench,
-            f"tick {duration(seconds)}: {report}; committed {invoices} invoices, {mails} mails",
-        )
-    committed = min(invoices, mails)
-    rate = committed / seconds
+        seconds, complete = await median_tick(bench, databases, dsn, config, DB_BOUND_DUE)
+    rate = DB_BOUND_DUE / seconds
     return [
         Figure(
             name=bench,
@@ -214,9 +206,36 @@ async def db_bound(server: TestServer) -> list[Figure]:
             reference=f"{DB_BOUND_TARGET_PER_SECOND:.0f}/s(target)",
             ratio=rate / DB_BOUND_TARGET_PER_SECOND,
             target=f">={DB_BOUND_TARGET_PER_SECOND:.0f}/s",
-            passed=committed == DB_BOUND_DUE and rate >= DB_BOUND_TARGET_PER_SECOND,
+            passed=complete and rate >= DB_BOUND_TARGET_PER_SECOND,
         )
     ]
+
+
+async def median_tick(
+    bench: str, databases: Databases, dsn: str, config: Config, due: int
+) -> tuple[float, bool]:
+    """Median seconds of one tick on each of ``TICK_RUNS`` identical copies of ``dsn``.
+
+    Returns it with whether every run committed all ``due`` invoices, each with its mail.
+    Each copy is dropped after its run, so its autovacuum never competes with the next one.
+    """
+    copies = [dsn, *[await databases.copy(dsn) for _ in range(TICK_RUNS - 1)]]
+    runs: list[float] = []
+    complete = True
+    for copy in copies:
+        seconds, report = await timed_tick(copy, config, NOW)
+        invoices, mails = await renewal_counts(copy, NOW)
+        await databases.drop(copy)
+        note(
+            bench,
+            f"tick {duration(seconds)}: {report}; committed {invoices} invoices, {mails} mails",
+        )
+        runs.append(seconds)
+        complete = complete and invoices == mails == due == report.created_count
+    note(
+        bench, f"ticks {', '.join(duration(run) for run in runs)}: median {duration(median(runs))}"
+    )
+    return median(runs), complete
 
 
 async def seed_subscribers(dsn: str, *, count: int, due: int, history: bool = False) -> None:

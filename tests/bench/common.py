@@ -116,18 +116,23 @@ class Databases:
 
     async def copy(self, source_dsn: str) -> str:
         """An identical copy of a database this object created (nobody may be connected)."""
-        source = self.created[[self.dsn(name) for name in self.created].index(source_dsn)]
+        source = self._name(source_dsn)
         # FILE_COPY copies the files after a checkpoint: much faster than the default
         # WAL_LOG strategy for a database of several hundred megabytes.
         return await self._create(source, strategy=" STRATEGY FILE_COPY")
 
     async def drop(self, dsn: str) -> None:
-        name = self.created[[self.dsn(name) for name in self.created].index(dsn)]
+        name = self._name(dsn)
         await self._admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         self.created.remove(name)
 
     def dsn(self, name: str) -> str:
         return with_database(self.server.admin_dsn, name)
+
+    def _name(self, dsn: str) -> str:
+        """The name of a database this object created, from its DSN."""
+        by_dsn = {self.dsn(name): name for name in self.created}
+        return by_dsn[dsn]
 
     async def _create(self, template: str, *, strategy: str) -> str:
         name = f"nproxyd_bench_{self.label}_{os.getpid()}_{next(_names)}"
