@@ -119,19 +119,16 @@ class _Totals:
 
 
 class _Run:
-    """What the provider calls of one claimed batch share."""
+    """What one tick's producer, provider workers and committer share."""
 
-    def __init__(
-        self,
-        token: str,
-        now: datetime,
-        limiter: anyio.CapacityLimiter,
-        results: MemoryObjectSendStream[Outcome],
-    ) -> None:
+    def __init__(self, token: str, leases: LeaseClock, totals: _Totals) -> None:
         self.token = token
-        self.now = now
-        self.limiter = limiter
-        self.results = results
+        self.leases = leases
+        self.now = leases.now
+        self.totals = totals
+
+
+Work = tuple[RenewalCandidate, ClaimedSlot]
 
 
 class RenewalScheduler:
@@ -157,22 +154,55 @@ class RenewalScheduler:
         self.log = structlog.get_logger().bind(actor=self.name)
 
     async def tick(self, now: datetime) -> RenewalReport:
+        """A pipeline: read and claim batches -> provider workers -> grouped commits.
+
+        The next batch is read and claimed while the provider calls of the previous one run,
+        so a batch boundary never leaves the provider idle.
+        """
         leases = LeaseClock(self.clock, now, self.settings.claim_lease_seconds)
-        window_end = now + timedelta(hours=self.settings.lead_hours)
-        totals = _Totals()
+        run = _Run(uuid.uuid4().hex, leases, _Totals())
+        size = self.settings.batch_size
+
+        async def extend(until: datetime) -> int:
+            return await self.store.extend(run.token, until)
+
+        work_send, work_receive = anyio.create_memory_object_stream[Work](size)
+        result_send, result_receive = anyio.create_memory_object_stream[Outcome](size)
+        async with (
+            kept_alive(leases, extend, what="renewal-claims"),
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(self._commit_loop, result_receive, run, name="renewal-commit")
+            async with result_send, work_receive, anyio.create_task_group() as workers:
+                for number in range(self.settings.provider_concurrency):
+                    workers.start_soon(
+                        self._worker,
+                        work_receive.clone(),
+                        result_send.clone(),
+                        run,
+                        name=f"renewal-provider-{number}",
+                    )
+                async with work_send:
+                    await self._produce(work_send, run)
+        if run.totals.created:
+            self.log.info("renewal_invoices_created", created_count=run.totals.created)
+        return run.totals.report()
+
+    async def _produce(self, work: MemoryObjectSendStream[Work], run: _Run) -> None:
+        """Read candidate batches by keyset, claim them, hand the won slots to the workers."""
+        window_end = run.now + timedelta(hours=self.settings.lead_hours)
         cursor = _START
         while True:
-            batch = await self.store.candidates(now, window_end, cursor, self.settings.batch_size)
-            if not batch:
-                break
-            totals.candidates += len(batch)
-            cursor = (batch[-1].current_period_end, batch[-1].subscription_id)
-            await self._process(batch, leases, totals)
+            batch = await self.store.candidates(
+                run.now, window_end, cursor, self.settings.batch_size
+            )
+            run.totals.candidates += len(batch)
+            if batch:
+                cursor = (batch[-1].current_period_end, batch[-1].subscription_id)
+                for pair in await self._claim(self._valid(batch, run.totals), run):
+                    await work.send(pair)
             if len(batch) < self.settings.batch_size:
-                break
-        if totals.created:
-            self.log.info("renewal_invoices_created", created_count=totals.created)
-        return totals.report()
+                return
 
     def _valid(self, batch: list[RenewalCandidate], totals: _Totals) -> list[RenewalCandidate]:
         valid = []
@@ -193,73 +223,44 @@ class RenewalScheduler:
             )
         return valid
 
-    async def _process(
-        self, batch: list[RenewalCandidate], leases: LeaseClock, totals: _Totals
-    ) -> None:
-        valid = self._valid(batch, totals)
+    async def _claim(self, valid: list[RenewalCandidate], run: _Run) -> list[Work]:
         if not valid:
-            return
-        token = uuid.uuid4().hex
-        now = leases.now
+            return []
         claimed = await self.store.claim(
             [
                 (c.subscription_id, c.cycle_start, order_id(c.subscription_id, c.cycle_start))
                 for c in valid
             ],
             holder=self.settings.instance_id,
-            token=token,
-            now=now,
-            lease_until=leases.deadline(),
+            token=run.token,
+            now=run.now,
+            lease_until=run.leases.deadline(),
         )
-        totals.claimed += len(claimed)
+        run.totals.claimed += len(claimed)
         by_slot = {(c.subscription_id, c.cycle_start): c for c in valid}
-        pairs = [(by_slot[(s.subscription_id, s.cycle_start)], s) for s in claimed]
+        return [(by_slot[(s.subscription_id, s.cycle_start)], s) for s in claimed]
 
-        async def extend(until: datetime) -> int:
-            return await self.store.extend(token, until)
-
-        async with kept_alive(leases, extend, what="renewal-claims"):
-            await self._invoice_all(pairs, token, now, totals)
-
-    async def _invoice_all(
+    async def _worker(
         self,
-        pairs: list[tuple[RenewalCandidate, ClaimedSlot]],
-        token: str,
-        now: datetime,
-        totals: _Totals,
+        work: MemoryObjectReceiveStream[Work],
+        results: MemoryObjectSendStream[Outcome],
+        run: _Run,
     ) -> None:
-        if not pairs:
-            return
-        sender, receiver = anyio.create_memory_object_stream[Outcome](len(pairs))
-        run = _Run(token, now, anyio.CapacityLimiter(self.settings.provider_concurrency), sender)
-        async with anyio.create_task_group() as group:
-            group.start_soon(self._commit_loop, receiver, now, totals, name="renewal-commit")
-            async with sender, anyio.create_task_group() as calls:
-                for candidate, slot in pairs:
-                    calls.start_soon(
-                        self._request,
-                        candidate,
-                        slot,
-                        run,
-                        totals,
-                        name=f"renewal-invoice-{candidate.subscription_id}",
-                    )
+        async with work, results:
+            async for candidate, slot in work:
+                await results.send(await self._request(candidate, slot, run))
 
-    async def _request(
-        self, candidate: RenewalCandidate, slot: ClaimedSlot, run: _Run, totals: _Totals
-    ) -> None:
-        async with run.limiter:
-            try:
-                request = self._request_for(candidate, slot)
-                answer = await self.provider.create_invoice(request, run.now)
-                outcome: Outcome = self._stored(candidate, slot, run.token, answer)
-            except ProviderPermanentError as exc:
-                outcome = self._failed(candidate, slot, run.token, run.now, exc.message)
-                totals.permanent += 1
-            except Exception as exc:
-                outcome = self._retry(candidate, slot, run.token, run.now, exc)
-                totals.transient += 1
-        run.results.send_nowait(outcome)
+    async def _request(self, candidate: RenewalCandidate, slot: ClaimedSlot, run: _Run) -> Outcome:
+        try:
+            request = self._request_for(candidate, slot)
+            answer = await self.provider.create_invoice(request, run.now)
+            return self._stored(candidate, slot, run.token, answer)
+        except ProviderPermanentError as exc:
+            run.totals.permanent += 1
+            return self._failed(candidate, slot, run.token, run.now, exc.message)
+        except Exception as exc:
+            run.totals.transient += 1
+            return self._retry(candidate, slot, run.token, run.now, exc)
 
     def _request_for(self, candidate: RenewalCandidate, slot: ClaimedSlot) -> InvoiceRequest:
         assert candidate.monthly_price_usd is not None and candidate.billing_currency
@@ -360,12 +361,7 @@ class RenewalScheduler:
             error=error[:1000],
         )
 
-    async def _commit_loop(
-        self,
-        receiver: MemoryObjectReceiveStream[Outcome],
-        now: datetime,
-        totals: _Totals,
-    ) -> None:
+    async def _commit_loop(self, receiver: MemoryObjectReceiveStream[Outcome], run: _Run) -> None:
         async with receiver:
             async for first in receiver:
                 group = [first]
@@ -374,7 +370,7 @@ class RenewalScheduler:
                         group.append(receiver.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
-                await self._commit(group, now, totals)
+                await self._commit(group, run.now, run.totals)
 
     async def _commit(self, group: list[Outcome], now: datetime, totals: _Totals) -> None:
         invoices = [item for item in group if isinstance(item, StoredInvoice)]

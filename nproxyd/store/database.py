@@ -47,7 +47,13 @@ async def create_pool(dsn: str, *, max_size: int, timeout_seconds: float) -> asy
             timeout=timeout_seconds,
             command_timeout=300,
             init=_init_connection,
-            server_settings={"application_name": "nproxyd", "timezone": "UTC"},
+            server_settings={
+                "application_name": "nproxyd",
+                "timezone": "UTC",
+                # A generic plan cached while a table was small (a fresh install) would keep
+                # scanning it sequentially once it is large; plan every execution instead.
+                "plan_cache_mode": "force_custom_plan",
+            },
         )
     return pool
 

@@ -57,7 +57,7 @@ WITH t AS (
                 $12::text[], $13::text[])
         AS t(subscription_id, cycle_start, token, invoice_id, user_id, provider_invoice_id,
              currency, amount, payment_address, expires_at, to_address, body, message_id)
-), checked AS (
+), checked AS MATERIALIZED (
     SELECT t.*, EXISTS (
         SELECT 1 FROM payment_invoices AS i
         WHERE i.subscription_id = t.subscription_id AND i.created_at >= t.cycle_start
