@@ -11,7 +11,7 @@ import itertools
 import os
 import socket
 from collections.abc import Callable
-from email.message import EmailMessage
+from email.message import Message
 from pathlib import Path
 from uuid import uuid4
 
@@ -45,7 +45,7 @@ class MaildirTransport:
     def path(self) -> Path:
         return self._path
 
-    async def send(self, message: EmailMessage, recipient: str) -> None:
+    async def send(self, message: Message, recipient: str) -> None:
         """Store ``message`` for ``recipient`` in ``new/``; raises a :class:`MailError`."""
         content = _render(message, recipient)
         name = self._unique_name()
@@ -68,7 +68,7 @@ class MaildirTransport:
         return f"{whole}.M{micros}P{os.getpid()}Q{sequence}R{uuid4().hex}.{self._host}"
 
 
-def _render(message: EmailMessage, recipient: str) -> bytes:
+def _render(message: Message, recipient: str) -> bytes:
     if not recipient or any(char in recipient for char in "\r\n\0"):
         raise MailPermanentError(f"invalid recipient address: {recipient!r}")
     try:

@@ -9,9 +9,11 @@ Driver exceptions are translated in :meth:`SmtpTransport._translate` and nowhere
 from __future__ import annotations
 
 import base64
+import functools
 import socket
 import ssl
-from email.message import EmailMessage
+from email.message import Message
+from email.utils import parseaddr
 
 import aiosmtplib
 import anyio
@@ -29,6 +31,22 @@ _SERVICE_CLOSING = 421
 # 538 encryption required): the transport's configuration is wrong, not the message.
 _AUTH_REPLIES = range(530, 540)
 _FORBIDDEN_IN_ADDRESS = frozenset('<>,;"()[]\\')
+
+
+@functools.lru_cache(maxsize=64)
+def _envelope_sender(from_header: str) -> str:
+    address = parseaddr(from_header)[1]
+    if not address:
+        raise ValueError(f"no sender address in From: {from_header!r}")
+    return address
+
+
+def _envelope(message: Message) -> tuple[str, bytes]:
+    """The envelope sender (from the From header) and the message as bytes."""
+    from_header = message["From"]
+    if from_header is None:
+        raise ValueError("the message has no From header")
+    return _envelope_sender(str(from_header)), message.as_bytes()
 
 
 class SmtpTransport:
@@ -49,7 +67,7 @@ class SmtpTransport:
         """How many SMTP connections this transport has opened so far."""
         return self._connections_opened
 
-    async def send(self, message: EmailMessage, recipient: str) -> None:
+    async def send(self, message: Message, recipient: str) -> None:
         """Deliver ``message`` to ``recipient``; raises a :class:`MailError` subclass."""
         if self._closed:
             raise MailTransientError("SMTP transport is closed")
@@ -111,11 +129,15 @@ class SmtpTransport:
         return connection
 
     async def _transmit(
-        self, connection: aiosmtplib.SMTP, message: EmailMessage, recipient: str
+        self, connection: aiosmtplib.SMTP, message: Message, recipient: str
     ) -> None:
         clean = False
         try:
-            await connection.send_message(message, recipients=[recipient])
+            sender, data = _envelope(message)
+            options = [] if (sender + recipient).isascii() else ["SMTPUTF8"]
+            # sendmail with the bytes rendered once: send_message would re-fold every header
+            # and re-parse every address, which cost more than the SMTP exchange itself.
+            await connection.sendmail(sender, [recipient], data, mail_options=options)
             clean = True
         except _REPLY_ERRORS:
             clean = await _reset(connection)

@@ -1,10 +1,22 @@
-"""Composing an outbox row into an RFC 5322 message (pure)."""
+"""Composing an outbox row into an RFC 5322 message (pure).
+
+Built on ``email.message.Message`` with the compat32 policy: an order of magnitude cheaper
+than ``EmailMessage``'s header registry, which dominated the cost of sending a mail. Header
+values are checked here instead: a line break in any of them is refused (no header
+injection), and non-ASCII values are RFC 2047 encoded.
+"""
 
 from __future__ import annotations
 
+import email.policy
 from datetime import datetime
-from email.message import EmailMessage
-from email.utils import format_datetime
+from email.charset import QP, Charset
+from email.header import Header
+from email.message import Message
+from email.utils import format_datetime, formataddr, parseaddr
+
+_UTF8_QP = Charset("utf-8")
+_UTF8_QP.body_encoding = QP
 
 
 def compose_message(
@@ -15,13 +27,34 @@ def compose_message(
     body: str,
     message_id: str,
     date: datetime,
-) -> EmailMessage:
-    """Build the message; raises ValueError when a header cannot be encoded."""
-    message = EmailMessage()
-    message["From"] = from_address
-    message["To"] = to_address
-    message["Subject"] = subject
+) -> Message[str, str | Header]:
+    """Build the message; raises ValueError when a header value cannot be used."""
+    message: Message[str, str | Header] = Message(policy=email.policy.compat32)
+    message["From"] = _address(from_address)
+    message["To"] = _address(to_address)
+    message["Subject"] = _text(subject)
     message["Date"] = format_datetime(date)
-    message["Message-ID"] = message_id
-    message.set_content(body, charset="utf-8")
+    message["Message-ID"] = _checked(message_id)
+    message["MIME-Version"] = "1.0"
+    # Like EmailMessage.set_content, the body ends with a line break.
+    message.set_payload(body if body.endswith("\n") else body + "\n", _UTF8_QP)
     return message
+
+
+def _checked(value: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"header value contains a line break: {value[:80]!r}")
+    return value
+
+
+def _text(value: str) -> str | Header:
+    value = _checked(value)
+    return value if value.isascii() else Header(value, "utf-8")
+
+
+def _address(value: str) -> str:
+    value = _checked(value)
+    if value.isascii():
+        return value
+    name, address = parseaddr(value)
+    return formataddr((name, address), charset="utf-8")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from email.message import EmailMessage
+from email.message import Message
 from typing import Protocol
 
 import msgspec
@@ -59,7 +59,7 @@ class MailTransport(Protocol):
     concurrently; an implementation bounds and reuses its own connections.
     """
 
-    async def send(self, message: EmailMessage, recipient: str) -> None: ...
+    async def send(self, message: Message, recipient: str) -> None: ...
 
     async def aclose(self) -> None: ...
 
