@@ -29,9 +29,11 @@ from nproxyd.adapters.payment_simulated import SimulatedPaymentProvider
 from nproxyd.core.channels import Outbox
 from nproxyd.core.clock import Clock, SystemClock
 from nproxyd.core.config import Config
+from nproxyd.core.errors import ConfigError
 from nproxyd.core.messages import OutboxReady
 from nproxyd.core.ports import MailTransport, PaymentProvider
 from nproxyd.runtime.actor import Actor
+from nproxyd.runtime.daemon import Daemon
 from nproxyd.store.database import Database, create_pool
 from nproxyd.store.embedded import start_embedded
 from nproxyd.store.migrate import migrate
@@ -99,6 +101,11 @@ async def open_database(config: Config, *, auto_migrate: bool) -> Database:
 
 def payment_provider(config: Config, clock: Clock) -> PaymentProvider:
     if config.billing.payment_provider == "nowpayments":
+        if not config.payment.nowpayments.api_key:
+            raise ConfigError(
+                "payment.nowpayments.api_key",
+                "required when billing.payment_provider = nowpayments (or set api_key_file)",
+            )
         return NowPaymentsProvider(config.payment.nowpayments)
     return SimulatedPaymentProvider(config.payment.simulated, clock.sleep)
 
@@ -205,8 +212,6 @@ async def open_components(
 
 async def run_daemon(config: Config) -> int:
     """``nproxyd run``: build everything, supervise the actors, serve HTTP until a signal."""
-    from nproxyd.runtime.daemon import Daemon  # noqa: PLC0415 - only the daemon needs it
-
     clock = SystemClock()
     async with open_components(config, clock) as components:
         names = [name for name in components.actors if enabled(config, name)]
