@@ -14,9 +14,29 @@ from email.charset import QP, Charset
 from email.header import Header
 from email.message import Message
 from email.utils import format_datetime, formataddr, parseaddr
+from typing import Any
 
 _UTF8_QP = Charset("utf-8")
 _UTF8_QP.body_encoding = QP
+_MAX_PLAIN_HEADER = 900  # below RFC 5322's 998-octet line limit, with room for the name
+
+
+class _ComposedMessage(Message):
+    """A compat32 message whose header values were checked when it was composed.
+
+    Every value is single-line, and ASCII or already RFC 2047 encoded, so rendering needs none
+    of the generic folding machinery (which builds a ``Header`` per header and re-encodes it).
+    """
+
+    def as_bytes(self, unixfrom: bool = False, policy: Any = None) -> bytes:
+        items = self.items()
+        plain = all(
+            isinstance(value, str) and len(value) <= _MAX_PLAIN_HEADER for _, value in items
+        )
+        if unixfrom or policy is not None or not plain:
+            return super().as_bytes(unixfrom=unixfrom, policy=policy)
+        head = "".join(f"{name}: {value}\n" for name, value in items)
+        return (head + "\n" + str(self.get_payload())).encode("ascii")
 
 
 def compose_message(
@@ -27,9 +47,9 @@ def compose_message(
     body: str,
     message_id: str,
     date: datetime,
-) -> Message[str, str | Header]:
+) -> Message:
     """Build the message; raises ValueError when a header value cannot be used."""
-    message: Message[str, str | Header] = Message(policy=email.policy.compat32)
+    message = _ComposedMessage(policy=email.policy.compat32)
     message["From"] = _address(from_address)
     message["To"] = _address(to_address)
     message["Subject"] = _text(subject)
@@ -47,9 +67,9 @@ def _checked(value: str) -> str:
     return value
 
 
-def _text(value: str) -> str | Header:
+def _text(value: str) -> str:
     value = _checked(value)
-    return value if value.isascii() else Header(value, "utf-8")
+    return value if value.isascii() else Header(value, "utf-8").encode()
 
 
 def _address(value: str) -> str:
