@@ -17,6 +17,7 @@ from email.utils import parseaddr
 
 import aiosmtplib
 import anyio
+from aiosmtplib.typing import SMTPStatus
 
 from nproxyd.core.config import SmtpConfig, redact_text
 from nproxyd.core.errors import MailError, MailPermanentError, MailTransientError
@@ -135,9 +136,7 @@ class SmtpTransport:
         try:
             sender, data = _envelope(message)
             options = [] if (sender + recipient).isascii() else ["SMTPUTF8"]
-            # sendmail with the bytes rendered once: send_message would re-fold every header
-            # and re-parse every address, which cost more than the SMTP exchange itself.
-            await connection.sendmail(sender, [recipient], data, mail_options=options)
+            await _send_envelope(connection, sender, recipient, data, options)
             clean = True
         except _REPLY_ERRORS:
             clean = await _reset(connection)
@@ -183,6 +182,27 @@ class SmtpTransport:
 
     def _redact(self, text: str) -> str:
         return redact_text(text, self._secrets)
+
+
+async def _send_envelope(
+    connection: aiosmtplib.SMTP, sender: str, recipient: str, data: bytes, options: list[str]
+) -> None:
+    """MAIL, RCPT and DATA for one recipient, on addresses already checked.
+
+    aiosmtplib's sendmail/send_message re-parse both addresses with ``email.utils`` on every
+    message (and send_message re-folds every header): that cost more than the SMTP exchange.
+    """
+    if connection.is_ehlo_or_helo_needed:
+        await connection.ehlo()
+    mail = await connection.execute_command(
+        b"MAIL", b"FROM:<" + sender.encode() + b">", *(option.encode() for option in options)
+    )
+    if mail.code != SMTPStatus.completed:
+        raise aiosmtplib.SMTPSenderRefused(mail.code, mail.message, sender)
+    rcpt = await connection.execute_command(b"RCPT", b"TO:<" + recipient.encode() + b">")
+    if rcpt.code not in (SMTPStatus.completed, SMTPStatus.will_forward):
+        raise aiosmtplib.SMTPRecipientRefused(rcpt.code, rcpt.message, recipient)
+    await connection.data(data)
 
 
 def _check_address(recipient: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -78,20 +79,13 @@ def order_id(subscription_id: str, cycle_start: datetime) -> str:
     return f"renewal-{subscription_id}-{micros}"
 
 
+# A bare local@domain: no display name, brackets, separators, quotes, spaces or controls.
+_PLAIN_ADDRESS = re.compile(r'[^\s@<>,;:"()\[\]\\]+@[^\s@<>,;:"()\[\]\\]+')
+
+
 def is_plausible_address(address: str | None) -> bool:
-    """A single ``local@domain`` address with no spaces or line breaks."""
-    if not address:
-        return False
-    name, parsed = parseaddr(address)
-    local, at, domain = parsed.rpartition("@")
-    return bool(
-        parsed == address.strip()
-        and at
-        and local
-        and domain
-        and not any(char.isspace() for char in parsed)
-        and not name
-    )
+    """A single bare ``local@domain`` address with no spaces or line breaks."""
+    return bool(address and _PLAIN_ADDRESS.fullmatch(address) and address.isprintable())
 
 
 def candidate_problem(
