@@ -123,16 +123,17 @@ class MailSender:
     async def _deliver_all(
         self, batch: list[OutboxMail], now: datetime, failures: Counter[str]
     ) -> list[MailOutcome]:
+        """Deliver a batch with ``concurrency`` workers sharing one queue of rows."""
         outcomes: list[MailOutcome] = []
-        limiter = anyio.CapacityLimiter(self.settings.concurrency)
+        queue = iter(batch)
 
-        async def deliver(mail: OutboxMail) -> None:
-            async with limiter:
+        async def worker() -> None:
+            for mail in queue:  # each worker takes the next row; no row is taken twice
                 outcomes.append(await self._deliver(mail, now, failures))
 
         async with anyio.create_task_group() as group:
-            for mail in batch:
-                group.start_soon(deliver, mail, name=f"mail-{mail.id}")
+            for number in range(min(self.settings.concurrency, len(batch))):
+                group.start_soon(worker, name=f"mail-worker-{number}")
         return outcomes
 
     async def _deliver(
