@@ -1,7 +1,7 @@
 -- expire_pending_invoices --
 -- Expire one keyset batch of due pending invoices; $1 now, $2 cursor expires_at, $3 cursor id, $4 batch size. Returns how many rows the batch scanned and expired, and its last key.
 WITH due AS MATERIALIZED (
-    SELECT id, expires_at
+    SELECT ctid, id, expires_at
     FROM payment_invoices
     WHERE status = 'pending'
       AND expires_at IS NOT NULL
@@ -14,7 +14,9 @@ WITH due AS MATERIALIZED (
     UPDATE payment_invoices AS p
     SET status = 'expired', updated_at = $1
     FROM due
-    WHERE p.id = due.id AND p.status = 'pending'
+    -- The rows are locked (FOR UPDATE), so their ctid cannot change before this UPDATE:
+    -- joining by ctid skips a second walk through the primary key per row.
+    WHERE p.ctid = due.ctid AND p.status = 'pending'
     RETURNING p.id
 )
 SELECT
