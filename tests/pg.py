@@ -6,9 +6,11 @@ The schema is migrated once into a template database; each test gets a fresh clo
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -53,7 +55,11 @@ class TestServer:
                 warnings.simplefilter("ignore")
                 import pgserver  # noqa: PLC0415 - only without NPROXYD_TEST_DSN
 
-                self.pgdata = Path(tempfile.mkdtemp(prefix="nproxyd-test-pg-")) / "data"
+                parent = Path(tempfile.mkdtemp(prefix="nproxyd-test-pg-"))
+                # Registered before pgserver's own exit handler, so it runs after the server
+                # was stopped and its data deleted: the empty parent does not pile up in /tmp.
+                atexit.register(shutil.rmtree, parent, ignore_errors=True)
+                self.pgdata = parent / "data"
                 server = pgserver.get_server(self.pgdata, cleanup_mode="delete")
                 self.server = server
                 self.admin_dsn = server.get_uri()
