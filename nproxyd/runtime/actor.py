@@ -125,6 +125,18 @@ async def _cancel_when_set(event: anyio.Event, scope: anyio.CancelScope) -> None
     scope.cancel()
 
 
+def _drain_buffered(wake: anyio.abc.ObjectReceiveStream[object]) -> None:
+    """Take every message already buffered, so a burst sent at once is one wake-up."""
+    receive_nowait = getattr(wake, "receive_nowait", None)
+    if receive_nowait is None:
+        return
+    while True:
+        try:
+            receive_nowait()
+        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+            return
+
+
 class ActorLoop:
     """Runs one actor's ticks until shutdown. See the module docstring for the rules."""
 
@@ -188,6 +200,7 @@ class ActorLoop:
         # only sets the flag, which is what coalesces a burst into one follow-up tick.
         try:
             async for _ in wake:
+                _drain_buffered(wake)
                 self._wake_event.set()
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             pass
