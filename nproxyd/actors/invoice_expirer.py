@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Protocol
 
 import structlog
 
 from nproxyd.core.messages import ExpirerReport
-from nproxyd.store.rows import ExpiryBatch
-
-_START = (datetime.min.replace(tzinfo=UTC), "")
+from nproxyd.store.rows import KEYSET_START, ExpiryBatch
 
 
 class ExpiryStore(Protocol):
@@ -31,7 +29,7 @@ class InvoiceExpirer:
         self.log = structlog.get_logger().bind(actor=self.name)
 
     async def tick(self, now: datetime) -> ExpirerReport:
-        cursor = _START
+        cursor = KEYSET_START
         expired = batches = 0
         while True:
             batch = await self.store.expire_batch(now, cursor, self.batch_size)

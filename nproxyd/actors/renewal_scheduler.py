@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
 import anyio
@@ -35,6 +35,7 @@ from nproxyd.core.rules import (
     render_renewal_body,
 )
 from nproxyd.store.rows import (
+    KEYSET_START,
     ClaimedSlot,
     CompletedSlot,
     ReleasedSlot,
@@ -42,7 +43,6 @@ from nproxyd.store.rows import (
     StoredInvoice,
 )
 
-_START = (datetime.min.replace(tzinfo=UTC), "")
 _COMMIT_GROUP = 500
 Outcome = StoredInvoice | ReleasedSlot
 
@@ -191,7 +191,7 @@ class RenewalScheduler:
     async def _produce(self, work: MemoryObjectSendStream[Work], run: _Run) -> None:
         """Read candidate batches by keyset, claim them, hand the won slots to the workers."""
         window_end = run.now + timedelta(hours=self.settings.lead_hours)
-        cursor = _START
+        cursor = KEYSET_START
         while True:
             batch = await self.store.candidates(
                 run.now, window_end, cursor, self.settings.batch_size

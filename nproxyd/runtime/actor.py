@@ -20,9 +20,9 @@ import structlog
 
 from nproxyd.core.clock import Clock
 from nproxyd.core.messages import Report
+from nproxyd.core.rules import backoff_seconds
 
 # Keeps 2**n finite; any realistic cap is reached long before.
-_MAX_BACKOFF_EXPONENT = 60
 
 
 class Actor(Protocol):
@@ -93,17 +93,6 @@ class LoopStats(msgspec.Struct, frozen=True, kw_only=True):
     last_outcome: TickOutcome | None = None
     next_due_monotonic: float | None = None
     next_due_at: datetime | None = None
-
-
-def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random) -> float:
-    """Delay before retry number *attempt* (1-based).
-
-    ``min(cap, base * 2**(attempt-1))``, scaled by a random factor in [0.5, 1.0] so that
-    retries of many loops spread out but the first is never later than *base*.
-    """
-    exponent = min(max(attempt - 1, 0), _MAX_BACKOFF_EXPONENT)
-    ceiling = min(cap, base * 2.0**exponent)
-    return ceiling * rng.uniform(0.5, 1.0)
 
 
 async def sleep_until_set(
@@ -273,7 +262,7 @@ class ActorLoop:
     def _retry_delay(self, failures: int) -> float:
         interval = self._actor.interval_seconds
         cap = max(self._max_backoff_seconds, interval)
-        return backoff_delay(failures, base=interval, cap=cap, rng=self._rng)
+        return backoff_seconds(failures, base_seconds=interval, cap_seconds=cap, rng=self._rng)
 
     def _log_failure(self, outcome: TickOutcome, failures: int, delay: float) -> None:
         self._log.warning(

@@ -20,7 +20,8 @@ import structlog
 
 from nproxyd.core.clock import Clock
 from nproxyd.core.errors import SupervisorGaveUp
-from nproxyd.runtime.actor import EventLogger, backoff_delay, sleep_until_set
+from nproxyd.core.rules import backoff_seconds
+from nproxyd.runtime.actor import EventLogger, sleep_until_set
 
 ChildFactory = Callable[[anyio.Event], Awaitable[None]]
 
@@ -125,8 +126,11 @@ class Supervisor:
             # A child that ran for a whole window was healthy; its next crash is a new story.
             ran_for = self._clock.monotonic() - started
             attempt = 1 if ran_for >= self._window else attempt + 1
-            delay = backoff_delay(
-                attempt, base=self._base_backoff, cap=self._max_backoff, rng=self._rng
+            delay = backoff_seconds(
+                attempt,
+                base_seconds=self._base_backoff,
+                cap_seconds=self._max_backoff,
+                rng=self._rng,
             )
             log.info("actor_restarting", attempt=attempt, delay_seconds=round(delay, 3))
             await sleep_until_set(self._clock, delay, shutdown, name=f"{child.name}.backoff")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
 import msgspec
 
 T = TypeVar("T")
+
+# The cursor before every key of a (timestamp, id) keyset.
+KEYSET_START: tuple[datetime, str] = (datetime.min.replace(tzinfo=UTC), "")
 
 
 def convert_rows(rows: Iterable[Any], row_type: type[T]) -> list[T]:

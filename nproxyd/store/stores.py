@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 
+from nproxyd.core.rules import RENEWAL_SUBJECT
 from nproxyd.store.database import Database, affected
 from nproxyd.store.rows import (
     ClaimedSlot,
@@ -25,8 +26,6 @@ from nproxyd.store.rows import (
     StoredInvoice,
     convert_rows,
 )
-
-RENEWAL_SUBJECT = "Your nproxy subscription renewal invoice"
 
 
 class InvoiceStore:

@@ -27,8 +27,8 @@ from nproxyd.core.clock import SystemClock
 from nproxyd.core.config import Config
 from nproxyd.core.mail import compose_message
 from nproxyd.core.messages import MailReport
-from nproxyd.core.rules import render_renewal_body
-from nproxyd.store.stores import RENEWAL_SUBJECT, OutboxStore
+from nproxyd.core.rules import RENEWAL_SUBJECT, render_renewal_body
+from nproxyd.store.stores import OutboxStore
 from tests.bench.common import (
     CURRENCY,
     NOW,

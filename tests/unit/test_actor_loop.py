@@ -12,7 +12,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from nproxyd.core.messages import ExpirerReport, Report
-from nproxyd.runtime.actor import ActorLoop, TickOutcome, backoff_delay
+from nproxyd.core.rules import backoff_seconds
+from nproxyd.runtime.actor import ActorLoop, TickOutcome
 from tests.fakes.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -233,7 +234,7 @@ class TestFailures:
         rng = random.Random(7)
         for attempt in [*range(1, 12), 5000]:
             ceiling = min(300.0, 10.0 * 2 ** min(attempt - 1, 60))
-            delay = backoff_delay(attempt, base=10, cap=300, rng=rng)
+            delay = backoff_seconds(attempt, base_seconds=10, cap_seconds=300, rng=rng)
             assert 0.5 * ceiling <= delay <= ceiling
 
 
