@@ -32,6 +32,7 @@ class RenewalReport(Report, frozen=True, kw_only=True):
     created_count: int = 0
     superseded: int = 0
     skipped_bad: int = 0
+    skipped_reasons: dict[str, int] = {}  # reason -> candidates skipped for it this tick
     transient_failures: int = 0
     permanent_failures: int = 0
 

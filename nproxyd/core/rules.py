@@ -10,6 +10,7 @@ from decimal import Decimal
 from email.utils import parseaddr
 
 from nproxyd.core.clock import format_instant
+from nproxyd.core.text import is_storable
 
 RENEWAL_SUBJECT = "Your nproxy subscription renewal invoice"
 
@@ -81,11 +82,52 @@ def order_id(subscription_id: str, cycle_start: datetime) -> str:
 
 # A bare local@domain: no display name, brackets, separators, quotes, spaces or controls.
 _PLAIN_ADDRESS = re.compile(r'[^\s@<>,;:"()\[\]\\]+@[^\s@<>,;:"()\[\]\\]+')
+MAX_ADDRESS_LENGTH = 254  # RFC 5321's path limit less the angle brackets
+MAX_LOCAL_PART_LENGTH = 64
+
+
+def address_problem(address: str | None) -> str | None:
+    """Why nproxyd can never deliver to ``address``, or None when it can.
+
+    The one address rule of the project: a single bare ``local@domain`` with no spaces, line
+    breaks or controls, at most 254 characters (64 in the local part), and a domain that is
+    ASCII or can be IDNA-encoded. A non-ASCII local part is deliverable only over SMTPUTF8,
+    which the transport decides when it knows the server (:func:`needs_smtputf8`).
+    """
+    if not address:
+        return "address is missing"
+    if not is_storable(address) or not address.isprintable():
+        return "address contains control characters or invalid text"
+    if len(address) > MAX_ADDRESS_LENGTH:
+        return f"address is longer than {MAX_ADDRESS_LENGTH} characters"
+    if not _PLAIN_ADDRESS.fullmatch(address):
+        return "address is not a plain local@domain"
+    local, _, domain = address.rpartition("@")
+    if len(local) > MAX_LOCAL_PART_LENGTH:
+        return f"local part is longer than {MAX_LOCAL_PART_LENGTH} characters"
+    if ascii_domain(domain) is None:
+        return "domain cannot be encoded as IDNA"
+    return None
 
 
 def is_plausible_address(address: str | None) -> bool:
-    """A single bare ``local@domain`` address with no spaces or line breaks."""
-    return bool(address and _PLAIN_ADDRESS.fullmatch(address) and address.isprintable())
+    """True when :func:`address_problem` finds nothing wrong with ``address``."""
+    return address_problem(address) is None
+
+
+def ascii_domain(domain: str) -> str | None:
+    """The domain as ASCII (IDNA for a non-ASCII one), or None when it cannot be encoded."""
+    if domain.isascii():
+        return domain
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+
+
+def needs_smtputf8(address: str) -> bool:
+    """True when the address's local part is not ASCII (only SMTPUTF8 can carry it)."""
+    return not address.rpartition("@")[0].isascii()
 
 
 def candidate_problem(
