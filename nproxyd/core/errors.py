@@ -41,6 +41,10 @@ class DatabaseUnavailable(StoreError):
     transient = True
 
 
+class LockUnavailable(StoreError):
+    """A row lock was not granted within the statement's lock timeout."""
+
+
 class MigrationError(StoreError):
     """A schema migration failed."""
 

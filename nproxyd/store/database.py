@@ -10,10 +10,11 @@ from typing import Any
 import asyncpg
 import asyncpg.pool
 
-from nproxyd.core.errors import DatabaseUnavailable, StoreError
+from nproxyd.core.errors import DatabaseUnavailable, LockUnavailable, StoreError
 from nproxyd.store.sql import QUERIES
 
 _UNAVAILABLE_SQLSTATE_CLASSES = ("08", "57", "53")  # connection, operator intervention, resources
+_LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout expired, or NOWAIT
 
 
 @contextmanager
@@ -26,6 +27,8 @@ def map_errors() -> Iterator[None]:
         kind = type(exc).__name__
         if sqlstate[:2] in _UNAVAILABLE_SQLSTATE_CLASSES:
             raise DatabaseUnavailable(f"database unavailable: {kind} ({sqlstate})") from exc
+        if sqlstate == _LOCK_NOT_AVAILABLE:
+            raise LockUnavailable(f"row lock not available: {kind}") from exc
         raise StoreError(f"database error {sqlstate}: {kind}: {exc}") from exc
     except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
         raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc

@@ -20,11 +20,17 @@ def convert_rows(rows: Iterable[Any], row_type: type[T]) -> list[T]:
     return [msgspec.convert(dict(row.items()), row_type) for row in rows]
 
 
+class ExpirySurvey(msgspec.Struct, frozen=True, kw_only=True):
+    pages: int
+    tuples: int
+    due: int
+
+
 class ExpiryBatch(msgspec.Struct, frozen=True, kw_only=True):
     scanned: int
     expired: int
-    last_expires_at: datetime | None
-    last_id: str | None
+    last_expires_at: str | None = None  # as text: the keyset never decodes a timestamp
+    last_id: str | None = None
 
 
 class RenewalCandidate(msgspec.Struct, frozen=True, kw_only=True):
