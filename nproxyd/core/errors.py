@@ -41,6 +41,10 @@ class DatabaseUnavailable(StoreError):
     transient = True
 
 
+class StoreDataError(StoreError):
+    """A statement failed on the data it was given."""
+
+
 class MigrationError(StoreError):
     """A schema migration failed."""
 
