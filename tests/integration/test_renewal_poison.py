@@ -16,8 +16,10 @@ import msgspec
 import pytest
 from structlog.testing import capture_logs
 
+from nproxyd.core.errors import StoreDataError
 from nproxyd.core.ports import InvoiceRequest, PaymentProvider, ProviderInvoice
 from nproxyd.core.rules import order_id
+from nproxyd.core.text import is_storable
 from nproxyd.store.database import Database
 from tests import seed
 from tests.fakes.nowpayments import FakeNowPayments, Mode
@@ -376,3 +378,17 @@ class TestUndeliverableRecipients:
         assert requests_for(provider, "undeliverable") == 0
         assert await invoiced_once(db) == dict.fromkeys(good, 1)
         assert "undeliverable" not in {row["subscription_id"] for row in await claims(db)}
+
+
+class TestDataErrors:
+    async def test_nul_argument_is_a_data_error(self, db: Database) -> None:
+        """A NUL refused by PostgreSQL (class 22) is a StoreDataError, not an outage."""
+        with pytest.raises(StoreDataError, match="22021"):
+            await db.fetch("extend_renewal_claims", "tok\x00en", NOW)
+
+    async def test_unencodable_argument_is_a_data_error(self, db: Database) -> None:
+        """A lone surrogate the driver cannot encode is a StoreDataError, not an outage."""
+        with pytest.raises(StoreDataError) as caught:
+            await db.execute("extend_renewal_claims", "tok\ud800en", NOW)
+        assert "surrogates not allowed" in caught.value.message
+        assert is_storable(caught.value.message)
