@@ -131,9 +131,7 @@ def poison_claim(dsn: str) -> dict[str, Any]:
     return dict(row)
 
 
-def once(
-    processes: Processes, environment: dict[str, str], now: str
-) -> tuple[dict[str, Any], str]:
+def once(processes: Processes, environment: dict[str, str], now: str) -> tuple[dict[str, Any], str]:
     process = processes.start(["once", "renewal-scheduler", "--now", now], environment)
     code, stdout, stderr = processes.finish(process, timeout=25)
     assert code == 0, stderr[-4000:]
