@@ -249,19 +249,27 @@ class RenewalScheduler:
     def _valid(
         self, batch: list[RenewalCandidate | UnreadableCandidate], run: _Run
     ) -> list[RenewalCandidate]:
-        valid = []
+        """The candidates that can be invoiced; the others are counted and logged by id."""
+        valid: list[RenewalCandidate] = []
         for candidate in batch:
-            problem = _candidate_problem(candidate)
-            if problem is None and isinstance(candidate, RenewalCandidate):
-                valid.append(candidate)
-                continue
-            reason = problem or "unknown"
-            run.totals.skip(reason)
-            if self.skip_memo.due(candidate.subscription_id, reason, run.now):
+            problem: str | None
+            if isinstance(candidate, UnreadableCandidate):
+                problem = f"{candidate.column} is not a representable timestamp"
+            else:
+                problem = candidate_problem(
+                    email=candidate.email,
+                    price=candidate.monthly_price_usd,
+                    currency=candidate.billing_currency,
+                )
+                if problem is None:
+                    valid.append(candidate)
+                    continue
+            run.totals.skip(problem)
+            if self.skip_memo.due(candidate.subscription_id, problem, run.now):
                 self.log.warning(
                     "renewal_candidate_skipped",
                     subscription_id=candidate.subscription_id,
-                    reason=reason,
+                    reason=problem,
                 )
         return valid
 
@@ -508,14 +516,3 @@ class RenewalScheduler:
             state=slot.state,
             error=error,
         )
-
-
-def _candidate_problem(candidate: RenewalCandidate | UnreadableCandidate) -> str | None:
-    """Why a candidate cannot be invoiced, or None when it can."""
-    if isinstance(candidate, UnreadableCandidate):
-        return f"{candidate.column} is not a representable timestamp"
-    return candidate_problem(
-        email=candidate.email,
-        price=candidate.monthly_price_usd,
-        currency=candidate.billing_currency,
-    )
