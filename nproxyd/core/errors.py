@@ -45,6 +45,10 @@ class LockUnavailable(StoreError):
     """A row lock was not granted within the statement's lock timeout."""
 
 
+class StoreDataError(StoreError):
+    """A statement failed on the data it was given."""
+
+
 class MigrationError(StoreError):
     """A schema migration failed."""
 

@@ -44,6 +44,36 @@ class RenewalCandidate(msgspec.Struct, frozen=True, kw_only=True):
     billing_currency: str | None
 
 
+class UnreadableCandidate(msgspec.Struct, frozen=True, kw_only=True):
+    """A due subscription whose cycle start Python cannot represent (±infinity, BC, year 10000+).
+
+    ``column`` names the subscription column the cycle start came from.
+    """
+
+    subscription_id: str
+    current_period_end: datetime
+    column: str
+
+
+def convert_candidates(rows: Iterable[Any]) -> list[RenewalCandidate | UnreadableCandidate]:
+    """Candidate rows as Structs; a row flagged ``unreadable`` becomes an UnreadableCandidate."""
+    result: list[RenewalCandidate | UnreadableCandidate] = []
+    for row in rows:
+        values = dict(row.items())
+        column = values.pop("unreadable", None)
+        if column is None:
+            result.append(msgspec.convert(values, RenewalCandidate))
+        else:
+            result.append(
+                UnreadableCandidate(
+                    subscription_id=values["subscription_id"],
+                    current_period_end=values["current_period_end"],
+                    column=column,
+                )
+            )
+    return result
+
+
 class ClaimedSlot(msgspec.Struct, frozen=True, kw_only=True):
     subscription_id: str
     cycle_start: datetime

@@ -26,6 +26,8 @@ from nproxyd.store.rows import (
     ReleasedSlot,
     RenewalCandidate,
     StoredInvoice,
+    UnreadableCandidate,
+    convert_candidates,
     convert_rows,
 )
 
@@ -159,9 +161,9 @@ class RenewalStore:
 
     async def candidates(
         self, now: datetime, window_end: datetime, after: tuple[datetime, str], limit: int
-    ) -> list[RenewalCandidate]:
+    ) -> list[RenewalCandidate | UnreadableCandidate]:
         rows = await self.db.fetch("renewal_candidates", now, window_end, after[0], after[1], limit)
-        return convert_rows(rows, RenewalCandidate)
+        return convert_candidates(rows)
 
     async def claim(
         self,
