@@ -10,10 +10,11 @@ from typing import Any
 import asyncpg
 import asyncpg.pool
 
-from nproxyd.core.errors import DatabaseUnavailable, StoreError
+from nproxyd.core.errors import DatabaseUnavailable, StoreDataError, StoreError
 from nproxyd.store.sql import QUERIES
 
 _UNAVAILABLE_SQLSTATE_CLASSES = ("08", "57", "53")  # connection, operator intervention, resources
+_DATA_EXCEPTION_CLASS = "22"
 
 
 @contextmanager
@@ -26,7 +27,14 @@ def map_errors() -> Iterator[None]:
         kind = type(exc).__name__
         if sqlstate[:2] in _UNAVAILABLE_SQLSTATE_CLASSES:
             raise DatabaseUnavailable(f"database unavailable: {kind} ({sqlstate})") from exc
+        if sqlstate[:2] == _DATA_EXCEPTION_CLASS:
+            # The message may quote the refused value: keep only its class, never the data.
+            raise StoreDataError(f"database refused a value: {kind} ({sqlstate})") from exc
         raise StoreError(f"database error {sqlstate}: {kind}: {exc}") from exc
+    except (OverflowError, UnicodeError, ValueError) as exc:
+        # A value asyncpg cannot encode (a lone surrogate) or decode (a timestamp before year 1
+        # or after 9999); asyncpg's own argument errors are ValueErrors too.
+        raise StoreDataError(f"value cannot be encoded or decoded: {type(exc).__name__}") from exc
     except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
         raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
 
