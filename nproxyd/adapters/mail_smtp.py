@@ -243,12 +243,15 @@ async def _send_envelope(
 
 
 def _undecodable_as_one(text: str) -> str:
-    """A reply aiosmtplib decoded with ``surrogateescape``: each undecodable byte as one U+FFFD."""
+    """A reply aiosmtplib decoded with ``surrogateescape``, cleaned from its original bytes.
+
+    Each undecodable byte becomes one U+FFFD (and the text is marked), rather than the three
+    its escaped surrogate would become.
+    """
     try:
-        raw = text.encode("utf-8", "surrogateescape")
+        return storable(text.encode("utf-8", "surrogateescape"))
     except UnicodeEncodeError:
-        return text  # a surrogate that did not come from a byte: storable() replaces it
-    return raw.decode("utf-8", "replace")
+        return storable(text)  # a surrogate that did not come from a byte
 
 
 def _code(exc: Exception) -> int:

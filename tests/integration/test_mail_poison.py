@@ -22,6 +22,7 @@ from nproxyd.actors.mail_sender import MailSender, MailSettings
 from nproxyd.adapters.mail_smtp import SmtpTransport
 from nproxyd.core.clock import SystemClock
 from nproxyd.core.config import SmtpConfig
+from nproxyd.core.errors import StoreError
 from nproxyd.store.database import Database
 from nproxyd.store.stores import OutboxStore
 from tests.fakes.raw_smtp import RawSmtpServer
@@ -133,3 +134,163 @@ class TestNonUtf8Replies:
         assert "554" in dead["last_error"]
         assert "Zur\ufffdckgewiesen" in dead["last_error"]
         assert [entry["mail_id"] for entry in events(logs, "mail_dead")] == [ids[2]]
+
+    @pytest.mark.parametrize("stage", ["rcpt", "data_end"])
+    async def test_latin1_temporary_refusal_is_retried_with_a_clean_reason(
+        self,
+        db: Database,
+        raw_server: RawSmtpServer,
+        transport: SmtpTransport,
+        logs: LogCapture,
+        stage: str,
+    ) -> None:
+        """A 451 in Latin-1 is recorded (pending, attempts 1, clean text); the rest sent once."""
+        now = SystemClock().now()
+        ids = await insert_mail(db, 4, now)
+        reply = b"451 4.7.1 " + LATIN1_REPLY
+        if stage == "rcpt":
+            raw_server.answer_rcpt(address(1), reply)
+        else:
+            raw_server.answer_data_end(address(1), reply)
+
+        report = await sender_for(db, transport).tick(now)
+
+        assert (report.sent_count, report.retried_count) == (3, 1)
+        assert raw_server.message_ids() == Counter({message_id(i): 1 for i in (0, 2, 3)})
+        row = await outbox_row(db, ids[1])
+        assert (row["status"], row["attempts"], row["leased_by"]) == ("pending", 1, "")
+        assert "451" in row["last_error"]
+        assert "4.7.1 Zur\ufffdckgewiesen: Empf\ufffdnger" in row["last_error"]
+        assert "[invalid text replaced]" in row["last_error"]
+        retries = [(e["mail_id"], e["log_level"]) for e in events(logs, "mail_retry_scheduled")]
+        assert retries == [(ids[1], "warning")]
+        assert (await sender_for(db, transport).tick(now)).claimed == 0  # nothing left leased
+
+    @pytest.mark.parametrize(
+        "reply",
+        [
+            b"554 5.7.1 refused\x00with a NUL",
+            b"554 5.7.1 " + b"x" * 5000,
+            b"554-5.7.1 first line \xff\xfe\r\n554-" + b"y" * 3000 + b"\r\n554 5.7.1 last \xc3",
+        ],
+        ids=["nul", "huge", "multiline-invalid-utf8"],
+    )
+    async def test_nul_or_huge_reply_is_stored_bounded(
+        self, db: Database, raw_server: RawSmtpServer, transport: SmtpTransport, reply: bytes
+    ) -> None:
+        """A reply with a NUL, or thousands of bytes, ends its row dead with a bounded reason."""
+        now = SystemClock().now()
+        ids = await insert_mail(db, 3, now)
+        raw_server.answer_rcpt(address(0), reply)
+
+        report = await sender_for(db, transport).tick(now)
+
+        assert (report.sent_count, report.dead_count) == (2, 1)
+        assert raw_server.message_ids() == Counter({message_id(1): 1, message_id(2): 1})
+        row = await outbox_row(db, ids[0])
+        assert row["status"] == "dead"
+        assert "554" in row["last_error"]
+        assert "\x00" not in row["last_error"]
+        assert len(row["last_error"]) <= 1000
+
+
+# A stand-in for any value the database refuses (a constraint or trigger of the web API's, a
+# type it changed): a real PostgreSQL data exception (SQLSTATE 22023) for matching updates.
+REFUSE_POISON = """
+CREATE FUNCTION test_refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.last_error LIKE '%poison%' OR OLD.to_address LIKE 'unmarkable%' THEN
+        RAISE EXCEPTION 'value refused' USING ERRCODE = '22023';
+    END IF;
+    IF NEW.status = 'pending' AND NEW.last_error LIKE '%explode%' THEN
+        RAISE EXCEPTION 'not a data error' USING ERRCODE = 'P0001';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER test_refuse_poison BEFORE UPDATE OF status ON mail_outbox
+    FOR EACH ROW EXECUTE FUNCTION test_refuse_poison();
+"""
+
+
+@pytest.fixture
+async def refusing_db(db: Database) -> Database:
+    await db.pool.execute(REFUSE_POISON)
+    return db
+
+
+class TestRefusedOutcomes:
+    async def test_refused_outcomes_are_bisected_and_quarantined(
+        self,
+        refusing_db: Database,
+        raw_server: RawSmtpServer,
+        transport: SmtpTransport,
+        logs: LogCapture,
+    ) -> None:
+        """Outcomes the database refuses are isolated: their rows dead, all others recorded."""
+        db = refusing_db
+        now = SystemClock().now()
+        ids = await insert_mail(db, 12, now)
+        raw_server.answer_rcpt(address(2), b"451 4.7.1 poison")
+        raw_server.answer_rcpt(address(7), b"550 5.1.1 poison")
+        raw_server.answer_rcpt(address(9), b"452 4.2.2 mailbox full")
+
+        report = await sender_for(db, transport).tick(now)
+
+        good = [i for i in range(12) if i not in (2, 7, 9)]
+        assert raw_server.message_ids() == Counter({message_id(i): 1 for i in good})
+        assert (report.sent_count, report.retried_count) == (9, 1)
+        assert (report.dead_count, report.quarantined_count, report.unrecorded_count) == (2, 2, 0)
+        for index in (2, 7):
+            row = await outbox_row(db, ids[index])
+            assert (row["status"], row["leased_by"]) == ("dead", "")
+            assert row["last_error"].startswith("unstorable ")
+            assert "22023" in row["last_error"]
+        assert (await outbox_row(db, ids[9]))["status"] == "pending"
+        quarantined = events(logs, "mail_row_quarantined")
+        assert sorted(entry["mail_id"] for entry in quarantined) == sorted([ids[2], ids[7]])
+        rows = await db.pool.fetch("SELECT status, count(*) AS n FROM mail_outbox GROUP BY 1")
+        assert {row["status"]: row["n"] for row in rows} == {"sent": 9, "dead": 2, "pending": 1}
+
+    async def test_row_that_cannot_be_marked_is_counted_and_logged_at_error(
+        self,
+        refusing_db: Database,
+        raw_server: RawSmtpServer,
+        transport: SmtpTransport,
+        logs: LogCapture,
+    ) -> None:
+        """A row refused even as dead is counted and logged with its id; the rest is recorded."""
+        db = refusing_db
+        now = SystemClock().now()
+        ids = await insert_mail(db, 6, now)
+        [stuck] = await db.pool.fetch(
+            "INSERT INTO mail_outbox (to_address, subject, body, message_id, next_attempt_at)"
+            " VALUES ('unmarkable@example.test', 'S', 'B', '<stuck@nproxy.localhost>', $1)"
+            " RETURNING id",
+            now,
+        )
+
+        report = await sender_for(db, transport).tick(now)
+
+        assert (report.sent_count, report.unrecorded_count) == (6, 1)
+        assert raw_server.message_ids()[message_id(0)] == 1
+        for mail_id in ids:
+            assert (await outbox_row(db, mail_id))["status"] == "sent"
+        [logged] = events(logs, "mail_outcome_unrecordable")
+        assert (logged["mail_id"], logged["log_level"]) == (stuck["id"], "error")
+        assert (await outbox_row(db, stuck["id"]))["status"] == "pending"
+
+    async def test_sent_outcomes_are_recorded_before_the_others_can_fail(
+        self, refusing_db: Database, raw_server: RawSmtpServer, transport: SmtpTransport
+    ) -> None:
+        """When recording a failure breaks the tick, the delivered mails are already sent."""
+        db = refusing_db
+        now = SystemClock().now()
+        ids = await insert_mail(db, 5, now)
+        raw_server.answer_rcpt(address(4), b"451 4.3.0 explode")
+
+        with pytest.raises(StoreError):
+            await sender_for(db, transport).tick(now)
+
+        for mail_id in ids[:4]:
+            assert (await outbox_row(db, mail_id))["status"] == "sent"
+        assert (await outbox_row(db, ids[4]))["leased_by"] == "sender-a"
