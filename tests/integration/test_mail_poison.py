@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -294,3 +294,216 @@ class TestRefusedOutcomes:
         for mail_id in ids[:4]:
             assert (await outbox_row(db, mail_id))["status"] == "sent"
         assert (await outbox_row(db, ids[4]))["leased_by"] == "sender-a"
+
+
+class TestUnrepresentableTimestamps:
+    @pytest.mark.parametrize(
+        ("column", "value"),
+        [
+            ("created_at", "0001-01-01 00:00:00+00 BC"),
+            ("created_at", "10000-01-01 00:00:00+00"),
+            ("created_at", "infinity"),
+            ("created_at", "-infinity"),
+            ("next_attempt_at", "-infinity"),
+        ],
+    )
+    async def test_row_with_unrepresentable_timestamp_is_sent_with_its_batch(
+        self,
+        db: Database,
+        raw_server: RawSmtpServer,
+        transport: SmtpTransport,
+        column: str,
+        value: str,
+    ) -> None:
+        """A created_at or next_attempt_at Python cannot hold never fails the claim."""
+        now = SystemClock().now()
+        ids = await insert_mail(db, 6, now)
+        await db.pool.execute(
+            f"UPDATE mail_outbox SET {column} = $2::text::timestamptz WHERE id = $1",
+            ids[3],
+            value,
+        )
+
+        report = await sender_for(db, transport).tick(now)
+
+        assert report.sent_count == 6
+        assert raw_server.message_ids() == Counter({message_id(i): 1 for i in range(6)})
+        statuses = await db.pool.fetch("SELECT status FROM mail_outbox")
+        assert [row["status"] for row in statuses] == ["sent"] * 6
+
+    async def test_dead_mail_with_unrepresentable_updated_at_is_listed(self, db: Database) -> None:
+        """`mail dead` lists a row whose updated_at is out of range, with updated_at None."""
+        now = SystemClock().now()
+        ids = await insert_mail(db, 3, now)
+        await db.pool.execute(
+            "UPDATE mail_outbox SET status = 'dead', last_error = 'x',"
+            " updated_at = (ARRAY['infinity', '10000-01-01', '2026-01-01'])[n]::timestamptz"
+            " FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM mail_outbox) AS r"
+            " WHERE r.id = mail_outbox.id"
+        )
+
+        dead = await OutboxStore(db).dead(10)
+
+        assert sorted(row.id for row in dead) == sorted(ids)
+        assert sorted(row.updated_at is None for row in dead) == [False, True, True]
+
+
+class TestAddresses:
+    async def test_non_ascii_address_goes_out_with_smtputf8_and_idna(
+        self, db: Database, logs: LogCapture
+    ) -> None:
+        """üser@exämple.com is sent with SMTPUTF8 and its domain as IDNA when offered."""
+        now = SystemClock().now()
+        with RawSmtpServer(smtputf8=True) as server:
+            transport = SmtpTransport(SmtpConfig(host=server.host, port=server.port))
+            ids = await insert_mail(db, 2, now)
+            await db.pool.execute(
+                "UPDATE mail_outbox SET to_address = 'üser@exämple.com' WHERE id = $1", ids[0]
+            )
+            report = await sender_for(db, transport).tick(now)
+            await transport.aclose()
+
+        assert report.sent_count == 2
+        assert server.message_ids() == Counter({message_id(0): 1, message_id(1): 1})
+        utf8 = next(m for m in server.messages if m.message_id == message_id(0))
+        assert utf8.rcpt_tos == ("üser@xn--exmple-cua.com",)
+        assert "SMTPUTF8" in utf8.mail_options
+        assert b"To: \xc3\xbcser@xn--exmple-cua.com" in utf8.raw
+        plain = next(m for m in server.messages if m.message_id == message_id(1))
+        assert "SMTPUTF8" not in plain.mail_options
+        delivered = events(logs, "mail_delivered")
+        assert sorted(e["mail_id"] for e in delivered) == sorted(ids)
+        assert {e["log_level"] for e in delivered} == {"debug"}
+
+    async def test_without_smtputf8_only_the_non_ascii_local_part_dies(
+        self, db: Database, raw_server: RawSmtpServer, transport: SmtpTransport
+    ) -> None:
+        """No SMTPUTF8: üser@… goes dead with the reason; user@exämple.com goes out as IDNA."""
+        now = SystemClock().now()
+        ids = await insert_mail(db, 3, now)
+        await db.pool.execute(
+            "UPDATE mail_outbox SET to_address = CASE id WHEN $1 THEN 'üser@exämple.com'"
+            " ELSE 'user@exämple.com' END WHERE id = ANY($2)",
+            ids[0],
+            ids[:2],
+        )
+
+        report = await sender_for(db, transport).tick(now)
+
+        assert (report.sent_count, report.dead_count) == (2, 1)
+        dead = await outbox_row(db, ids[0])
+        assert dead["status"] == "dead"
+        assert "recipient needs SMTPUTF8, which the server does not offer" in dead["last_error"]
+        assert raw_server.message_ids() == Counter({message_id(1): 1, message_id(2): 1})
+        idna = next(m for m in raw_server.messages if m.message_id == message_id(1))
+        assert idna.rcpt_tos == ("user@xn--exmple-cua.com",)
+
+    @pytest.mark.parametrize(
+        "to",
+        [
+            "a" * 64 + "@" + ".".join(["b" * 60] * 4) + ".com",  # 313 characters
+            "a" * 65 + "@example.test",
+            "user@exa mple.test",
+            "user@" + "\u0080" * 3 + ".test",
+        ],
+        ids=["over-254", "local-over-64", "space", "not-idna"],
+    )
+    async def test_undeliverable_address_is_dead_without_touching_smtp(
+        self,
+        db: Database,
+        raw_server: RawSmtpServer,
+        transport: SmtpTransport,
+        logs: LogCapture,
+        to: str,
+    ) -> None:
+        """An address the one rule refuses goes dead with its reason; no connection is made."""
+        now = SystemClock().now()
+        [mail_id] = await insert_mail(db, 1, now)
+        await db.pool.execute("UPDATE mail_outbox SET to_address = $2 WHERE id = $1", mail_id, to)
+
+        report = await sender_for(db, transport).tick(now)
+
+        assert report.dead_count == 1
+        row = await outbox_row(db, mail_id)
+        assert row["status"] == "dead"
+        assert row["last_error"].startswith("invalid recipient address: ")
+        assert raw_server.connections == 0
+        assert [e["mail_id"] for e in events(logs, "mail_row_quarantined")] == [mail_id]
+
+
+class TestOutages:
+    async def test_outage_longer_than_max_attempts_kills_no_mail(
+        self, db: Database, raw_server: RawSmtpServer, transport: SmtpTransport
+    ) -> None:
+        """Refused connects for many ticks use up no attempts; all is sent once it is back."""
+        now = SystemClock().now()
+        ids = await insert_mail(db, 5, now)
+        raw_server.stop()
+        sender = sender_for(db, transport, max_attempts=2, retry_cap_seconds=60.0)
+
+        for tick in range(6):
+            report = await sender.tick(now + timedelta(hours=tick))
+            assert (report.deferred_count, report.dead_count) == (5, 0)
+        rows = await db.pool.fetch("SELECT status, attempts, last_error FROM mail_outbox")
+        assert {(row["status"], row["attempts"]) for row in rows} == {("pending", 0)}
+        assert all("unavailable" in row["last_error"] for row in rows)
+
+        raw_server.start()
+        report = await sender.tick(now + timedelta(hours=7))
+
+        assert report.sent_count == 5
+        assert raw_server.message_ids() == Counter({message_id(i): 1 for i in range(5)})
+        assert len(ids) == 5
+
+    @pytest.mark.parametrize("stage", ["connect", "mail"])
+    async def test_server_dropping_connections_is_not_asked_once_per_mail(
+        self,
+        db: Database,
+        raw_server: RawSmtpServer,
+        transport: SmtpTransport,
+        logs: LogCapture,
+        stage: str,
+    ) -> None:
+        """A server that hangs up defers the whole batch after at most one try per connection."""
+        now = SystemClock().now()
+        await insert_mail(db, 50, now)
+        raw_server.drop_at(stage, 1000)  # type: ignore[arg-type]
+        sender = sender_for(db, transport, concurrency=2)
+
+        report = await sender.tick(now)
+
+        assert (report.deferred_count, report.sent_count, report.dead_count) == (50, 0, 0)
+        assert raw_server.connections <= 2
+        rows = await db.pool.fetch("SELECT DISTINCT attempts, next_attempt_at FROM mail_outbox")
+        assert [row["attempts"] for row in rows] == [0]
+        assert rows[0]["next_attempt_at"] > now
+        [warning] = events(logs, "mail_server_unavailable")
+        assert warning["log_level"] == "warning"
+
+    async def test_421_before_any_recipient_uses_no_attempt(
+        self, db: Database, raw_server: RawSmtpServer, transport: SmtpTransport
+    ) -> None:
+        """421 at MAIL FROM says nothing about the mail: deferred, attempts unchanged."""
+        now = SystemClock().now()
+        [mail_id] = await insert_mail(db, 1, now)
+        raw_server.answer_mail(b"421 4.3.2 Service shutting down")
+
+        report = await sender_for(db, transport, max_attempts=1).tick(now)
+
+        assert report.deferred_count == 1
+        row = await outbox_row(db, mail_id)
+        assert (row["status"], row["attempts"]) == ("pending", 0)
+        assert "421" in row["last_error"]
+
+    async def test_trickled_replies_are_still_answers(
+        self, db: Database, raw_server: RawSmtpServer, transport: SmtpTransport
+    ) -> None:
+        """A server answering byte by byte is slow, not broken: every mail is sent once."""
+        now = SystemClock().now()
+        await insert_mail(db, 2, now)
+        raw_server.trickle(0.002)
+
+        report = await sender_for(db, transport).tick(now)
+
+        assert report.sent_count == 2
+        assert raw_server.message_ids() == Counter({message_id(0): 1, message_id(1): 1})
