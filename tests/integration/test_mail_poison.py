@@ -8,6 +8,7 @@ names its id.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
@@ -16,6 +17,9 @@ from typing import Any
 import asyncpg
 import pytest
 import structlog
+from hypothesis import HealthCheck, given
+from hypothesis import settings as examples
+from hypothesis import strategies as st
 from structlog.testing import LogCapture
 
 from nproxyd.actors.mail_sender import MailSender, MailSettings
@@ -507,3 +511,54 @@ class TestOutages:
 
         assert report.sent_count == 2
         assert raw_server.message_ids() == Counter({message_id(0): 1, message_id(1): 1})
+
+
+_EXAMPLES = itertools.count(1000, 10)
+_REPLY_CODES = st.sampled_from([b"421", b"450", b"451", b"452", b"550", b"553", b"554"])
+# Any bytes on one reply line (a line break would change the framing, not the text).
+_REPLY_TEXT = st.binary(max_size=400).map(lambda raw: raw.replace(b"\r", b" ").replace(b"\n", b" "))
+
+
+class TestArbitraryReplies:
+    @examples(
+        max_examples=30,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+    @given(code=_REPLY_CODES, text=_REPLY_TEXT, stage=st.sampled_from(["rcpt", "data_end"]))
+    async def test_any_reply_bytes_end_recorded_and_nothing_is_sent_twice(
+        self,
+        db: Database,
+        raw_server: RawSmtpServer,
+        transport: SmtpTransport,
+        code: bytes,
+        text: bytes,
+        stage: str,
+    ) -> None:
+        """Whatever bytes a server answers, every row is recorded and none is delivered twice."""
+        now = SystemClock().now()
+        base = next(_EXAMPLES)
+        ids = await insert_mail(db, 3, now, start=base)
+        reply = code + b" " + text
+        if stage == "rcpt":
+            raw_server.answer_rcpt(address(base + 1), reply)
+        else:
+            raw_server.answer_data_end(address(base + 1), reply)
+
+        await sender_for(db, transport).tick(now)
+
+        delivered = raw_server.message_ids()
+        rows = await db.pool.fetch(
+            "SELECT id, status, attempts, last_error, leased_by, message_id FROM mail_outbox"
+            " WHERE id = ANY($1)",
+            ids,
+        )
+        for row in rows:
+            assert row["leased_by"] == ""  # recorded, not left to its lease
+            assert delivered[row["message_id"]] == (1 if row["status"] == "sent" else 0)
+        poison = next(row for row in rows if row["id"] == ids[1])
+        assert poison["status"] in ("pending", "dead")
+        assert code.decode() in poison["last_error"]
+        assert len(poison["last_error"]) <= 1000
+        if code != b"421":  # 421 defers the rest of the batch; anything else touches only its row
+            assert [row["status"] for row in rows if row["id"] != ids[1]] == ["sent", "sent"]
