@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from datetime import datetime, timedelta
+from email.message import Message
 from typing import Any
 
 import asyncpg
@@ -26,7 +27,15 @@ from nproxyd.actors.mail_sender import MailSender, MailSettings
 from nproxyd.adapters.mail_smtp import SmtpTransport
 from nproxyd.core.clock import SystemClock
 from nproxyd.core.config import SmtpConfig
-from nproxyd.core.errors import StoreError
+from nproxyd.core.errors import (
+    MailError,
+    MailPermanentError,
+    MailTransientError,
+    MailUnavailableError,
+    StoreError,
+)
+from nproxyd.core.mail import compose_message
+from nproxyd.core.text import is_storable
 from nproxyd.store.database import Database
 from nproxyd.store.stores import OutboxStore
 from tests.fakes.raw_smtp import RawSmtpServer
@@ -106,7 +115,7 @@ def sender_for(db: Database, transport: SmtpTransport, **overrides: Any) -> Mail
     return MailSender(OutboxStore(db), transport, settings(**overrides), clock=SystemClock())
 
 
-def events(logs: LogCapture, name: str) -> list[dict[str, Any]]:
+def events(logs: LogCapture, name: str) -> list[MutableMapping[str, Any]]:
     return [entry for entry in logs.entries if entry["event"] == name]
 
 
@@ -562,3 +571,79 @@ class TestArbitraryReplies:
         assert len(poison["last_error"]) <= 1000
         if code != b"421":  # 421 defers the rest of the batch; anything else touches only its row
             assert [row["status"] for row in rows if row["id"] != ids[1]] == ["sent", "sent"]
+
+
+def compose(to: str) -> Message:
+    return compose_message(
+        from_address=FROM,
+        to_address=to,
+        subject="Hello",
+        body="Body",
+        message_id="<classify@nproxy.localhost>",
+        date=SystemClock().now(),
+    )
+
+
+class TestClassification:
+    """The SMTP transport decides once whether a failure is about the server or the mail."""
+
+    @pytest.mark.parametrize(
+        ("script", "expected"),
+        [
+            (("rcpt", b"451 4.2.0 try later \xfc"), MailTransientError),
+            (("rcpt", b"550 5.1.1 unknown \xfc"), MailPermanentError),
+            (("rcpt", b"421 4.3.2 closing"), MailUnavailableError),
+            (("mail", b"530 5.7.0 Authentication required"), MailUnavailableError),
+            (("data_end", b"421 4.3.2 closing"), MailUnavailableError),
+            (("drop", "rcpt"), MailUnavailableError),
+            (("drop", "data_end"), MailUnavailableError),
+            (("drop", "connect"), MailUnavailableError),
+        ],
+        ids=lambda value: repr(value)[:30],
+    )
+    async def test_failure_kinds(
+        self,
+        raw_server: RawSmtpServer,
+        transport: SmtpTransport,
+        script: tuple[str, Any],
+        expected: type[MailError],
+    ) -> None:
+        """Only the server's 4xx/5xx answers about a mail count; 421, 53x and drops do not."""
+        where, what = script
+        if where == "drop":
+            raw_server.drop_at(what)
+        elif where == "mail":
+            raw_server.answer_mail(what)
+        elif where == "rcpt":
+            raw_server.answer_rcpt("a@example.test", what)
+        else:
+            raw_server.answer_data_end("a@example.test", what)
+
+        with pytest.raises(MailError) as caught:
+            await transport.send(compose("a@example.test"), "a@example.test")
+
+        assert type(caught.value) is expected
+        assert is_storable(caught.value.message)
+
+    async def test_connection_refused_is_unavailable(self) -> None:
+        """Nothing listening: the server is unavailable, not the mail at fault."""
+        with RawSmtpServer() as server:
+            config = SmtpConfig(host=server.host, port=server.port, timeout_seconds=2.0)
+        transport = SmtpTransport(config)
+        with pytest.raises(MailUnavailableError, match="connect"):
+            await transport.send(compose("a@example.test"), "a@example.test")
+        await transport.aclose()
+
+    async def test_reply_longer_than_a_line_counts_and_is_not_reused(
+        self, raw_server: RawSmtpServer, transport: SmtpTransport
+    ) -> None:
+        """A reply over aiosmtplib's line limit is transient; the connection is not reused."""
+        raw_server.answer_rcpt("long@example.test", b"250 " + b"z" * 10_000)
+
+        with pytest.raises(MailTransientError) as caught:
+            await transport.send(compose("long@example.test"), "long@example.test")
+        await transport.send(compose("a@example.test"), "a@example.test")
+
+        assert not isinstance(caught.value, MailUnavailableError)
+        assert len(raw_server.messages) == 1
+        assert transport.connections_opened == 2
