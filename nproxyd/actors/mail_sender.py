@@ -158,7 +158,7 @@ class MailSender:
         async with anyio.create_task_group() as group:
             for number in range(min(self.settings.concurrency, len(batch))):
                 group.start_soon(worker, name=f"mail-worker-{number}")
-        self._end_outage_streak(outage)
+        self._note_outage(outage)
         return outcomes
 
     async def _deliver(
@@ -184,7 +184,6 @@ class MailSender:
             self.log.exception("mail_delivery_error", mail_id=mail.id)
             failures["transient"] += 1
             return self._retry(mail, now, _reason(exc))
-        outage.answered = True
         self.log.debug("mail_delivered", mail_id=mail.id, message_id=mail.message_id)
         return MailOutcome(id=mail.id, status="sent", error=None, next_attempt_at=now)
 
@@ -213,10 +212,9 @@ class MailSender:
             rng=self.rng,
         )
 
-    def _end_outage_streak(self, outage: _Outage) -> None:
+    def _note_outage(self, outage: _Outage) -> None:
         if outage.reason is None:
-            if outage.answered:
-                self._outage_streak = 0
+            self._outage_streak = 0
             return
         self._outage_streak += 1
         self.log.warning(
@@ -330,14 +328,13 @@ class MailSender:
 
 
 class _Outage:
-    """What one batch learned about the server: unavailable (and until when), or answering."""
+    """Whether one batch found the server unavailable, why, and until when it defers its rows."""
 
     def __init__(self, now: datetime) -> None:
         self.now = now
         self.reason: str | None = None
         self.delay_seconds = 0.0
         self.until = now
-        self.answered = False
 
     def begin(self, reason: str, delay_seconds: float) -> None:
         """The first unavailability of the batch decides the deferral of every remaining row."""
