@@ -189,7 +189,12 @@ class TestNonUtf8Replies:
         ids=["nul", "huge", "multiline-invalid-utf8"],
     )
     async def test_nul_or_huge_reply_is_stored_bounded(
-        self, db: Database, raw_server: RawSmtpServer, transport: SmtpTransport, reply: bytes
+        self,
+        db: Database,
+        raw_server: RawSmtpServer,
+        transport: SmtpTransport,
+        logs: LogCapture,
+        reply: bytes,
     ) -> None:
         """A reply with a NUL, or thousands of bytes, ends its row dead with a bounded reason."""
         now = SystemClock().now()
@@ -205,6 +210,7 @@ class TestNonUtf8Replies:
         assert "554" in row["last_error"]
         assert "\x00" not in row["last_error"]
         assert len(row["last_error"]) <= 1000
+        assert [entry["mail_id"] for entry in events(logs, "mail_dead")] == [ids[0]]
 
 
 # A stand-in for any value the database refuses (a constraint or trigger of the web API's, a
