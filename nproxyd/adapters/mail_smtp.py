@@ -169,7 +169,7 @@ class SmtpTransport:
             clean = True
         except _REPLY_ERRORS as exc:
             # A garbled reply (code -1) leaves the stream out of step: never reuse it.
-            clean = _code(exc) > 0 and await _reset(connection)
+            clean = exc.code > 0 and await _reset(connection)
             raise
         except _LOCAL_REFUSALS:
             clean = True
@@ -252,10 +252,6 @@ def _undecodable_as_one(text: str) -> str:
         return storable(text.encode("utf-8", "surrogateescape"))
     except UnicodeEncodeError:
         return storable(text)  # a surrogate that did not come from a byte
-
-
-def _code(exc: Exception) -> int:
-    return exc.code if isinstance(exc, aiosmtplib.SMTPResponseException) else 0
 
 
 def _dropped(exc: Exception) -> bool:

@@ -2,9 +2,10 @@
 
 Unlike :mod:`tests.fakes.smtp` (aiosmtpd, a well-behaved server), this one answers whatever
 bytes a test scripts, at any step: a Latin-1 or NUL-laden reply at RCPT or at the end of DATA,
-a reply far longer than a line should be, no reply at all (the connection dropped), or a reply
-trickled out byte by byte. It advertises SMTPUTF8 and PIPELINING only when asked to, and it
-records every message it accepted, so a test can count deliveries by Message-ID.
+a reply far longer than a line should be, no reply at all (the connection dropped, or kept
+open in silence), or a reply trickled out byte by byte. It advertises SMTPUTF8 and PIPELINING
+only when asked to, and it records every message it accepted, so a test can count deliveries
+by Message-ID.
 
 Replies are given without their final CRLF; a scripted reply may hold several lines.
 """
@@ -52,6 +53,7 @@ class _Script:
     rcpt_replies: dict[str, bytes] = field(default_factory=dict)
     data_end_replies: dict[str, bytes] = field(default_factory=dict)
     drops: Counter[Stage] = field(default_factory=Counter)
+    stalls: Counter[Stage] = field(default_factory=Counter)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class RawSmtpServer:
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._closing: asyncio.Event | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -131,6 +134,11 @@ class RawSmtpServer:
         with self._lock:
             self._script.drops[stage] += count
 
+    def stall_at(self, stage: Stage, count: int = 1) -> None:
+        """Answer nothing at ``stage`` and keep the connection open, ``count`` times."""
+        with self._lock:
+            self._script.stalls[stage] += count
+
     def trickle(self, seconds: float) -> None:
         """Send every reply one byte at a time, ``seconds`` apart (0: all at once)."""
         with self._lock:
@@ -171,12 +179,15 @@ class RawSmtpServer:
     # -- the server thread -----------------------------------------------------------------
 
     async def _listen(self) -> None:
+        self._closing = asyncio.Event()
         self._server = await asyncio.start_server(
             self._session, self.host, self.port, limit=_LINE_LIMIT, reuse_address=True
         )
 
     async def _close(self) -> None:
         server, self._server = self._server, None
+        if self._closing is not None:
+            self._closing.set()
         if server is not None:
             server.close()
         for writer in list(self._writers):
@@ -284,13 +295,12 @@ class RawSmtpServer:
     async def _reply(self, writer: asyncio.StreamWriter, stage: Stage | None, reply: bytes) -> bool:
         """Send ``reply`` (or drop the connection if scripted at ``stage``); False when dropped."""
         with self._lock:
-            if stage is not None and self._script.drops[stage] > 0:
-                self._script.drops[stage] -= 1
-                drop = True
-            else:
-                drop = False
+            drop = self._take(self._script.drops, stage)
+            stall = not drop and self._take(self._script.stalls, stage)
             trickle = self._script.trickle_seconds
-        if drop:
+        if stall and self._closing is not None:
+            await self._closing.wait()
+        if drop or stall:
             writer.close()
             return False
         payload = reply + b"\r\n"
@@ -302,6 +312,13 @@ class RawSmtpServer:
                 await writer.drain()
                 await asyncio.sleep(trickle)
         await writer.drain()
+        return True
+
+    @staticmethod
+    def _take(scripted: Counter[Stage], stage: Stage | None) -> bool:
+        if stage is None or scripted[stage] <= 0:
+            return False
+        scripted[stage] -= 1
         return True
 
 

@@ -631,6 +631,29 @@ class TestClassification:
         assert type(caught.value) is expected
         assert is_storable(caught.value.message)
 
+    @pytest.mark.parametrize(
+        ("stage", "expected"),
+        [
+            ("connect", MailUnavailableError),
+            ("mail", MailUnavailableError),
+            ("rcpt", MailUnavailableError),
+            ("data_end", MailTransientError),
+        ],
+    )
+    async def test_silence_counts_only_after_the_recipient_was_accepted(
+        self, raw_server: RawSmtpServer, stage: str, expected: type[MailError]
+    ) -> None:
+        """A server gone quiet is unavailable, unless it went quiet on this very message."""
+        raw_server.stall_at(stage)  # type: ignore[arg-type]
+        config = SmtpConfig(host=raw_server.host, port=raw_server.port, timeout_seconds=0.5)
+        transport = SmtpTransport(config)
+
+        with pytest.raises(MailError) as caught:
+            await transport.send(compose("a@example.test"), "a@example.test")
+        await transport.aclose()
+
+        assert type(caught.value) is expected
+
     async def test_connection_refused_is_unavailable(self) -> None:
         """Nothing listening: the server is unavailable, not the mail at fault."""
         with RawSmtpServer() as server:
