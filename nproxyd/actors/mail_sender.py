@@ -100,6 +100,9 @@ class MailSender:
         self.log = structlog.get_logger().bind(actor=self.name)
         # Consecutive batches that found the server unavailable: the deferral's backoff.
         self._outage_streak = 0
+        # Mail delivered whose outcome the database refused even as dead: when its lease
+        # elapses and it is claimed again, it is recorded again, never delivered again.
+        self._delivered_unrecorded: set[str] = set()
 
     async def tick(self, now: datetime) -> MailReport:
         """Deliver everything due at ``now`` once."""
@@ -164,6 +167,8 @@ class MailSender:
     async def _deliver(
         self, mail: OutboxMail, now: datetime, failures: Counter[str], outage: _Outage
     ) -> MailOutcome:
+        if mail.id in self._delivered_unrecorded:
+            return MailOutcome(id=mail.id, status="sent", error=None, next_attempt_at=now)
         message = self._compose(mail, now)
         if isinstance(message, str):
             failures["permanent"] += 1
@@ -299,6 +304,7 @@ class MailSender:
             await self._record_isolating(outcomes[middle:], now, counts)
             return
         counts.update(_counted_as(outcome) for outcome in outcomes)
+        self._delivered_unrecorded.difference_update(outcome.id for outcome in outcomes)
 
     async def _quarantine_outcome(
         self, outcome: MailOutcome, now: datetime, exc: StoreDataError, counts: Counter[str]
@@ -316,6 +322,8 @@ class MailSender:
             await self.store.record([dead], now, self.settings.instance_id)
         except StoreDataError as again:
             counts["unrecorded"] += 1
+            if outcome.status == "sent":
+                self._delivered_unrecorded.add(outcome.id)
             self.log.error(  # noqa: TRY400 - the driver's traceback quotes the refused values
                 "mail_outcome_unrecordable",
                 mail_id=outcome.id,
@@ -324,6 +332,7 @@ class MailSender:
             )
             return
         counts.update(("dead", "quarantined"))
+        self._delivered_unrecorded.discard(outcome.id)
         self.log.warning("mail_row_quarantined", mail_id=outcome.id, reason=reason)
 
 

@@ -270,14 +270,14 @@ class TestRefusedOutcomes:
         rows = await db.pool.fetch("SELECT status, count(*) AS n FROM mail_outbox GROUP BY 1")
         assert {row["status"]: row["n"] for row in rows} == {"sent": 9, "dead": 2, "pending": 1}
 
-    async def test_row_that_cannot_be_marked_is_counted_and_logged_at_error(
+    async def test_row_that_cannot_be_marked_is_counted_logged_and_not_resent(
         self,
         refusing_db: Database,
         raw_server: RawSmtpServer,
         transport: SmtpTransport,
         logs: LogCapture,
     ) -> None:
-        """A row refused even as dead is counted and logged with its id; the rest is recorded."""
+        """A row refused even as dead is counted, logged with its id, and never sent twice."""
         db = refusing_db
         now = SystemClock().now()
         ids = await insert_mail(db, 6, now)
@@ -288,7 +288,8 @@ class TestRefusedOutcomes:
             now,
         )
 
-        report = await sender_for(db, transport).tick(now)
+        sender = sender_for(db, transport)
+        report = await sender.tick(now)
 
         assert (report.sent_count, report.unrecorded_count) == (6, 1)
         assert raw_server.message_ids()[message_id(0)] == 1
@@ -297,6 +298,14 @@ class TestRefusedOutcomes:
         [logged] = events(logs, "mail_outcome_unrecordable")
         assert (logged["mail_id"], logged["log_level"]) == (stuck["id"], "error")
         assert (await outbox_row(db, stuck["id"]))["status"] == "pending"
+
+        # Its lease elapses and it is claimed again: recorded again, never delivered again.
+        again = await sender.tick(now + timedelta(seconds=sender.settings.lease_seconds + 1))
+
+        assert (again.claimed, again.unrecorded_count) == (1, 1)
+        assert raw_server.message_ids()["<stuck@nproxy.localhost>"] == 1
+        unrecordable = events(logs, "mail_outcome_unrecordable")
+        assert [entry["mail_id"] for entry in unrecordable] == [stuck["id"]] * 2
 
     async def test_sent_outcomes_are_recorded_before_the_others_can_fail(
         self, refusing_db: Database, raw_server: RawSmtpServer, transport: SmtpTransport
