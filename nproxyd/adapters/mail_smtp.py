@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import re
 import socket
 import ssl
 from email.message import Message
@@ -45,7 +46,8 @@ _SERVICE_CLOSING = 421
 # 530-539: authentication or encryption refused (530 auth required, 535 bad credentials,
 # 538 encryption required): the transport's configuration is wrong, not the message.
 _AUTH_REPLIES = range(530, 540)
-_NO_SMTPUTF8 = "recipient needs SMTPUTF8, which the server does not offer"
+_NOT_OFFERED = "SMTPUTF8, which the server does not offer"
+_END_OF_HEADERS = re.compile(rb"\r?\n\r?\n")
 
 
 @functools.lru_cache(maxsize=64)
@@ -228,9 +230,10 @@ async def _send_envelope(
     if connection.is_ehlo_or_helo_needed:
         await connection.ehlo()
     options: list[bytes] = []
-    if needs_smtputf8(sender) or needs_smtputf8(recipient):
+    needing = _needs_smtputf8(sender, recipient, data)
+    if needing is not None:
         if not connection.supports_extension("smtputf8"):
-            raise aiosmtplib.SMTPNotSupported(_NO_SMTPUTF8)
+            raise aiosmtplib.SMTPNotSupported(f"{needing} {_NOT_OFFERED}")
         options.append(b"SMTPUTF8")
     mail = await connection.execute_command(b"MAIL", b"FROM:<" + sender.encode() + b">", *options)
     if mail.code != SMTPStatus.completed:
@@ -240,6 +243,18 @@ async def _send_envelope(
         raise aiosmtplib.SMTPRecipientRefused(rcpt.code, rcpt.message, recipient)
     progress.recipient_accepted = True
     await connection.data(data)
+
+
+def _needs_smtputf8(sender: str, recipient: str, data: bytes) -> str | None:
+    """What needs SMTPUTF8 (a non-ASCII local part, or UTF-8 in a header), or None."""
+    if needs_smtputf8(recipient):
+        return "recipient needs"
+    if needs_smtputf8(sender):
+        return "sender needs"
+    end = _END_OF_HEADERS.search(data)
+    if not data[: end.start() if end else len(data)].isascii():
+        return "message headers need"
+    return None
 
 
 def _undecodable_as_one(text: str) -> str:

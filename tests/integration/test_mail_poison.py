@@ -426,6 +426,34 @@ class TestAddresses:
         idna = next(m for m in raw_server.messages if m.message_id == message_id(1))
         assert idna.rcpt_tos == ("user@xn--exmple-cua.com",)
 
+    @pytest.mark.parametrize("smtputf8", [True, False])
+    async def test_non_ascii_message_id_needs_smtputf8(self, db: Database, smtputf8: bool) -> None:
+        """A UTF-8 header goes out only with SMTPUTF8; without it the mail is dead, saying so."""
+        now = SystemClock().now()
+        [mail_id] = await insert_mail(db, 1, now)
+        await db.pool.execute(
+            "UPDATE mail_outbox SET message_id = '<grüße-1@nproxy.localhost>' WHERE id = $1",
+            mail_id,
+        )
+        with RawSmtpServer(smtputf8=smtputf8) as server:
+            transport = SmtpTransport(SmtpConfig(host=server.host, port=server.port))
+            report = await sender_for(db, transport).tick(now)
+            await transport.aclose()
+
+        row = await outbox_row(db, mail_id)
+        if smtputf8:
+            assert report.sent_count == 1
+            [received] = server.messages
+            assert "SMTPUTF8" in received.mail_options
+            assert received.message_id == "<grüße-1@nproxy.localhost>"
+        else:
+            assert row["status"] == "dead"
+            assert (
+                "message headers need SMTPUTF8, which the server does not offer"
+                in (row["last_error"])
+            )
+            assert server.messages == []
+
     @pytest.mark.parametrize(
         "to",
         [
