@@ -31,12 +31,11 @@ def map_errors() -> Iterator[None]:
             # The message may quote the refused value: keep only its class, never the data.
             raise StoreDataError(f"database refused a value: {kind} ({sqlstate})") from exc
         raise StoreError(f"database error {sqlstate}: {kind}: {exc}") from exc
-    except (OverflowError, UnicodeError, ValueError) as exc:
-        # A value asyncpg cannot encode (a lone surrogate) or decode (a timestamp before year 1
-        # or after 9999); asyncpg's own argument errors are ValueErrors too.
-        raise StoreDataError(f"value cannot be encoded or decoded: {type(exc).__name__}") from exc
     except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
         raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+    except (OverflowError, UnicodeError, ValueError) as exc:
+        # A value asyncpg cannot decode (a timestamp before year 1 or after 9999) or encode.
+        raise StoreDataError(f"value cannot be encoded or decoded: {type(exc).__name__}") from exc
 
 
 async def _init_connection(connection: asyncpg.Connection) -> None:

@@ -32,11 +32,12 @@ from nproxyd.core.errors import (
     MailPermanentError,
     MailTransientError,
     MailUnavailableError,
+    StoreDataError,
     StoreError,
 )
 from nproxyd.core.mail import compose_message
 from nproxyd.core.text import is_storable
-from nproxyd.store.database import Database
+from nproxyd.store.database import Database, map_errors
 from nproxyd.store.stores import OutboxStore
 from tests.fakes.raw_smtp import RawSmtpServer
 
@@ -713,3 +714,26 @@ class TestClassification:
         assert not isinstance(caught.value, MailUnavailableError)
         assert len(raw_server.messages) == 1
         assert transport.connections_opened == 2
+
+
+class TestStoreDataErrors:
+    @pytest.mark.parametrize(
+        ("statement", "args"),
+        [
+            ("SELECT '10000-01-01'::timestamptz", ()),
+            ("SELECT '0001-01-01 BC'::timestamptz", ()),
+            ("SELECT $1::text", ("Zur\udcfcckgewiesen",)),
+            ("SELECT $1::text", ("a\x00b",)),
+            ("SELECT 1 / 0", ()),
+        ],
+        ids=["year-10000", "bc", "lone-surrogate", "nul", "division-by-zero"],
+    )
+    async def test_data_faults_are_store_data_errors(
+        self, db: Database, statement: str, args: tuple[str, ...]
+    ) -> None:
+        """A value the database refuses or Python cannot read is a StoreDataError, never more."""
+        with pytest.raises(StoreDataError) as caught, map_errors():
+            await db.pool.fetchval(statement, *args)
+
+        assert "\udcfc" not in caught.value.message
+        assert await db.pool.fetchval("SELECT 1") == 1
