@@ -3,6 +3,13 @@
 Rows are leased in batches (``FOR UPDATE SKIP LOCKED``), so instances never send the same row
 at the same time, and a row whose sender died is taken again once its lease elapses. Every row
 leaves ``pending`` only as ``sent`` or ``dead`` with its reason.
+
+No poison spreads (docs/design.md §3 invariant 8): every reason is made storable before it is
+recorded; sent outcomes are recorded in their own statement first, so a delivered mail is
+never re-sent because of a neighbour; a batch the database still refuses is bisected down to
+the row at fault, which is quarantined (``dead``, "unstorable …"). An unavailable server
+(connection refused, 421, TLS or login failure) defers the rest of the batch without using up
+any mail's attempts: ``max_attempts`` counts the server's answers about the mail itself.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from email.message import Message
 from typing import Protocol
 
 import anyio
@@ -20,11 +28,17 @@ import structlog
 from nproxyd.actors.leases import LeaseClock, kept_alive
 from nproxyd.core.clock import Clock
 from nproxyd.core.config import Config
-from nproxyd.core.errors import MailPermanentError
+from nproxyd.core.errors import (
+    MailPermanentError,
+    MailTransientError,
+    MailUnavailableError,
+    StoreDataError,
+)
 from nproxyd.core.mail import compose_message
 from nproxyd.core.messages import MailReport
 from nproxyd.core.ports import MailTransport
-from nproxyd.core.rules import backoff_seconds, is_plausible_address
+from nproxyd.core.rules import address_problem, backoff_seconds
+from nproxyd.core.text import storable
 from nproxyd.store.rows import MailOutcome, OutboxMail
 
 
@@ -84,6 +98,11 @@ class MailSender:
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self.interval_seconds = settings.interval_seconds
         self.log = structlog.get_logger().bind(actor=self.name)
+        # Consecutive batches that found the server unavailable: the deferral's backoff.
+        self._outage_streak = 0
+        # Mail delivered whose outcome the database refused even as dead: when its lease
+        # elapses and it is claimed again, it is recorded again, never delivered again.
+        self._delivered_unrecorded: set[str] = set()
 
     async def tick(self, now: datetime) -> MailReport:
         """Deliver everything due at ``now`` once."""
@@ -100,13 +119,13 @@ class MailSender:
             async def extend(until: datetime, ids: list[str] = ids) -> int:
                 return await self.store.extend(ids, holder, until)
 
+            outage = _Outage(now)
             async with kept_alive(leases, extend, what="mail"):
-                outcomes = await self._deliver_all(batch, now, failures)
-            await self.store.record(outcomes, now, holder)
-            counts.update(outcome.status for outcome in outcomes)
+                outcomes = await self._deliver_all(batch, now, failures, outage)
+            await self._record(outcomes, now, counts)
             counts["claimed"] += len(batch)
-            if len(batch) < self.settings.batch_size:
-                break
+            if outage.reason is not None or len(batch) < self.settings.batch_size:
+                break  # an unavailable server would refuse the next batch too
         return self._report(counts, failures)
 
     def _report(self, counts: Counter[str], failures: Counter[str]) -> MailReport:
@@ -118,10 +137,15 @@ class MailSender:
             retried_count=counts["pending"],
             dead_count=counts["dead"],
             failures=dict(failures),
+            deferred_count=counts["deferred"],
+            quarantined_count=counts["quarantined"],
+            unrecorded_count=counts["unrecorded"],
         )
 
+    # -- delivery --------------------------------------------------------------------------
+
     async def _deliver_all(
-        self, batch: list[OutboxMail], now: datetime, failures: Counter[str]
+        self, batch: list[OutboxMail], now: datetime, failures: Counter[str], outage: _Outage
     ) -> list[MailOutcome]:
         """Deliver a batch with ``concurrency`` workers sharing one queue of rows."""
         outcomes: list[MailOutcome] = []
@@ -129,21 +153,52 @@ class MailSender:
 
         async def worker() -> None:
             for mail in queue:  # each worker takes the next row; no row is taken twice
-                outcomes.append(await self._deliver(mail, now, failures))
+                if outage.reason is not None:
+                    outcomes.append(self._defer(mail, outage))
+                else:
+                    outcomes.append(await self._deliver(mail, now, failures, outage))
 
         async with anyio.create_task_group() as group:
             for number in range(min(self.settings.concurrency, len(batch))):
                 group.start_soon(worker, name=f"mail-worker-{number}")
+        self._note_outage(outage)
         return outcomes
 
     async def _deliver(
-        self, mail: OutboxMail, now: datetime, failures: Counter[str]
+        self, mail: OutboxMail, now: datetime, failures: Counter[str], outage: _Outage
     ) -> MailOutcome:
-        if not is_plausible_address(mail.to_address):
+        if mail.id in self._delivered_unrecorded:
+            return MailOutcome(id=mail.id, status="sent", error=None, next_attempt_at=now)
+        message = self._compose(mail, now)
+        if isinstance(message, str):
             failures["permanent"] += 1
-            return self._dead(mail, now, "invalid recipient address")
+            return self._quarantined(mail, now, message)
         try:
-            message = compose_message(
+            await self.transport.send(message, mail.to_address)
+        except MailUnavailableError as exc:
+            failures["unavailable"] += 1
+            outage.begin(storable(exc.message), self._outage_delay())
+            return self._defer(mail, outage)
+        except MailPermanentError as exc:
+            failures["permanent"] += 1
+            return self._dead(mail, now, _reason(exc))
+        except MailTransientError as exc:
+            failures["transient"] += 1
+            return self._retry(mail, now, _reason(exc))
+        except Exception as exc:  # a bug must not lose the outcomes of the rest of the batch
+            self.log.exception("mail_delivery_error", mail_id=mail.id)
+            failures["transient"] += 1
+            return self._retry(mail, now, _reason(exc))
+        self.log.debug("mail_delivered", mail_id=mail.id, message_id=mail.message_id)
+        return MailOutcome(id=mail.id, status="sent", error=None, next_attempt_at=now)
+
+    def _compose(self, mail: OutboxMail, now: datetime) -> Message | str:
+        """The message of ``mail``, or why it can never be sent (no server is asked)."""
+        problem = address_problem(mail.to_address)
+        if problem is not None:
+            return f"invalid recipient address: {problem}"
+        try:
+            return compose_message(
                 from_address=self.settings.from_address,
                 to_address=mail.to_address,
                 subject=mail.subject,
@@ -151,18 +206,52 @@ class MailSender:
                 message_id=mail.message_id,
                 date=now,
             )
-            await self.transport.send(message, mail.to_address)
-        except (MailPermanentError, ValueError) as exc:
-            failures["permanent"] += 1
-            return self._dead(mail, now, f"{type(exc).__name__}: {exc}")
-        except Exception as exc:
-            failures["transient"] += 1
-            return self._retry(mail, now, f"{type(exc).__name__}: {exc}")
-        return MailOutcome(id=mail.id, status="sent", error=None, next_attempt_at=now)
+        except (ValueError, UnicodeError) as exc:
+            return f"message cannot be composed: {_reason(exc)}"
+
+    def _outage_delay(self) -> float:
+        return backoff_seconds(
+            self._outage_streak + 1,
+            base_seconds=self.settings.retry_base_seconds,
+            cap_seconds=self.settings.retry_cap_seconds,
+            rng=self.rng,
+        )
+
+    def _note_outage(self, outage: _Outage) -> None:
+        if outage.reason is None:
+            self._outage_streak = 0
+            return
+        self._outage_streak += 1
+        self.log.warning(
+            "mail_server_unavailable",
+            reason=outage.reason,
+            consecutive_batches=self._outage_streak,
+            retry_in_seconds=round(outage.delay_seconds, 1),
+        )
+
+    # -- outcomes --------------------------------------------------------------------------
 
     def _dead(self, mail: OutboxMail, now: datetime, reason: str) -> MailOutcome:
         self.log.warning("mail_dead", mail_id=mail.id, attempts=mail.attempts + 1, reason=reason)
-        return MailOutcome(id=mail.id, status="dead", error=reason[:1000], next_attempt_at=now)
+        return MailOutcome(id=mail.id, status="dead", error=storable(reason), next_attempt_at=now)
+
+    def _quarantined(self, mail: OutboxMail, now: datetime, reason: str) -> MailOutcome:
+        """Dead without asking any server: the row itself can never be delivered."""
+        reason = storable(reason)
+        self.log.warning("mail_row_quarantined", mail_id=mail.id, reason=reason)
+        return MailOutcome(id=mail.id, status="dead", error=reason, next_attempt_at=now)
+
+    def _defer(self, mail: OutboxMail, outage: _Outage) -> MailOutcome:
+        """Back to pending after the outage's delay, without using up an attempt."""
+        reason = f"SMTP server unavailable: {outage.reason}"
+        self.log.debug("mail_deferred", mail_id=mail.id, reason=reason)
+        return MailOutcome(
+            id=mail.id,
+            status="pending",
+            error=storable(reason),
+            next_attempt_at=outage.until,
+            counts_attempt=False,
+        )
 
     def _retry(self, mail: OutboxMail, now: datetime, reason: str) -> MailOutcome:
         attempts = mail.attempts + 1
@@ -174,7 +263,7 @@ class MailSender:
             cap_seconds=self.settings.retry_cap_seconds,
             rng=self.rng,
         )
-        self.log.info(
+        self.log.warning(
             "mail_retry_scheduled",
             mail_id=mail.id,
             attempts=attempts,
@@ -184,6 +273,91 @@ class MailSender:
         return MailOutcome(
             id=mail.id,
             status="pending",
-            error=reason[:1000],
+            error=storable(reason),
             next_attempt_at=now + timedelta(seconds=delay),
         )
+
+    # -- recording -------------------------------------------------------------------------
+
+    async def _record(
+        self, outcomes: Sequence[MailOutcome], now: datetime, counts: Counter[str]
+    ) -> None:
+        """Record sent outcomes first, in their own statement, then the others."""
+        sent = [outcome for outcome in outcomes if outcome.status == "sent"]
+        others = [outcome for outcome in outcomes if outcome.status != "sent"]
+        for group in (sent, others):
+            if group:
+                await self._record_isolating(group, now, counts)
+
+    async def _record_isolating(
+        self, outcomes: Sequence[MailOutcome], now: datetime, counts: Counter[str]
+    ) -> None:
+        """Record ``outcomes``; when the database refuses their data, bisect to the row at fault."""
+        try:
+            await self.store.record(outcomes, now, self.settings.instance_id)
+        except StoreDataError as exc:
+            if len(outcomes) == 1:
+                await self._quarantine_outcome(outcomes[0], now, exc, counts)
+                return
+            middle = len(outcomes) // 2
+            await self._record_isolating(outcomes[:middle], now, counts)
+            await self._record_isolating(outcomes[middle:], now, counts)
+            return
+        counts.update(_counted_as(outcome) for outcome in outcomes)
+        self._delivered_unrecorded.difference_update(outcome.id for outcome in outcomes)
+
+    async def _quarantine_outcome(
+        self, outcome: MailOutcome, now: datetime, exc: StoreDataError, counts: Counter[str]
+    ) -> None:
+        """Make a row whose outcome the database refused ``dead``; count it if even that fails."""
+        reason = storable(f"unstorable {outcome.status} outcome: {exc.message}")
+        dead = MailOutcome(
+            id=outcome.id,
+            status="dead",
+            error=reason,
+            next_attempt_at=now,
+            counts_attempt=outcome.counts_attempt,
+        )
+        try:
+            await self.store.record([dead], now, self.settings.instance_id)
+        except StoreDataError as again:
+            counts["unrecorded"] += 1
+            if outcome.status == "sent":
+                self._delivered_unrecorded.add(outcome.id)
+            self.log.error(  # noqa: TRY400 - the driver's traceback quotes the refused values
+                "mail_outcome_unrecordable",
+                mail_id=outcome.id,
+                status=outcome.status,
+                reason=storable(again.message),
+            )
+            return
+        counts.update(("dead", "quarantined"))
+        self._delivered_unrecorded.discard(outcome.id)
+        self.log.warning("mail_row_quarantined", mail_id=outcome.id, reason=reason)
+
+
+class _Outage:
+    """Whether one batch found the server unavailable, why, and until when it defers its rows."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+        self.reason: str | None = None
+        self.delay_seconds = 0.0
+        self.until = now
+
+    def begin(self, reason: str, delay_seconds: float) -> None:
+        """The first unavailability of the batch decides the deferral of every remaining row."""
+        if self.reason is None:
+            self.reason, self.delay_seconds = reason, delay_seconds
+            self.until = self.now + timedelta(seconds=delay_seconds)
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as a storable reason: its class and its (cleaned) text."""
+    return storable(f"{type(exc).__name__}: {exc}")
+
+
+def _counted_as(outcome: MailOutcome) -> str:
+    if outcome.status == "pending" and not outcome.counts_attempt:
+        return "deferred"
+    return outcome.status

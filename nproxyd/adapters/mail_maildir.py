@@ -19,6 +19,7 @@ import anyio
 
 from nproxyd.core.clock import SystemClock
 from nproxyd.core.errors import MailPermanentError, MailTransientError
+from nproxyd.core.rules import address_problem
 
 _SUBDIRS = ("tmp", "new", "cur")
 
@@ -69,8 +70,9 @@ class MaildirTransport:
 
 
 def _render(message: Message, recipient: str) -> bytes:
-    if not recipient or any(char in recipient for char in "\r\n\0"):
-        raise MailPermanentError(f"invalid recipient address: {recipient!r}")
+    problem = address_problem(recipient)
+    if problem is not None:
+        raise MailPermanentError(f"invalid recipient address: {problem}")
     try:
         body = message.as_bytes()
     except (ValueError, TypeError, UnicodeError, LookupError) as exc:

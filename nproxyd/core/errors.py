@@ -45,12 +45,16 @@ class LockUnavailable(StoreError):
     """A row lock was not granted within the statement's lock timeout."""
 
 
-class StoreDataError(StoreError):
-    """A statement failed on the data it was given."""
-
-
 class MigrationError(StoreError):
     """A schema migration failed."""
+
+
+class StoreDataError(StoreError):
+    """The database refused a value, or returned one that cannot be read.
+
+    A SQL data exception (SQLSTATE class 22) or an encoding/decoding error: the statement's
+    data is at fault, not the database, so repeating the same statement will fail the same way.
+    """
 
 
 class ProviderError(NproxydError):
@@ -75,6 +79,14 @@ class MailTransientError(MailError):
     """Mail delivery failed for now; it will be retried."""
 
     transient = True
+
+
+class MailUnavailableError(MailTransientError):
+    """The mail server is unreachable or refuses service; nothing was said about the message.
+
+    Connection refused or timed out, TLS or login failures, a 421 or a dropped connection:
+    the message may succeed later and has not used up one of its attempts.
+    """
 
 
 class MailPermanentError(MailError):

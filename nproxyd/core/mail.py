@@ -3,7 +3,9 @@
 Built on ``email.message.Message`` with the compat32 policy: an order of magnitude cheaper
 than ``EmailMessage``'s header registry, which dominated the cost of sending a mail. Header
 values are checked here instead: a line break in any of them is refused (no header
-injection), and non-ASCII values are RFC 2047 encoded.
+injection), and non-ASCII values are RFC 2047 encoded. In an address, a non-ASCII domain
+becomes IDNA; a non-ASCII local part has no ASCII form and stays UTF-8 (RFC 6532), which only
+an SMTPUTF8 transport carries (the SMTP transport checks that).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from email.header import Header
 from email.message import Message
 from email.utils import format_datetime, formataddr, parseaddr
 from typing import Any
+
+from nproxyd.core.rules import ascii_domain
 
 _UTF8_QP = Charset("utf-8")
 _UTF8_QP.body_encoding = QP
@@ -36,7 +40,8 @@ class _ComposedMessage(Message):
         if unixfrom or policy is not None or not plain:
             return super().as_bytes(unixfrom=unixfrom, policy=policy)
         head = "".join(f"{name}: {value}\n" for name, value in items)
-        return (head + "\n" + str(self.get_payload())).encode("ascii")
+        # UTF-8 only where an address has a non-ASCII local part (RFC 6532); else ASCII.
+        return (head + "\n" + str(self.get_payload())).encode("utf-8")
 
 
 def compose_message(
@@ -77,4 +82,12 @@ def _address(value: str) -> str:
     if value.isascii():
         return value
     name, address = parseaddr(value)
-    return formataddr((name, address), charset="utf-8")
+    local, at, domain = address.rpartition("@")
+    if not (local and at and domain):
+        raise ValueError(f"not an address: {value[:80]!r}")
+    wire = f"{local}@{ascii_domain(domain) or domain}"
+    if not name:
+        return wire
+    if wire.isascii():
+        return formataddr((name, wire), charset="utf-8")
+    return f"{Header(name, 'utf-8').encode()} <{wire}>"

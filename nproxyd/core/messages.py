@@ -44,3 +44,9 @@ class MailReport(Report, frozen=True, kw_only=True):
     retried_count: int = 0
     dead_count: int = 0
     failures: dict[str, int] = {}
+    # Put back without using up an attempt because the server was unavailable.
+    deferred_count: int = 0
+    # Dead as "unstorable …": the database refused the row's outcome (also in dead_count).
+    quarantined_count: int = 0
+    # Rows whose outcome could not be recorded at all (not even as dead); logged with their id.
+    unrecorded_count: int = 0

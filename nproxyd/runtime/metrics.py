@@ -17,7 +17,7 @@ from nproxyd.core.messages import (
 from nproxyd.runtime.actor import TickOutcome
 
 KEY_STATUSES = ("active", "cooldown", "manual_review", "disabled")
-MAIL_FAILURE_KINDS = ("transient", "permanent")
+MAIL_FAILURE_KINDS = ("transient", "permanent", "unavailable")
 # The `_created` series double the output and no dashboard or alert reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 

@@ -42,7 +42,7 @@ def map_errors() -> Iterator[None]:
         raise _data_error(f"invalid statement argument: {reason}") from exc
     except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
         raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
-    except (UnicodeError, OverflowError) as exc:
+    except (OverflowError, UnicodeError, ValueError) as exc:
         # A value the driver could not encode or decode (e.g. a year Python cannot hold).
         raise _data_error(f"{type(exc).__name__}: {exc}") from exc
 

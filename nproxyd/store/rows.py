@@ -133,7 +133,6 @@ class OutboxMail(msgspec.Struct, frozen=True, kw_only=True):
     body: str
     message_id: str
     attempts: int
-    created_at: datetime
 
 
 class MailOutcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -141,6 +140,9 @@ class MailOutcome(msgspec.Struct, frozen=True, kw_only=True):
     status: str  # 'sent', 'pending' (retry later) or 'dead'
     error: str | None
     next_attempt_at: datetime
+    # False when the server was unavailable: nothing was said about this mail, so the
+    # outcome does not use up one of its max_attempts.
+    counts_attempt: bool = True
 
 
 class DeadMail(msgspec.Struct, frozen=True, kw_only=True):
@@ -149,7 +151,7 @@ class DeadMail(msgspec.Struct, frozen=True, kw_only=True):
     subject: str
     attempts: int
     last_error: str | None
-    updated_at: datetime
+    updated_at: datetime | None  # None when the stored value is outside Python's range
 
 
 class OutboxCounts(msgspec.Struct, frozen=True, kw_only=True):

@@ -219,11 +219,19 @@ class OutboxStore:
         return convert_rows(rows, OutboxMail)
 
     async def record(self, outcomes: Sequence[MailOutcome], now: datetime, holder: str) -> int:
-        columns = [
-            [getattr(outcome, field) for outcome in outcomes]
-            for field in MailOutcome.__struct_fields__
-        ]
-        return affected(await self.db.execute("record_mail_outcomes", *columns, now, holder))
+        """Record ``outcomes`` in one statement; raises :class:`StoreDataError` on a bad value."""
+        return affected(
+            await self.db.execute(
+                "record_mail_outcomes",
+                [outcome.id for outcome in outcomes],
+                [outcome.status for outcome in outcomes],
+                [outcome.error for outcome in outcomes],
+                [outcome.next_attempt_at for outcome in outcomes],
+                [outcome.counts_attempt for outcome in outcomes],
+                now,
+                holder,
+            )
+        )
 
     async def extend(self, ids: Sequence[str], holder: str, lease_until: datetime) -> int:
         return affected(await self.db.execute("extend_mail_leases", list(ids), holder, lease_until))

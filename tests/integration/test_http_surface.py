@@ -33,7 +33,6 @@ from nproxyd.runtime.actor import Actor
 from nproxyd.runtime.daemon import Daemon
 from nproxyd.runtime.status import render
 from nproxyd.store.database import Database
-from nproxyd.store.rows import ExpiryBatch
 from tests import seed
 from tests.pg import TestServer
 
@@ -201,11 +200,10 @@ class RaisingExpiryStore:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def expire_batch(
-        self, now: datetime, after: tuple[datetime, str], limit: int
-    ) -> ExpiryBatch:
+    async def expire_due(self, now: datetime, batch_size: int) -> AsyncIterator[int]:
         self.calls += 1
         raise StoreError("database error 42P01: relation is gone")
+        yield 0  # an async generator, as the port is
 
 
 class LoopBreaker:

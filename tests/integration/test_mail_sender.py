@@ -229,7 +229,7 @@ class TestDelivery:
     async def test_server_down_keeps_rows_pending_then_delivers_all(
         self, db: Database, server: FakeSmtpServer, make_sender: SenderFactory
     ) -> None:
-        """With the server down no row is lost: all back off, and all arrive once it is back."""
+        """With the server down no row is lost or charged an attempt; all arrive once it is back."""
         now = SystemClock().now()
         sender, _ = make_sender()
         await insert_mail(db, 1, now, start=100)
@@ -239,12 +239,13 @@ class TestDelivery:
 
         down = await sender.tick(now)
 
-        assert (down.claimed, down.sent_count, down.retried_count) == (10, 0, 10)
+        assert (down.claimed, down.sent_count, down.deferred_count) == (10, 0, 10)
+        assert down.retried_count == 0
         rows = await db.pool.fetch("SELECT * FROM mail_outbox WHERE id = ANY($1)", ids)
         assert len(rows) == 10
         for row in rows:
             assert row["status"] == "pending"
-            assert row["attempts"] == 1
+            assert row["attempts"] == 0
             assert row["last_error"]
             assert row["next_attempt_at"] > now
             assert row["lease_until"] is None

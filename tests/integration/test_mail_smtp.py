@@ -14,7 +14,7 @@ import trustme
 
 from nproxyd.adapters.mail_smtp import SmtpTransport
 from nproxyd.core.config import SmtpConfig
-from nproxyd.core.errors import MailPermanentError, MailTransientError
+from nproxyd.core.errors import MailPermanentError, MailTransientError, MailUnavailableError
 from tests.fakes.smtp import FakeSmtpServer
 
 pytestmark = pytest.mark.anyio
@@ -165,15 +165,15 @@ class TestAuth:
         assert server.messages[0].login == "billing"
         assert server.messages[0].tls
 
-    async def test_wrong_password_is_transient_and_secret_free(self) -> None:
-        """535 on AUTH is transient, names the code and never shows the password."""
+    async def test_wrong_password_is_unavailable_and_secret_free(self) -> None:
+        """535 on AUTH is "unavailable", names the code and never shows the password."""
         # 535 is a fault of the transport's configuration, not of the message: permanent would
-        # mark every queued mail dead until an operator retried them all. Transient keeps them
-        # queued while the password is fixed; max_attempts still bounds the retries.
+        # mark every queued mail dead until an operator retried them all. Unavailable keeps
+        # them queued while the password is fixed, without using up their attempts.
         with FakeSmtpServer(username="billing", password="the-right-one") as server:
             config = config_for(server, username="billing", password=PASSWORD)
             transport = SmtpTransport(config)
-            with pytest.raises(MailTransientError) as caught:
+            with pytest.raises(MailUnavailableError) as caught:
                 await transport.send(compose(), "a@example.test")
             await transport.aclose()
 
@@ -184,11 +184,11 @@ class TestAuth:
         assert caught.value.__cause__ is None
         assert server.messages == []
 
-    async def test_missing_login_is_transient(self) -> None:
-        """A server that requires AUTH refuses an anonymous sender; that is transient."""
+    async def test_missing_login_is_unavailable(self) -> None:
+        """A server that requires AUTH refuses an anonymous sender; the server is unavailable."""
         with FakeSmtpServer(username="billing", password=PASSWORD) as server:
             transport = SmtpTransport(config_for(server))
-            with pytest.raises(MailTransientError, match="530"):
+            with pytest.raises(MailUnavailableError, match="530"):
                 await transport.send(compose(), "a@example.test")
             await transport.aclose()
 

@@ -14,8 +14,18 @@ from typing import Any
 
 import pytest
 
+from tests.fakes.raw_smtp import RawSmtpServer
 from tests.fakes.smtp import FakeSmtpServer
-from tests.system.proc import Processes, json_lines, nproxyd_env, run_nproxyd, sql, wait_until
+from tests.system.proc import (
+    Processes,
+    free_port,
+    json_lines,
+    nproxyd_env,
+    run_nproxyd,
+    sql,
+    wait_ready,
+    wait_until,
+)
 
 pytestmark = pytest.mark.system
 
@@ -304,3 +314,51 @@ class TestDeadMail:
         assert result.returncode == 64
         assert "--all-dead" in result.stderr
         assert status_counts(system_dsn) == Counter(dead=3, pending=1, sent=1)
+
+
+class TestPoison:
+    def test_latin1_refusal_kills_only_its_mail_in_the_running_daemon(
+        self, system_dsn: str, tmp_path: Path, processes: Processes
+    ) -> None:
+        """`nproxyd run`: a Latin-1 554 kills its mail only; the others go out once; it runs on."""
+        ids = insert_mail(system_dsn, 5)
+        port = free_port()
+        with RawSmtpServer() as server:
+            server.answer_rcpt("user2@example.test", b"554 5.7.1 Zur\xfcckgewiesen")
+            env = nproxyd_env(
+                dsn=system_dsn,
+                state_dir=tmp_path / "state",
+                settings={
+                    "http.listen": f"127.0.0.1:{port}",
+                    "email.transport": "smtp",
+                    "email.smtp.host": server.host,
+                    "email.smtp.port": server.port,
+                    "actors.mail_sender.interval_seconds": 0.5,
+                    "actors.mail_sender.lease_seconds": 2,
+                },
+            )
+            daemon = processes.start(["run"], env)
+            wait_ready(processes, daemon, f"http://127.0.0.1:{port}")
+            wait_until(
+                lambda: status_counts(system_dsn) == Counter(sent=4, dead=1),
+                timeout=20,
+                what="four mails sent and one dead",
+            )
+            # More ticks go by, past the lease: a later mail is sent and nothing is sent again.
+            insert_mail(system_dsn, 1, start=5)
+            wait_until(
+                lambda: status_counts(system_dsn) == Counter(sent=5, dead=1),
+                timeout=20,
+                what="the later mail sent",
+            )
+            delivered = server.message_ids()
+
+        assert delivered == Counter({message_id(i): 1 for i in (0, 1, 3, 4, 5)})
+        [dead] = sql(system_dsn, "SELECT status, last_error FROM mail_outbox WHERE id = $1", ids[2])
+        assert "554" in dead["last_error"]
+        assert "Zur\ufffdckgewiesen" in dead["last_error"]
+        assert daemon.poll() is None
+        logged = json_lines(processes.output(daemon)[0])
+        assert any(
+            line["event"] == "mail_dead" and line.get("mail_id") == ids[2] for line in logged
+        )

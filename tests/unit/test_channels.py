@@ -40,7 +40,6 @@ class FakeOutbox:
                 body="hello",
                 message_id=f"<{mail_id}@nproxy.localhost>",
                 attempts=0,
-                created_at=self.clock.now(),
             )
         )
 

@@ -1,5 +1,7 @@
 -- claim_due_mail --
 -- Lease a batch of due pending mail to this instance; $1 now, $2 lease until, $3 holder, $4 batch size.
+-- Only what delivery needs is returned: no timestamp column, so a created_at or next_attempt_at
+-- that Python cannot represent (BC, year 10000, ±infinity) never fails the batch.
 WITH due AS (
     SELECT id
     FROM mail_outbox
@@ -14,22 +16,22 @@ UPDATE mail_outbox AS m
 SET lease_until = $2, leased_by = $3
 FROM due
 WHERE m.id = due.id
-RETURNING m.id, m.to_address, m.subject, m.body, m.message_id, m.attempts, m.created_at;
+RETURNING m.id, m.to_address, m.subject, m.body, m.message_id, m.attempts;
 
 -- record_mail_outcomes --
--- Record delivery outcomes of mail this holder still holds (a lease another instance took over is theirs); $1 ids, $2 statuses ('sent', 'pending' or 'dead'), $3 errors, $4 next attempt times, $5 now, $6 holder.
+-- Record delivery outcomes of mail this holder still holds (a lease another instance took over is theirs); $1 ids, $2 statuses ('sent', 'pending' or 'dead'), $3 errors, $4 next attempt times, $5 whether each outcome uses up an attempt (false when the server was unavailable), $6 now, $7 holder.
 UPDATE mail_outbox AS m
 SET status = t.status,
-    attempts = m.attempts + 1,
+    attempts = m.attempts + CASE WHEN t.counts_attempt THEN 1 ELSE 0 END,
     last_error = t.error,
     next_attempt_at = t.next_attempt_at,
-    sent_at = CASE WHEN t.status = 'sent' THEN $5 ELSE m.sent_at END,
+    sent_at = CASE WHEN t.status = 'sent' THEN $6 ELSE m.sent_at END,
     lease_until = NULL,
     leased_by = '',
-    updated_at = $5
-FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
-    AS t(id, status, error, next_attempt_at)
-WHERE m.id = t.id AND m.status = 'pending' AND m.leased_by = $6;
+    updated_at = $6
+FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::boolean[])
+    AS t(id, status, error, next_attempt_at, counts_attempt)
+WHERE m.id = t.id AND m.status = 'pending' AND m.leased_by = $7;
 
 -- enqueue_mail --
 -- Queue one mail; $1 to, $2 subject, $3 body, $4 message id, $5 dedupe key (or NULL), $6 now. Returns its id, or nothing when the dedupe key exists.
@@ -40,8 +42,12 @@ ON CONFLICT (dedupe_key) DO NOTHING
 RETURNING id;
 
 -- list_dead_mail --
--- Dead mail, newest first; $1 limit.
-SELECT id, to_address, subject, attempts, last_error, updated_at
+-- Dead mail, newest first; $1 limit. An updated_at Python cannot represent is returned as NULL.
+SELECT id, to_address, subject, attempts, last_error,
+    CASE
+        WHEN updated_at BETWEEN '0001-01-01 00:00:00+00' AND '9999-12-31 23:59:59.999999+00'
+        THEN updated_at
+    END AS updated_at
 FROM mail_outbox
 WHERE status = 'dead'
 ORDER BY updated_at DESC, id
