@@ -11,6 +11,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from nproxyd import __version__
 from nproxyd.core.channels import Channel
 from nproxyd.core.clock import Clock
 from nproxyd.core.config import Config
@@ -18,7 +19,7 @@ from nproxyd.core.errors import SupervisorGaveUp
 from nproxyd.runtime.actor import Actor, ActorLoop
 from nproxyd.runtime.http import OpsServer
 from nproxyd.runtime.metrics import Metrics
-from nproxyd.runtime.ops import Monitor, OpsState
+from nproxyd.runtime.ops import HEALTH_CHECK_SECONDS, Monitor, OpsState
 from nproxyd.runtime.sdnotify import Notifier, watchdog_interval_seconds
 from nproxyd.runtime.supervisor import Supervisor
 from nproxyd.store.stores import HealthStore, KeyStore, OutboxStore
@@ -38,14 +39,18 @@ class Daemon:
         keys: KeyStore,
         channel: Channel[Any],
         environ: Mapping[str, str] | None = None,
+        startup: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config
+        self.instance_id = instance_id
+        self.startup = dict(startup or {})
         self.clock = clock
         self.environ = os.environ if environ is None else environ
         self.log = structlog.get_logger()
         self.shutdown = anyio.Event()
         self.metrics = Metrics(list(actors))
         self.monitor = Monitor(clock, self.metrics)
+        channel.on_drop = self.metrics.messages_dropped.inc
         self.loops = {
             name: ActorLoop(actor, clock, self.monitor, wake=wake.get(name))
             for name, actor in actors.items()
@@ -68,6 +73,7 @@ class Daemon:
             outbox=outbox,
             keys=keys,
             channel=channel,
+            settings=config.health,
         )
         self.server = OpsServer(self.state, config.http.listen)
         self.notifier = Notifier.from_environ(self.environ)
@@ -81,8 +87,14 @@ class Daemon:
                 group.start_soon(self._signals, group.cancel_scope, name="signals")
                 group.start_soon(self._watchdog, name="sd-watchdog")
                 group.start_soon(self._grace, group.cancel_scope, name="shutdown-grace")
+                group.start_soon(self._health, name="health-check")
                 self.log.info(
-                    "daemon_started", actors=sorted(self.loops), http_port=self.server.port
+                    "daemon_started",
+                    version=__version__,
+                    instance_id=self.instance_id,
+                    actors=sorted(self.loops),
+                    http_port=self.server.port,
+                    **self.startup,
                 )
                 self.notifier.ready(f"running {len(self.loops)} actors")
                 try:
@@ -117,6 +129,12 @@ class Daemon:
             "shutdown_grace_exceeded", grace_seconds=self.config.daemon.shutdown_grace_seconds
         )
         scope.cancel()
+
+    async def _health(self) -> None:
+        """Judge readiness on the daemon's own schedule, so ``nproxyd_ready`` is always current."""
+        while not self.shutdown.is_set():
+            await self.state.check()
+            await self.clock.sleep(HEALTH_CHECK_SECONDS)
 
     async def _watchdog(self) -> None:
         interval = watchdog_interval_seconds(self.environ)

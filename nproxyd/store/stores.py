@@ -16,8 +16,10 @@ from nproxyd.store.rows import (
     CompletedSlot,
     DeadMail,
     ExpiryBatch,
+    HealthGauges,
     KeyRow,
     KeyTransition,
+    LatestFailures,
     MailOutcome,
     OutboxCounts,
     OutboxMail,
@@ -193,3 +195,9 @@ class HealthStore:
 
     async def ping(self) -> bool:
         return bool(await self.db.fetchval("ping"))
+
+    async def gauges(self, now: datetime) -> HealthGauges:
+        return convert_rows(await self.db.fetch("health_gauges", now), HealthGauges)[0]
+
+    async def latest_failures(self) -> LatestFailures:
+        return convert_rows(await self.db.fetch("latest_failures"), LatestFailures)[0]
