@@ -42,6 +42,8 @@ class EventLogger(Protocol):
 
     def bind(self, **new_values: Any) -> EventLogger: ...
 
+    def debug(self, event: str, **kw: Any) -> Any: ...
+
     def info(self, event: str, **kw: Any) -> Any: ...
 
     def warning(self, event: str, **kw: Any) -> Any: ...
@@ -281,6 +283,11 @@ class ActorLoop:
                 self._log.info("tick_recovered", failed_ticks=self._stats.consecutive_failures)
             if outcome.degraded is not None:
                 self._log.warning("tick_degraded", reason=outcome.degraded)
+            self._log.debug(
+                "tick_finished",
+                outcome=outcome.outcome,
+                duration_seconds=round(outcome.duration_seconds, 6),
+            )
         else:
             delay = self._retry_delay(failures)
             due = self._clock.monotonic() + delay
