@@ -103,7 +103,12 @@ def configure(
         else structlog.dev.ConsoleRenderer(colors=False)
     )
     numeric_level = logging.getLevelNamesMapping()[level.upper()]
-    shared = [_timestamp, structlog.processors.format_exc_info, _Redactor(secrets or []), _order]
+    shared: list[Any] = [
+        _timestamp,
+        structlog.processors.format_exc_info,
+        _Redactor(secrets or []),
+        _order,
+    ]
     output = stream or sys.stdout
     structlog.configure(
         processors=[
