@@ -14,11 +14,17 @@ SELECT
     (SELECT count(*) FROM nproxyd_renewal_claims WHERE state = 'failed') AS claims_failed;
 
 -- latest_failures --
--- The most recent error of an open renewal claim and of a pending or dead mail, for /status (no parameters).
+-- The most recent error of an open renewal claim and of a pending or dead mail, for /status (no parameters); each branch reads a partial index.
 SELECT
     (SELECT last_error FROM nproxyd_renewal_claims
         WHERE state <> 'done' AND last_error IS NOT NULL
         ORDER BY updated_at DESC LIMIT 1) AS renewal_error,
-    (SELECT last_error FROM mail_outbox
-        WHERE status IN ('pending', 'dead') AND last_error IS NOT NULL
-        ORDER BY updated_at DESC LIMIT 1) AS mail_error;
+    (SELECT latest.last_error FROM (
+        (SELECT last_error, updated_at FROM mail_outbox
+            WHERE status = 'pending' AND last_error IS NOT NULL
+            ORDER BY updated_at DESC LIMIT 1)
+        UNION ALL
+        (SELECT last_error, updated_at FROM mail_outbox
+            WHERE status = 'dead' AND last_error IS NOT NULL
+            ORDER BY updated_at DESC LIMIT 1)
+    ) AS latest ORDER BY latest.updated_at DESC LIMIT 1) AS mail_error;
