@@ -100,6 +100,25 @@ def _library_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableM
     return event
 
 
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to *stream*; for the process's stdout or stderr, to whatever it is when writing.
+
+    Libraries log at interpreter exit too (atexit hooks); by then a test runner may have put
+    back and closed the stream that was ``sys.stdout`` when logging was configured.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._std = next(
+            (name for name in ("stdout", "stderr") if getattr(sys, name) is stream), None
+        )
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._std is not None:
+            self.stream = getattr(sys, self._std)
+        super().emit(record)
+
+
 def _route_stdlib(level: int, shared: list[Any], renderer: Any, stream: TextIO) -> None:
     """Send every stdlib log record through *shared* and *renderer* to *stream*."""
     formatter = structlog.stdlib.ProcessorFormatter(
@@ -114,7 +133,7 @@ def _route_stdlib(level: int, shared: list[Any], renderer: Any, stream: TextIO) 
             renderer,
         ],
     )
-    handler = logging.StreamHandler(stream)
+    handler = _Handler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):

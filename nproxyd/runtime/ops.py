@@ -126,6 +126,12 @@ class OpsState:
                 keys = await self.keys.counts()
             except NproxydError:
                 return None
+            except Exception as exc:
+                # The driver can raise what the store does not classify (asyncpg's
+                # InternalClientError while the server terminates connections); a health check
+                # reports the database as unreadable instead of failing the request or daemon.
+                self.log.warning("health_check_unclassified_error", error_class=type(exc).__name__)
+                return None
             return _snapshot(gauges, keys, self.clock.now())
         return None
 
@@ -279,7 +285,7 @@ class OpsState:
         with anyio.move_on_after(DB_TIMEOUT_SECONDS):
             try:
                 latest = await self.health.latest_failures()
-            except NproxydError:
+            except Exception:  # noqa: BLE001 - /status shows what it can; see read_database
                 return {}
             return {"renewal-scheduler": latest.renewal_error, "mail-sender": latest.mail_error}
         return {}
