@@ -285,7 +285,7 @@ class OpsState:
         with anyio.move_on_after(DB_TIMEOUT_SECONDS):
             try:
                 latest = await self.health.latest_failures()
-            except Exception:  # noqa: BLE001 - /status shows what it can; see read_database
+            except Exception:  # /status shows what it can; see read_database
                 return {}
             return {"renewal-scheduler": latest.renewal_error, "mail-sender": latest.mail_error}
         return {}
