@@ -142,13 +142,14 @@ class Daemon:
             return
         while not self.shutdown.is_set():
             if self.supervisor.healthy:
-                ready, _ = await self.state.readiness()
-                self.notifier.send("WATCHDOG=1", f"STATUS={self._summary(ready)}")
+                ready, body = await self.state.readiness()
+                reasons = sorted({reason["reason"] for reason in body["reasons"]})
+                self.notifier.send("WATCHDOG=1", f"STATUS={self._summary(ready, reasons)}")
             await self.clock.sleep(interval)
 
-    def _summary(self, ready: bool) -> str:
+    def _summary(self, ready: bool, reasons: list[str] | None = None) -> str:
         failing = sorted(n for n, loop in self.loops.items() if loop.stats.consecutive_failures)
-        state = "ready" if ready else "not ready"
+        state = "ready" if ready else f"not ready ({', '.join(reasons or [])})"
         return f"{state}; {len(self.loops)} actors" + (
             f"; failing: {', '.join(failing)}" if failing else ""
         )
