@@ -74,6 +74,7 @@ class Daemon:
             keys=keys,
             channel=channel,
             settings=config.health,
+            retry_windows=retry_windows(config),
         )
         self.server = OpsServer(self.state, config.http.listen)
         self.notifier = Notifier.from_environ(self.environ)
@@ -153,3 +154,13 @@ class Daemon:
         return f"{state}; {len(self.loops)} actors" + (
             f"; failing: {', '.join(failing)}" if failing else ""
         )
+
+
+def retry_windows(config: Config) -> dict[str, float]:
+    """How long a failing work item of each retrying actor can wait for its next attempt."""
+    actors = config.actors
+    return {
+        "renewal-scheduler": config.billing.retry_max_seconds
+        + actors.renewal_scheduler.interval_seconds,
+        "mail-sender": actors.mail_sender.retry_max_seconds + actors.mail_sender.interval_seconds,
+    }

@@ -102,6 +102,7 @@ class OpsState:
         keys: KeyStore,
         channel: Channel[Any],
         settings: HealthConfig | None = None,
+        retry_windows: dict[str, float] | None = None,
     ) -> None:
         self.clock = clock
         self.instance_id = instance_id
@@ -113,6 +114,8 @@ class OpsState:
         self.keys = keys
         self.channel = channel
         self.settings = settings or HealthConfig()
+        # Per actor: the longest a failed work item waits for its retry, plus one interval.
+        self.retry_windows = retry_windows or {}
         self.started = clock.monotonic()
         self.snapshot: DatabaseSnapshot | None = None
         self.was_ready: bool | None = None
@@ -237,7 +240,10 @@ class OpsState:
             limit = float(getattr(self.settings, key))
             lasted = now - health.degraded_since
             last = health.last_degraded if health.last_degraded is not None else now
-            if lasted >= limit and now - last <= limit:
+            # Failed work is retried within its retry cap; no degraded tick for longer than
+            # that means there is no work left to fail, so the streak no longer counts.
+            fresh = max(limit, self.retry_windows.get(name, 0.0))
+            if lasted >= limit and now - last <= fresh:
                 detail = (
                     f"every work item of its ticks has failed for {lasted:.0f} s "
                     f"(limit {limit:.0f} s): {health.last_degraded_reason}"
