@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -34,42 +34,6 @@ class _Redactor:
             for key, value in event.items():
                 if isinstance(value, str):
                     event[key] = redact_text(value, self.secrets)
-        return event
-
-
-# Warnings about one bad row are written at most once per REPEAT_SECONDS per (event, row): a row
-# that stays bad would otherwise repeat its warning every tick. An event is about a bad row when
-# it is named here or carries ``bad_row=True``; the row is its first id field.
-BAD_ROW_EVENTS = frozenset({"renewal_candidate_skipped"})
-ROW_ID_FIELDS = ("subscription_id", "invoice_id", "mail_id", "key_id", "order_id")
-REPEAT_SECONDS = 3600.0
-_MAX_REMEMBERED = 10_000
-
-
-class OncePerRow:
-    """Drops a bad-row event repeated for the same row within :data:`REPEAT_SECONDS`."""
-
-    def __init__(self, monotonic: Callable[[], float]) -> None:
-        self._monotonic = monotonic
-        self._last: dict[tuple[str, str, str], float] = {}
-
-    def __call__(
-        self, _: Any, __: str, event: MutableMapping[str, Any]
-    ) -> MutableMapping[str, Any]:
-        name = str(event.get("event"))
-        if name not in BAD_ROW_EVENTS and event.get("bad_row") is not True:
-            return event
-        field = next((field for field in ROW_ID_FIELDS if field in event), None)
-        if field is None:
-            return event
-        key = (name, field, str(event[field]))
-        now = self._monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < REPEAT_SECONDS:
-            raise structlog.DropEvent
-        if len(self._last) >= _MAX_REMEMBERED:
-            self._last = {k: t for k, t in self._last.items() if now - t < REPEAT_SECONDS}
-        self._last[key] = now
         return event
 
 
@@ -169,7 +133,6 @@ def configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            OncePerRow(_clock.monotonic),
             *shared,
             renderer,
         ],

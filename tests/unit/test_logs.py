@@ -61,37 +61,3 @@ class TestLibraryLogs:
         logging.getLogger("aiohttp.server").debug("library debug")
         assert quiet.getvalue() == ""
         assert [line["event"] for line in lines(verbose)] == ["own_debug", "library_log"]
-
-
-class FakeMonotonic:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class TestOncePerRow:
-    def test_a_bad_row_warning_repeats_at_most_once_an_hour_per_row(self) -> None:
-        """The same skipped subscription is logged once an hour; another one at once."""
-        clock = FakeMonotonic()
-        limiter = logs.OncePerRow(clock)
-
-        def passes(**event: object) -> bool:
-            try:
-                limiter(None, "warning", dict(event))
-            except structlog.DropEvent:
-                return False
-            return True
-
-        skipped = {"event": "renewal_candidate_skipped", "subscription_id": "s1"}
-        assert passes(**skipped)
-        clock.now = 300
-        assert not passes(**skipped)
-        assert passes(event="renewal_candidate_skipped", subscription_id="s2")
-        assert passes(event="mail_sent", mail_id="m1")
-        assert passes(event="mail_sent", mail_id="m1")
-        assert passes(event="odd_mail", mail_id="m1", bad_row=True)
-        assert not passes(event="odd_mail", mail_id="m1", bad_row=True)
-        clock.now = 3600
-        assert passes(**skipped)
