@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Protocol
 
 import structlog
 
 from nproxyd.core.messages import ExpirerReport
-from nproxyd.store.rows import KEYSET_START, ExpiryBatch
-
-
-class ExpiryStore(Protocol):
-    async def expire_batch(
-        self, now: datetime, after: tuple[datetime, str], limit: int
-    ) -> ExpiryBatch: ...
+from nproxyd.core.ports import ExpiryStore
 
 
 class InvoiceExpirer:
-    """Expires due invoices in keyset batches, each its own short transaction."""
+    """Expires due invoices in bounded batches, each its own short transaction.
+
+    How the due rows are walked (physical order or the index) is the store's business.
+    """
 
     name = "invoice-expirer"
 
@@ -29,16 +25,10 @@ class InvoiceExpirer:
         self.log = structlog.get_logger().bind(actor=self.name)
 
     async def tick(self, now: datetime) -> ExpirerReport:
-        cursor = KEYSET_START
         expired = batches = 0
-        while True:
-            batch = await self.store.expire_batch(now, cursor, self.batch_size)
+        async for count in self.store.expire_due(now, self.batch_size):
             batches += 1
-            expired += batch.expired
-            if batch.scanned < self.batch_size or batch.last_id is None:
-                break
-            assert batch.last_expires_at is not None
-            cursor = (batch.last_expires_at, batch.last_id)
+            expired += count
         if expired:
             self.log.info("pending_invoices_expired", expired_count=expired)
         return ExpirerReport(expired_count=expired, batches=batches)

@@ -5,12 +5,18 @@ one statement, calls the payment provider for the slots it won (bounded concurre
 commits each group of answers in one statement: invoice, outbox mail and claim completion
 together. A crash anywhere leaves a claim whose lease elapses; the next tick of any instance
 takes it over with the same provider ``order_id``.
+
+Bad data never stalls a batch: a candidate that cannot be invoiced (a cycle start Python cannot
+represent, a bad plan, an address nproxyd can never deliver to) is skipped before any provider
+call; a group whose commit fails on its data is halved until the one slot it fails on is alone,
+and that slot is released ``failed`` so the good ones are stored.
 """
 
 from __future__ import annotations
 
 import random
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -24,7 +30,7 @@ from nproxyd.actors.leases import LeaseClock, kept_alive
 from nproxyd.core.channels import Outbox
 from nproxyd.core.clock import Clock
 from nproxyd.core.config import Config
-from nproxyd.core.errors import ProviderPermanentError
+from nproxyd.core.errors import ProviderPermanentError, StoreDataError
 from nproxyd.core.messages import OutboxReady, RenewalReport
 from nproxyd.core.ports import InvoiceRequest, PaymentProvider, ProviderInvoice
 from nproxyd.core.rules import (
@@ -34,6 +40,7 @@ from nproxyd.core.rules import (
     order_id,
     render_renewal_body,
 )
+from nproxyd.core.text import storable
 from nproxyd.store.rows import (
     KEYSET_START,
     ClaimedSlot,
@@ -41,16 +48,19 @@ from nproxyd.store.rows import (
     ReleasedSlot,
     RenewalCandidate,
     StoredInvoice,
+    UnreadableCandidate,
 )
 
 _COMMIT_GROUP = 500
+_LOG_AGAIN_AFTER = timedelta(hours=1)  # a warning about one bad row, at most this often
+_MEMO_SIZE = 10_000  # rows remembered for that; the oldest are forgotten first
 Outcome = StoredInvoice | ReleasedSlot
 
 
 class RenewalStorePort(Protocol):
     async def candidates(
         self, now: datetime, window_end: datetime, after: tuple[datetime, str], limit: int
-    ) -> list[RenewalCandidate]: ...
+    ) -> list[RenewalCandidate | UnreadableCandidate]: ...
 
     async def claim(
         self,
@@ -104,7 +114,12 @@ class RenewalSettings(msgspec.Struct, frozen=True, kw_only=True):
 class _Totals:
     def __init__(self) -> None:
         self.candidates = self.claimed = self.created = self.superseded = 0
-        self.skipped = self.transient = self.permanent = 0
+        self.skipped = self.transient = self.permanent = self.unreleasable = 0
+        self.skipped_reasons: dict[str, int] = {}
+
+    def skip(self, reason: str) -> None:
+        self.skipped += 1
+        self.skipped_reasons[reason] = self.skipped_reasons.get(reason, 0) + 1
 
     def report(self) -> RenewalReport:
         return RenewalReport(
@@ -113,9 +128,35 @@ class _Totals:
             created_count=self.created,
             superseded=self.superseded,
             skipped_bad=self.skipped,
+            skipped_reasons=dict(self.skipped_reasons),
             transient_failures=self.transient,
             permanent_failures=self.permanent,
+            unreleasable=self.unreleasable,
         )
+
+
+class LogMemo:
+    """When a warning about each row was last logged, so one bad row is not logged every tick.
+
+    Bounded: past ``size`` rows the least recently logged are forgotten (and may be logged
+    again). A changed reason, or a ``now`` before the last one, logs again.
+    """
+
+    def __init__(self, every: timedelta = _LOG_AGAIN_AFTER, size: int = _MEMO_SIZE) -> None:
+        self.every = every
+        self.size = size
+        self._logged: OrderedDict[str, tuple[datetime, str]] = OrderedDict()
+
+    def due(self, key: str, reason: str, now: datetime) -> bool:
+        """True when a warning about ``key`` should be logged now (and remembers it)."""
+        last = self._logged.get(key)
+        if last is not None and last[1] == reason and last[0] <= now < last[0] + self.every:
+            return False
+        self._logged[key] = (now, reason)
+        self._logged.move_to_end(key)
+        while len(self._logged) > self.size:
+            self._logged.popitem(last=False)
+        return True
 
 
 class _Run:
@@ -152,6 +193,7 @@ class RenewalScheduler:
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self.interval_seconds = settings.interval_seconds
         self.log = structlog.get_logger().bind(actor=self.name)
+        self.skip_memo = LogMemo()
 
     async def tick(self, now: datetime) -> RenewalReport:
         """A pipeline: read and claim batches -> provider workers -> grouped commits.
@@ -199,28 +241,36 @@ class RenewalScheduler:
             run.totals.candidates += len(batch)
             if batch:
                 cursor = (batch[-1].current_period_end, batch[-1].subscription_id)
-                for pair in await self._claim(self._valid(batch, run.totals), run):
+                for pair in await self._claim(self._valid(batch, run), run):
                     await work.send(pair)
             if len(batch) < self.settings.batch_size:
                 return
 
-    def _valid(self, batch: list[RenewalCandidate], totals: _Totals) -> list[RenewalCandidate]:
-        valid = []
+    def _valid(
+        self, batch: list[RenewalCandidate | UnreadableCandidate], run: _Run
+    ) -> list[RenewalCandidate]:
+        """The candidates that can be invoiced; the others are counted and logged by id."""
+        valid: list[RenewalCandidate] = []
         for candidate in batch:
-            problem = candidate_problem(
-                email=candidate.email,
-                price=candidate.monthly_price_usd,
-                currency=candidate.billing_currency,
-            )
-            if problem is None:
-                valid.append(candidate)
-                continue
-            totals.skipped += 1
-            self.log.warning(
-                "renewal_candidate_skipped",
-                subscription_id=candidate.subscription_id,
-                reason=problem,
-            )
+            problem: str | None
+            if isinstance(candidate, UnreadableCandidate):
+                problem = f"{candidate.column} is not a representable timestamp"
+            else:
+                problem = candidate_problem(
+                    email=candidate.email,
+                    price=candidate.monthly_price_usd,
+                    currency=candidate.billing_currency,
+                )
+                if problem is None:
+                    valid.append(candidate)
+                    continue
+            run.totals.skip(problem)
+            if self.skip_memo.due(candidate.subscription_id, problem, run.now):
+                self.log.warning(
+                    "renewal_candidate_skipped",
+                    subscription_id=candidate.subscription_id,
+                    reason=problem,
+                )
         return valid
 
     async def _claim(self, valid: list[RenewalCandidate], run: _Run) -> list[Work]:
@@ -257,7 +307,7 @@ class RenewalScheduler:
             return self._stored(candidate, slot, run.token, answer)
         except ProviderPermanentError as exc:
             run.totals.permanent += 1
-            return self._failed(candidate, slot, run.token, run.now, exc.message)
+            return self._failed(slot, run.token, run.now, exc.message)
         except Exception as exc:
             run.totals.transient += 1
             return self._retry(candidate, slot, run.token, run.now, exc)
@@ -282,7 +332,9 @@ class RenewalScheduler:
         answer: ProviderInvoice,
     ) -> StoredInvoice:
         if not answer.provider_invoice_id:
-            raise ProviderPermanentError("the provider returned no invoice id")
+            raise ProviderPermanentError(
+                f"the provider returned no invoice id for order {slot.order_id}"
+            )
         assert candidate.monthly_price_usd is not None and candidate.billing_currency
         assert candidate.email is not None
         amount = candidate.monthly_price_usd
@@ -310,16 +362,13 @@ class RenewalScheduler:
             message_id=new_message_id(self.settings.from_address),
         )
 
-    def _failed(
-        self,
-        candidate: RenewalCandidate,
-        slot: ClaimedSlot,
-        token: str,
-        now: datetime,
-        reason: str,
-    ) -> ReleasedSlot:
+    def _failed(self, slot: ClaimedSlot, token: str, now: datetime, reason: str) -> ReleasedSlot:
+        reason = storable(reason)
         self.log.warning(
-            "renewal_invoice_failed", subscription_id=candidate.subscription_id, reason=reason
+            "renewal_invoice_failed",
+            subscription_id=slot.subscription_id,
+            order_id=slot.order_id,
+            reason=reason,
         )
         retry_at = now + timedelta(hours=self.settings.failed_retry_hours)
         return self._released(slot, token, "failed", retry_at, reason)
@@ -332,16 +381,17 @@ class RenewalScheduler:
         now: datetime,
         exc: Exception,
     ) -> ReleasedSlot:
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = storable(f"{type(exc).__name__}: {exc}")
         delay = backoff_seconds(
             slot.attempts,
             base_seconds=self.settings.retry_base_seconds,
             cap_seconds=self.settings.retry_cap_seconds,
             rng=self.rng,
         )
-        self.log.info(
+        self.log.warning(
             "renewal_invoice_retry_scheduled",
             subscription_id=candidate.subscription_id,
+            order_id=slot.order_id,
             attempts=slot.attempts,
             retry_in_seconds=round(delay, 1),
             reason=reason,
@@ -358,7 +408,7 @@ class RenewalScheduler:
             token=token,
             state=state,
             available_at=available_at,
-            error=error[:1000],
+            error=storable(error),
         )
 
     async def _commit_loop(self, receiver: MemoryObjectReceiveStream[Outcome], run: _Run) -> None:
@@ -376,11 +426,93 @@ class RenewalScheduler:
         invoices = [item for item in group if isinstance(item, StoredInvoice)]
         released = [item for item in group if isinstance(item, ReleasedSlot)]
         if invoices:
-            completed = await self.store.commit(invoices, provider=self.provider.name, now=now)
-            created = sum(1 for slot in completed if not slot.superseded)
-            totals.created += created
-            totals.superseded += len(completed) - created
-            if created:
-                self.outbox.offer(OutboxReady(count=created))
+            released.extend(await self._store(invoices, now, totals))
         if released:
-            await self.store.release(released, now)
+            await self._release(released, now, totals)
+
+    async def _store(
+        self, invoices: list[StoredInvoice], now: datetime, totals: _Totals
+    ) -> list[ReleasedSlot]:
+        """Commit ``invoices``; returns the slots to release because their data cannot be stored.
+
+        A group that fails on its data is halved until the slot it fails on is alone, so one
+        poison answer costs a few statements, not the group.
+        """
+        try:
+            completed = await self.store.commit(invoices, provider=self.provider.name, now=now)
+        except StoreDataError as exc:
+            if len(invoices) == 1:
+                totals.permanent += 1
+                return [self._unstorable(invoices[0], now, exc)]
+            half = len(invoices) // 2
+            first = await self._store(invoices[:half], now, totals)
+            return first + await self._store(invoices[half:], now, totals)
+        self._created(invoices, completed, totals)
+        return []
+
+    def _created(
+        self, invoices: list[StoredInvoice], completed: list[CompletedSlot], totals: _Totals
+    ) -> None:
+        by_subscription = {invoice.subscription_id: invoice for invoice in invoices}
+        created = 0
+        for slot in completed:
+            if slot.superseded:
+                totals.superseded += 1
+                continue
+            created += 1
+            invoice = by_subscription[slot.subscription_id]
+            self.log.debug(
+                "renewal_invoice_created",
+                invoice_id=invoice.invoice_id,
+                subscription_id=invoice.subscription_id,
+                order_id=order_id(invoice.subscription_id, invoice.cycle_start),
+            )
+        totals.created += created
+        if created:
+            self.outbox.offer(OutboxReady(count=created))
+
+    def _unstorable(
+        self, invoice: StoredInvoice, now: datetime, exc: StoreDataError
+    ) -> ReleasedSlot:
+        reason = f"unstorable provider answer (payment {invoice.provider_invoice_id}): {exc}"
+        slot = ClaimedSlot(
+            subscription_id=invoice.subscription_id,
+            cycle_start=invoice.cycle_start,
+            order_id=order_id(invoice.subscription_id, invoice.cycle_start),
+            attempts=0,
+        )
+        return self._failed(slot, invoice.token, now, reason)
+
+    async def _release(self, slots: list[ReleasedSlot], now: datetime, totals: _Totals) -> None:
+        """Release ``slots``; halves a group that fails on its data, like :meth:`_store`."""
+        try:
+            await self.store.release(slots, now)
+        except StoreDataError as exc:
+            if len(slots) == 1:
+                await self._release_plainly(slots[0], now, totals, exc)
+                return
+            half = len(slots) // 2
+            await self._release(slots[:half], now, totals)
+            await self._release(slots[half:], now, totals)
+
+    async def _release_plainly(
+        self, slot: ReleasedSlot, now: datetime, totals: _Totals, exc: StoreDataError
+    ) -> None:
+        """Release one slot with a fixed reason; a slot even that fails for is counted, logged."""
+        plain = msgspec.structs.replace(
+            slot, error=f"{slot.state}: the reason could not be stored ({exc})"
+        )
+        try:
+            await self.store.release([plain], now)
+        except StoreDataError as again:
+            error = again.message
+        else:
+            return
+        # Its lease elapses and a later tick tries it again: loud, never silent.
+        totals.unreleasable += 1
+        self.log.error(
+            "renewal_claim_unreleasable",
+            subscription_id=slot.subscription_id,
+            state=slot.state,
+            error=error,
+        )

@@ -8,6 +8,11 @@ which holds the idempotency claim, decides.
 
 The API key is sent only as a request header. It is never part of an exception, a log line or
 this object's ``repr``; provider-supplied text is scrubbed of it before it is quoted.
+
+Answers are checked before they are trusted (:mod:`nproxyd.core.answers`): a body that is not
+valid UTF-8 or not the expected JSON, a missing payment id or address, a NUL, an unparseable
+amount or date or an implausibly long field is permanent, and the error names the order id and
+the payment id if any, so an operator can cancel the payment at the provider.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from nproxyd.core.answers import MAX_PAYMENT_ID_LENGTH, checked_invoice, invalid_answer
 from nproxyd.core.clock import SystemClock, parse_instant
 from nproxyd.core.config import NowPaymentsConfig, redact_text
 from nproxyd.core.errors import ProviderPermanentError, ProviderTransientError
 from nproxyd.core.ports import InvoiceRequest, ProviderInvoice
+from nproxyd.core.text import storable
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -118,8 +125,8 @@ class NowPaymentsProvider:
         )
         answer: tuple[int, bytes] = await retrying(self._post, body)
         status, payload = answer
-        self._check_status(status, payload)
-        return _parse_invoice(payload)
+        self._check_status(status, payload, request.order_id)
+        return _parse_invoice(payload, request.order_id)
 
     async def aclose(self) -> None:
         if self._owns_session and self._session is not None:
@@ -150,27 +157,32 @@ class NowPaymentsProvider:
             self._session = aiohttp.ClientSession()
         return self._session
 
-    def _check_status(self, status: int, payload: bytes) -> None:
+    def _check_status(self, status: int, payload: bytes, order_id: str) -> None:
         if 200 <= status < 300:
             return
         detail = self._detail(payload)
         if status >= 500:
             raise ProviderTransientError(
-                f"nowpayments failed with HTTP {status}{detail}; outcome unknown"
+                f"nowpayments failed with HTTP {status}{detail} for order {order_id};"
+                " outcome unknown"
             )
-        raise ProviderPermanentError(f"nowpayments refused the payment (HTTP {status}{detail})")
+        raise ProviderPermanentError(
+            f"nowpayments refused the payment for order {order_id} (HTTP {status}{detail})"
+        )
 
     def _detail(self, payload: bytes) -> str:
         """``": CODE: message"`` from a provider error body, scrubbed of the API key."""
         try:
-            answer = msgspec.json.decode(payload, type=_ErrorAnswer)
-        except msgspec.DecodeError:
+            # Replaced, not refused: a body that is not valid UTF-8 is still an answer.
+            text = payload.decode("utf-8", errors="replace")
+            answer = msgspec.json.decode(text, type=_ErrorAnswer)
+        except (msgspec.DecodeError, msgspec.ValidationError):
             return ""
         parts = [part for part in (answer.code, answer.message) if part]
         if not parts:
             return ""
-        text = ": ".join(parts)[:_MAX_QUOTED]
-        return " " + redact_text(text, [self._config.api_key])
+        quoted = redact_text(": ".join(parts), [self._config.api_key])
+        return " " + storable(quoted, _MAX_QUOTED)
 
     async def _log_retry(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None
@@ -201,33 +213,55 @@ def _map_errors(url: str, timeout_seconds: float) -> Iterator[None]:
         ) from exc
 
 
-def _parse_invoice(payload: bytes) -> ProviderInvoice:
+def _parse_invoice(payload: bytes, order_id: str) -> ProviderInvoice:
     try:
         answer = msgspec.json.decode(payload, type=_PaymentAnswer)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ProviderPermanentError(f"invalid response from nowpayments: {exc}") from None
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        problem = (
+            "the answer is not valid UTF-8"
+            if isinstance(exc, UnicodeDecodeError)
+            else f"the answer is not the expected JSON ({exc})"
+        )
+        raise _invalid(order_id, _payment_id_in(payload), problem) from None
     if answer.payment_id is None or answer.payment_id == "":
-        raise ProviderPermanentError("invalid response from nowpayments: no payment_id")
+        raise _invalid(order_id, None, "no payment_id")
+    payment_id = storable(str(answer.payment_id), MAX_PAYMENT_ID_LENGTH)
     if not answer.pay_address:
-        raise ProviderPermanentError("invalid response from nowpayments: no pay_address")
-    return ProviderInvoice(
+        raise _invalid(order_id, payment_id, "no pay_address")
+    invoice = ProviderInvoice(
         provider_invoice_id=str(answer.payment_id),
         payment_address=answer.pay_address,
         pay_amount=answer.pay_amount,
         pay_currency=answer.pay_currency,
-        expires_at=_expiry(answer),
+        expires_at=_expiry(answer, order_id, payment_id),
     )
+    return checked_invoice(invoice, provider="nowpayments", order_id=order_id)
 
 
-def _expiry(answer: _PaymentAnswer) -> datetime | None:
+def _invalid(order_id: str, payment_id: str | None, problem: str) -> ProviderPermanentError:
+    return invalid_answer("nowpayments", order_id, payment_id, problem)
+
+
+def _payment_id_in(payload: bytes) -> str | None:
+    """The payment id of an answer that failed to parse, if one can be read at all."""
+    try:
+        value = msgspec.json.decode(payload.decode("utf-8", errors="replace"))
+    except msgspec.DecodeError:
+        return None
+    payment_id = value.get("payment_id") if isinstance(value, dict) else None
+    if isinstance(payment_id, str | int) and not isinstance(payment_id, bool):
+        return storable(str(payment_id), MAX_PAYMENT_ID_LENGTH) or None
+    return None
+
+
+def _expiry(answer: _PaymentAnswer, order_id: str, payment_id: str) -> datetime | None:
     for field in ("expiration_estimate_date", "valid_until"):
         text = getattr(answer, field)
         if not text:
             continue
         try:
             return parse_instant(text)
-        except ValueError:
-            raise ProviderPermanentError(
-                f"invalid response from nowpayments: bad {field} {text[:_MAX_QUOTED]!r}"
-            ) from None
+        except (ValueError, OverflowError):
+            quoted = storable(text, _MAX_QUOTED)
+            raise _invalid(order_id, payment_id, f"bad {field} {quoted!r}") from None
     return None

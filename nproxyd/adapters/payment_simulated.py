@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
+from nproxyd.core.answers import checked_invoice
 from nproxyd.core.config import SimulatedPaymentConfig
 from nproxyd.core.errors import ProviderTransientError
 from nproxyd.core.ports import InvoiceRequest, ProviderInvoice
@@ -50,13 +51,16 @@ class SimulatedPaymentProvider:
         if self._rng.random() < self._config.failure_rate:
             raise ProviderTransientError(f"simulated provider failure for order {request.order_id}")
         token = uuid.uuid4().hex
-        return ProviderInvoice(
+        invoice = ProviderInvoice(
             provider_invoice_id=f"sim_{token}",
             payment_address=f"sim_addr_{token}",
             pay_amount=request.amount_usd,
             pay_currency=request.currency,
             expires_at=now + timedelta(hours=self._config.invoice_ttl_hours),
         )
+        # The same checks as a real provider's answer: a request whose currency could not
+        # be stored fails here, for its slot, not in the grouped commit.
+        return checked_invoice(invoice, provider=self.name, order_id=request.order_id)
 
     async def aclose(self) -> None:
         """Nothing to release."""

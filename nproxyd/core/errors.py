@@ -41,6 +41,14 @@ class DatabaseUnavailable(StoreError):
     transient = True
 
 
+class LockUnavailable(StoreError):
+    """A row lock was not granted within the statement's lock timeout."""
+
+
+class StoreDataError(StoreError):
+    """A statement failed on the data it was given."""
+
+
 class MigrationError(StoreError):
     """A schema migration failed."""
 

@@ -43,6 +43,7 @@ class RenewalReport(Report, frozen=True, kw_only=True):
     skipped_reasons: dict[str, int] = {}  # reason -> candidates skipped for it this tick
     transient_failures: int = 0
     permanent_failures: int = 0
+    unreleasable: int = 0  # claims that could not even be released on a data error
 
     def degraded(self) -> str | None:
         """Degraded when slots were claimed, every one failed and no invoice was created."""

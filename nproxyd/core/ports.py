@@ -6,6 +6,7 @@ project's exception tree (:mod:`nproxyd.core.errors`), deciding once whether it 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import datetime
 from decimal import Decimal
 from email.message import Message
@@ -76,3 +77,11 @@ class BalanceProbe(Protocol):
     """Reads a provider key's balance; raises :class:`~nproxyd.core.errors.BalanceProbeError`."""
 
     async def balance(self, key: ProviderKeyRef) -> Decimal: ...
+
+
+class ExpiryStore(Protocol):
+    """Expires due pending invoices in bounded statements, however it walks them."""
+
+    def expire_due(self, now: datetime, batch_size: int) -> AsyncIterator[int]:
+        """Expire every pending invoice due at ``now``; yields each statement's count."""
+        ...

@@ -144,6 +144,8 @@ def candidate_problem(
         return "plan price has more than 2 decimals"
     if not currency or not currency.strip():
         return "plan billing currency is empty"
-    if not is_plausible_address(email):
-        return "user email is missing or malformed"
+    address = address_problem(email)
+    if address is not None:
+        # address_problem's reasons are a fixed set: fit for a metric label.
+        return f"user email: {address}"
     return None

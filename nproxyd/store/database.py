@@ -10,10 +10,14 @@ from typing import Any
 import asyncpg
 import asyncpg.pool
 
-from nproxyd.core.errors import DatabaseUnavailable, StoreError
+from nproxyd.core.errors import DatabaseUnavailable, LockUnavailable, StoreDataError, StoreError
+from nproxyd.core.text import storable
 from nproxyd.store.sql import QUERIES
 
 _UNAVAILABLE_SQLSTATE_CLASSES = ("08", "57", "53")  # connection, operator intervention, resources
+_LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout expired, or NOWAIT
+_DATA_SQLSTATE_CLASS = "22"  # data exception: a value the statement was given or read is bad
+_MAX_DATA_ERROR = 300  # characters of a data error kept (the driver may quote whole arguments)
 
 
 @contextmanager
@@ -26,9 +30,25 @@ def map_errors() -> Iterator[None]:
         kind = type(exc).__name__
         if sqlstate[:2] in _UNAVAILABLE_SQLSTATE_CLASSES:
             raise DatabaseUnavailable(f"database unavailable: {kind} ({sqlstate})") from exc
+        if sqlstate == _LOCK_NOT_AVAILABLE:
+            raise LockUnavailable(f"row lock not available: {kind}") from exc
+        if sqlstate[:2] == _DATA_SQLSTATE_CLASS:
+            raise _data_error(f"{sqlstate}: {kind}: {exc}") from exc
         raise StoreError(f"database error {sqlstate}: {kind}: {exc}") from exc
+    except asyncpg.DataError as exc:
+        # Raised before sending, while encoding an argument; its text quotes the whole argument,
+        # so only the encoder's reason is kept.
+        reason = exc.__cause__ or "cannot encode"
+        raise _data_error(f"invalid statement argument: {reason}") from exc
     except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
         raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+    except (UnicodeError, OverflowError) as exc:
+        # A value the driver could not encode or decode (e.g. a year Python cannot hold).
+        raise _data_error(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _data_error(detail: str) -> StoreDataError:
+    return StoreDataError(storable(f"database rejected the data: {detail}", _MAX_DATA_ERROR))
 
 
 async def _init_connection(connection: asyncpg.Connection) -> None:

@@ -20,11 +20,17 @@ def convert_rows(rows: Iterable[Any], row_type: type[T]) -> list[T]:
     return [msgspec.convert(dict(row.items()), row_type) for row in rows]
 
 
+class ExpirySurvey(msgspec.Struct, frozen=True, kw_only=True):
+    pages: int
+    tuples: int
+    due: int
+
+
 class ExpiryBatch(msgspec.Struct, frozen=True, kw_only=True):
     scanned: int
     expired: int
-    last_expires_at: datetime | None
-    last_id: str | None
+    last_expires_at: str | None = None  # as text: the keyset never decodes a timestamp
+    last_id: str | None = None
 
 
 class RenewalCandidate(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,6 +42,36 @@ class RenewalCandidate(msgspec.Struct, frozen=True, kw_only=True):
     plan_code: str
     monthly_price_usd: Decimal | None
     billing_currency: str | None
+
+
+class UnreadableCandidate(msgspec.Struct, frozen=True, kw_only=True):
+    """A due subscription whose cycle start Python cannot represent (±infinity, BC, year 10000+).
+
+    ``column`` names the subscription column the cycle start came from.
+    """
+
+    subscription_id: str
+    current_period_end: datetime
+    column: str
+
+
+def convert_candidates(rows: Iterable[Any]) -> list[RenewalCandidate | UnreadableCandidate]:
+    """Candidate rows as Structs; a row flagged ``unreadable`` becomes an UnreadableCandidate."""
+    result: list[RenewalCandidate | UnreadableCandidate] = []
+    for row in rows:
+        values = dict(row.items())
+        column = values.pop("unreadable", None)
+        if column is None:
+            result.append(msgspec.convert(values, RenewalCandidate))
+        else:
+            result.append(
+                UnreadableCandidate(
+                    subscription_id=values["subscription_id"],
+                    current_period_end=values["current_period_end"],
+                    column=column,
+                )
+            )
+    return result
 
 
 class ClaimedSlot(msgspec.Struct, frozen=True, kw_only=True):

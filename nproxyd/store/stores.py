@@ -5,10 +5,11 @@ Business rules live in the actors, in pure functions, or in the set-based statem
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from decimal import Decimal
 
+from nproxyd.core.errors import LockUnavailable
 from nproxyd.core.rules import RENEWAL_SUBJECT
 from nproxyd.store.database import Database, affected
 from nproxyd.store.rows import (
@@ -16,6 +17,7 @@ from nproxyd.store.rows import (
     CompletedSlot,
     DeadMail,
     ExpiryBatch,
+    ExpirySurvey,
     HealthGauges,
     KeyRow,
     KeyTransition,
@@ -26,19 +28,87 @@ from nproxyd.store.rows import (
     ReleasedSlot,
     RenewalCandidate,
     StoredInvoice,
+    UnreadableCandidate,
+    convert_candidates,
     convert_rows,
 )
 
 
 class InvoiceStore:
+    """Expiry of due pending invoices; implements :class:`nproxyd.core.ports.ExpiryStore`.
+
+    When many invoices are due (at least ``SWEEP_DUE_PER_PAGE`` per heap page), the table is
+    swept in physical order, a range of pages per statement: each page is read once, in order,
+    as one UPDATE would. Otherwise, and for what a sweep left (rows locked at the time, rows
+    added since), keyset batches walk the partial index of due rows. Either way every
+    statement takes at most ``batch_size`` rows and skips rows locked by others.
+    """
+
+    SWEEP_DUE_PER_PAGE = 4
+    RANGE_LOCK_TIMEOUT = "50ms"  # a page range waits no longer for a row locked by others
+    _ROWS_PER_PAGE_GUESS = 60  # before the table was ever analysed
+
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def expire_batch(
-        self, now: datetime, after: tuple[datetime, str], limit: int
-    ) -> ExpiryBatch:
-        rows = await self.db.fetch("expire_pending_invoices", now, after[0], after[1], limit)
-        return convert_rows(rows, ExpiryBatch)[0]
+    async def expire_due(self, now: datetime, batch_size: int) -> AsyncIterator[int]:
+        """Expire every pending invoice due at ``now``; yields the count of each statement."""
+        rows = await self.db.fetch("expiry_survey", now, self.SWEEP_DUE_PER_PAGE)
+        survey = convert_rows(rows, ExpirySurvey)[0]
+        if survey.due == 0:
+            return
+        if survey.pages and survey.due >= survey.pages * self.SWEEP_DUE_PER_PAGE:
+            async for expired in self._sweep(now, survey, batch_size):
+                yield expired
+        async for expired in self._keyset(now, batch_size):
+            yield expired
+
+    async def _sweep(
+        self, now: datetime, survey: ExpirySurvey, batch_size: int
+    ) -> AsyncIterator[int]:
+        density = survey.tuples / survey.pages if survey.tuples else self._ROWS_PER_PAGE_GUESS
+        step = max(1, int(batch_size / max(density, 1.0)))
+        for first in range(0, survey.pages, step):
+            last = min(first + step, survey.pages)
+            try:
+                yield await self._expire_range(now, first, last)
+            except LockUnavailable:
+                async for expired in self._expire_range_skipping_locked(
+                    now, first, last, batch_size
+                ):
+                    yield expired
+
+    async def _expire_range(self, now: datetime, first: int, last: int) -> int:
+        """One plain UPDATE of a page range: each row written once, as one big UPDATE does."""
+        async with self.db.transaction() as transaction:
+            await transaction.fetch("set_lock_timeout", self.RANGE_LOCK_TIMEOUT)
+            status = await transaction.execute(
+                "expire_pending_invoices_in_page_range", now, (first, 0), (last, 0)
+            )
+        return affected(status)
+
+    async def _expire_range_skipping_locked(
+        self, now: datetime, first: int, last: int, batch_size: int
+    ) -> AsyncIterator[int]:
+        """A page range holding a locked row: lock what is free, skip the rest."""
+        while True:
+            rows = await self.db.fetch(
+                "expire_pending_invoices_in_pages", now, (first, 0), (last, 0), batch_size
+            )
+            batch = convert_rows(rows, ExpiryBatch)[0]
+            yield batch.expired
+            if batch.scanned < batch_size:
+                return
+
+    async def _keyset(self, now: datetime, batch_size: int) -> AsyncIterator[int]:
+        after, after_id = "-infinity", ""
+        while True:
+            rows = await self.db.fetch("expire_pending_invoices", now, after, after_id, batch_size)
+            batch = convert_rows(rows, ExpiryBatch)[0]
+            yield batch.expired
+            if batch.scanned < batch_size or batch.last_id is None:
+                return
+            after, after_id = batch.last_expires_at or after, batch.last_id
 
 
 class KeyStore:
@@ -93,9 +163,9 @@ class RenewalStore:
 
     async def candidates(
         self, now: datetime, window_end: datetime, after: tuple[datetime, str], limit: int
-    ) -> list[RenewalCandidate]:
+    ) -> list[RenewalCandidate | UnreadableCandidate]:
         rows = await self.db.fetch("renewal_candidates", now, window_end, after[0], after[1], limit)
-        return convert_rows(rows, RenewalCandidate)
+        return convert_candidates(rows)
 
     async def claim(
         self,

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 
 from nproxyd.runtime import logs
-from tests.bench import bench_expiry, bench_idle, bench_mail, bench_renewal
+from tests.bench import bench_expiry, bench_idle, bench_mail, bench_renewal, bench_soak
 from tests.bench.common import Figure, duration
 from tests.pg import TestServer
 
@@ -26,20 +26,24 @@ Benchmark = Callable[[TestServer], Awaitable[list[Figure]]]
 BENCHMARKS: dict[str, Benchmark] = {
     "renewal_provider_bound": bench_renewal.provider_bound,
     "renewal_db_bound": bench_renewal.db_bound,
-    "expiry": bench_expiry.run,
+    "expiry_correlated": bench_expiry.correlated,
+    "expiry_interleaved": bench_expiry.interleaved,
     "mail": bench_mail.run,
     "idle": bench_idle.run,
 }
+# On demand only, by name: it runs for NPROXYD_SOAK_MINUTES (default 20).
+SLOW_BENCHMARKS: dict[str, Benchmark] = {"soak": bench_soak.run}
 EX_USAGE = 64
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
-    parser.add_argument("names", nargs="*", metavar="NAME", help=", ".join(BENCHMARKS))
+    known_all = {**BENCHMARKS, **SLOW_BENCHMARKS}
+    parser.add_argument("names", nargs="*", metavar="NAME", help=", ".join(known_all))
     names = parser.parse_args(argv).names or list(BENCHMARKS)
-    unknown = [name for name in names if name not in BENCHMARKS]
+    unknown = [name for name in names if name not in known_all]
     if unknown:
-        known = ", ".join(BENCHMARKS)
+        known = ", ".join(known_all)
         print(f"unknown benchmark(s): {', '.join(unknown)}; known: {known}", file=sys.stderr)
         return EX_USAGE
     # The actors log as in production (JSON at info level), into nothing: stdout is for figures.
@@ -54,7 +58,7 @@ async def run_all(names: list[str], server: TestServer) -> int:
     failed = 0
     started = time.perf_counter()
     for name in names:
-        for figure in await BENCHMARKS[name](server):
+        for figure in await {**BENCHMARKS, **SLOW_BENCHMARKS}[name](server):
             print(figure.line(), flush=True)
             failed += not figure.passed
     print(

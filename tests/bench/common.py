@@ -57,6 +57,19 @@ class Figure:
         )
 
 
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[middle]
+    return (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def spread(values: list[float]) -> str:
+    """``min..max`` of repeated durations, e.g. ``[8.1s..8.9s]``."""
+    return f"[{duration(min(values))}..{duration(max(values))}]"
+
+
 def significant(value: float, digits: int = 3) -> str:
     """``value`` with about ``digits`` significant digits and never an exponent."""
     if value == 0 or not math.isfinite(value):

@@ -12,7 +12,8 @@ or, for tests that run the real daemon as a subprocess, in a thread with its own
 
 Every request is recorded (``requests``, ``calls_for(order_id)``), successful ones also in
 ``payments``. State changes are guarded by a lock, so a test may switch modes from another
-thread while the server runs.
+thread while the server runs. ``set_order_mode`` scripts the answer for one ``order_id``
+(a hostile answer for one order among many).
 """
 
 from __future__ import annotations
@@ -51,6 +52,16 @@ class Mode(enum.Enum):
     HANG = "hang"  # answers only after hang_seconds
     MALFORMED_JSON = "malformed_json"  # 201 with a body that is not JSON
     MISSING_FIELDS = "missing_fields"  # 201 without payment_id and pay_address
+    # Hostile answers (a payment is created, its answer cannot be trusted):
+    NUL_ADDRESS = "nul_address"  # 201 whose pay_address holds a NUL (JSON \u0000)
+    INVALID_UTF8 = "invalid_utf8"  # 201 whose body has a byte that is not UTF-8
+    MISSING_ID = "missing_id"  # 201 without payment_id
+    BAD_AMOUNT = "bad_amount"  # 201 whose pay_amount is not a number
+    BAD_DATE = "bad_date"  # 201 whose dates cannot be parsed
+    LONG_FIELD = "long_field"  # 201 whose pay_address is 10,000 characters
+    # Hostile error answers:
+    REFUSED_LATIN1 = "refused_latin1"  # 400 whose body is Latin-1, not UTF-8
+    REFUSED_NUL = "refused_nul"  # 400 whose message holds a NUL
 
 
 _ERRORS: dict[Mode, tuple[int, str, str]] = {
@@ -83,6 +94,7 @@ class RecordedRequest:
 class _State:
     mode: Mode = Mode.OK
     queued: deque[Mode] = field(default_factory=deque)
+    by_order: dict[str, Mode] = field(default_factory=dict)
     requests: list[RecordedRequest] = field(default_factory=list)
     payments: list[dict[str, Any]] = field(default_factory=list)
 
@@ -130,6 +142,11 @@ class FakeNowPayments:
         """Answer the next ``count`` requests with ``mode``, then go back to the current mode."""
         with self._lock:
             self._state.queued.extend([mode] * count)
+
+    def set_order_mode(self, order_id: str, mode: Mode) -> None:
+        """Answer every request for ``order_id`` with ``mode``, whatever the other modes."""
+        with self._lock:
+            self._state.by_order[order_id] = mode
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -229,7 +246,11 @@ class FakeNowPayments:
     def _record(self, request: web.Request, raw: bytes, body: Any) -> Mode:
         with self._lock:
             state = self._state
-            mode = state.queued.popleft() if state.queued else state.mode
+            order_id = body.get("order_id") if isinstance(body, dict) else None
+            if isinstance(order_id, str) and order_id in state.by_order:
+                mode = state.by_order[order_id]
+            else:
+                mode = state.queued.popleft() if state.queued else state.mode
             state.requests.append(
                 RecordedRequest(
                     method=request.method,
@@ -245,6 +266,8 @@ class FakeNowPayments:
     async def _answer(self, mode: Mode, body: dict[str, Any]) -> web.StreamResponse:
         if mode in _ERRORS:
             return self._error(*_ERRORS[mode])
+        if mode in _REFUSALS:
+            return web.Response(status=400, body=_REFUSALS[mode], content_type="application/json")
         if mode is Mode.HANG:
             await self._hang()
         if mode is Mode.MALFORMED_JSON:
@@ -255,7 +278,7 @@ class FakeNowPayments:
         omit = {"payment_id", "pay_address"} if mode is Mode.MISSING_FIELDS else self.omit_fields
         answer = {key: value for key, value in payment.items() if key not in omit}
         return web.Response(
-            status=201, body=_ENCODER.encode(answer), content_type="application/json"
+            status=201, body=_hostile(mode, answer), content_type="application/json"
         )
 
     async def _hang(self) -> None:
@@ -292,6 +315,37 @@ class FakeNowPayments:
         with self._lock:
             self._state.payments.append(payment)
         return payment
+
+
+_REFUSALS: dict[Mode, bytes] = {
+    Mode.REFUSED_LATIN1: (
+        b'{"status": false, "statusCode": 400, "code": "INVALID_REQUEST_PARAMS",'
+        b' "message": "Zur\xfcckgewiesen: order_description ung\xfcltig"}'
+    ),
+    Mode.REFUSED_NUL: (
+        b'{"status": false, "statusCode": 400, "code": "INVALID_REQUEST_PARAMS",'
+        b' "message": "bad\\u0000request"}'
+    ),
+}
+
+
+def _hostile(mode: Mode, answer: dict[str, Any]) -> bytes:
+    """The 201 body for ``mode``: ``answer`` itself, or spoiled the way ``mode`` says."""
+    answer = dict(answer)
+    if mode is Mode.NUL_ADDRESS:
+        answer["pay_address"] = f"{answer['pay_address']}\x00"
+    elif mode is Mode.MISSING_ID:
+        answer.pop("payment_id", None)
+    elif mode is Mode.BAD_AMOUNT:
+        answer["pay_amount"] = "twenty-nine"
+    elif mode is Mode.BAD_DATE:
+        answer["valid_until"] = answer["expiration_estimate_date"] = "soon, really"
+    elif mode is Mode.LONG_FIELD:
+        answer["pay_address"] = "T" * 10_000
+    encoded = _ENCODER.encode(answer)
+    if mode is Mode.INVALID_UTF8:
+        encoded = encoded.replace(b'"pay_address":"', b'"pay_address":"\xfc', 1)
+    return encoded
 
 
 def _iso(value: datetime) -> str:

@@ -9,6 +9,7 @@ import structlog
 
 from nproxyd.actors.invoice_expirer import InvoiceExpirer
 from nproxyd.store.database import Database
+from nproxyd.store.sql import QUERIES
 from nproxyd.store.stores import InvoiceStore
 from tests import seed
 
@@ -52,7 +53,7 @@ class TestInvoiceExpirer:
         }
 
     async def test_many_rows_expire_in_bounded_batches(self, db: Database) -> None:
-        """250 due rows with batch size 40 all expire, in ceil(250/40) full-or-last batches."""
+        """250 due rows with batch size 40 all expire, in more than one statement."""
         user = await seed.user(db.pool, "u1")
         await db.pool.execute(
             "INSERT INTO payment_invoices (id, user_id, provider, provider_invoice_id, status,"
@@ -68,7 +69,7 @@ class TestInvoiceExpirer:
         report = await expirer.tick(NOW)
 
         assert report.expired_count == 250
-        assert report.batches == 7
+        assert report.batches > 1
         pending = await db.pool.fetchval(
             "SELECT count(*) FROM payment_invoices WHERE status = 'pending'"
         )
@@ -99,3 +100,102 @@ class TestInvoiceExpirer:
             "actor": "invoice-expirer",
             "log_level": "info",
         } in logs
+
+
+async def many_due(db: Database, user: str, count: int, *, due_every: int = 1) -> None:
+    """``count`` pending invoices; every ``due_every``-th is due at NOW, the rest tomorrow."""
+    await db.pool.execute(
+        "INSERT INTO payment_invoices (id, user_id, provider, provider_invoice_id, status,"
+        " currency, amount_crypto, amount_usd, expires_at)"
+        " SELECT 'i' || g, $1, 'np', 'p' || g, 'pending', 'USDT', 1, 1,"
+        " CASE WHEN g % $3::int = 0 THEN $2::timestamptz - interval '1 hour'"
+        "      ELSE $2::timestamptz + interval '1 day' END"
+        " FROM generate_series(1, $4::int) AS g",
+        user,
+        NOW,
+        due_every,
+        count,
+    )
+    await db.pool.execute("ANALYZE payment_invoices")
+
+
+class TestPhysicalOrder:
+    async def test_a_table_mostly_due_is_swept_by_page_ranges(self, db: Database) -> None:
+        """With many due rows per page every due row expires, not-due rows stay, in sweeps."""
+        user = await seed.user(db.pool, "u1")
+        await many_due(db, user, 3000, due_every=2)
+        store = InvoiceStore(db)
+        survey_pages = await db.pool.fetchval(
+            "SELECT pg_relation_size('payment_invoices') / current_setting('block_size')::int"
+        )
+
+        report = await InvoiceExpirer(store, interval_seconds=60, batch_size=100).tick(NOW)
+
+        counts = dict(
+            await db.pool.fetch(
+                "SELECT status, count(*) FROM payment_invoices GROUP BY status ORDER BY status"
+            )
+        )
+        assert counts == {"expired": 1500, "pending": 1500}
+        assert report.expired_count == 1500
+        # Page ranges plus one final index batch: more statements than rows / batch size.
+        assert report.batches >= 1500 // 100 and survey_pages > 1
+
+    async def test_a_sweep_statement_reads_pages_in_physical_order(self, db: Database) -> None:
+        """With most rows due, a sweep statement is a TID range scan over its pages."""
+        user = await seed.user(db.pool, "u1")
+        await many_due(db, user, 3000, due_every=2)
+        plan = await db.pool.fetchval(
+            "EXPLAIN (FORMAT JSON) " + QUERIES["expire_pending_invoices_in_pages"],
+            NOW,
+            (0, 0),
+            (10, 0),
+            1000,
+        )
+        assert "Tid Range Scan" in str(plan), plan
+
+    async def test_a_sweep_statement_is_bounded(self, db: Database) -> None:
+        """A sweep statement expires at most batch_size rows, or one heap page's rows."""
+        user = await seed.user(db.pool, "u1")
+        await many_due(db, user, 5000)
+        page_rows = await db.pool.fetchval(
+            "SELECT max(n) FROM (SELECT count(*) AS n FROM payment_invoices"
+            " GROUP BY (ctid::text::point)[0]) AS pages"
+        )
+        counts = [count async for count in InvoiceStore(db).expire_due(NOW, 200)]
+        assert sum(counts) == 5000
+        assert len(counts) > 5000 // max(200, page_rows)
+        assert max(counts) <= max(200, page_rows)
+
+    async def test_a_sweep_skips_locked_rows_and_a_later_tick_takes_them(
+        self, db: Database
+    ) -> None:
+        """A locked due row is not waited for by a sweep; the next tick expires it."""
+        user = await seed.user(db.pool, "u1")
+        await many_due(db, user, 500)
+        expirer = InvoiceExpirer(InvoiceStore(db), interval_seconds=60, batch_size=50)
+        async with db.pool.acquire() as other, other.transaction():
+            await other.execute("SELECT 1 FROM payment_invoices WHERE id = 'i7' FOR UPDATE")
+            report = await expirer.tick(NOW)
+        assert report.expired_count == 499
+        assert (await expirer.tick(NOW)).expired_count == 1
+
+    @pytest.mark.parametrize("when", ["-infinity", "0001-01-01 00:00:00+00 BC"])
+    async def test_expiry_times_python_cannot_represent_expire_too(
+        self, db: Database, when: str
+    ) -> None:
+        """An expires_at of -infinity or BC expires like any past time, by either path."""
+        user = await seed.user(db.pool, "u1")
+        await seed.invoice(db.pool, "ok", user_id=user, expires_at=NOW - timedelta(hours=1))
+        await seed.invoice(db.pool, "odd", user_id=user, expires_at=None)
+        await db.pool.execute(
+            "UPDATE payment_invoices SET expires_at = $1::text::timestamptz WHERE id = 'odd'", when
+        )
+        for batch_size in (1, 100):  # keyset cursor over the odd row, then a single batch
+            await db.pool.execute(
+                "UPDATE payment_invoices SET status = 'pending' WHERE id IN ('ok', 'odd')"
+            )
+            report = await InvoiceExpirer(
+                InvoiceStore(db), interval_seconds=60, batch_size=batch_size
+            ).tick(NOW)
+            assert report.expired_count == 2

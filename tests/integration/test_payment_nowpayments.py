@@ -15,6 +15,7 @@ from nproxyd.adapters.payment_nowpayments import NowPaymentsProvider
 from nproxyd.core.config import NowPaymentsConfig
 from nproxyd.core.errors import ProviderError, ProviderPermanentError, ProviderTransientError
 from nproxyd.core.ports import InvoiceRequest, PaymentProvider
+from nproxyd.core.text import is_storable
 from tests.fakes.nowpayments import FakeNowPayments, Mode
 
 NOW = datetime(2026, 3, 12, 11, 0, tzinfo=UTC)
@@ -384,3 +385,54 @@ class TestFakeInThread:
             assert invoice.provider_invoice_id == fake.payments[0]["payment_id"]
         with pytest.raises(RuntimeError):
             _ = fake.url
+
+
+class TestHostileAnswers:
+    @pytest.mark.parametrize(
+        "mode",
+        [
+            Mode.NUL_ADDRESS,
+            Mode.INVALID_UTF8,
+            Mode.MISSING_ID,
+            Mode.BAD_AMOUNT,
+            Mode.BAD_DATE,
+            Mode.LONG_FIELD,
+        ],
+        ids=lambda mode: mode.value,
+    )
+    async def test_untrustworthy_answer_is_permanent_and_names_the_payment(
+        self, mode: Mode, fake: FakeNowPayments, provider: NowPaymentsProvider
+    ) -> None:
+        """A 201 that cannot be trusted is permanent, storable, naming order and payment ids."""
+        fake.set_mode(mode)
+        with pytest.raises(ProviderPermanentError) as caught:
+            await provider.create_invoice(make_request(order_id="renewal-sub-1-7"), NOW)
+        message = caught.value.message
+        assert is_storable(message)
+        assert "for order renewal-sub-1-7" in message
+        [payment] = fake.payments
+        if mode is not Mode.MISSING_ID:
+            assert f"(payment {payment['payment_id']})" in message
+        assert len(fake.requests) == 1
+
+    async def test_refusal_that_is_not_utf8_is_permanent(
+        self, fake: FakeNowPayments, provider: NowPaymentsProvider
+    ) -> None:
+        """A 400 whose body is Latin-1 is a permanent refusal, its text made storable."""
+        fake.set_mode(Mode.REFUSED_LATIN1)
+        with pytest.raises(ProviderPermanentError) as caught:
+            await provider.create_invoice(make_request(order_id="renewal-sub-1-7"), NOW)
+        message = caught.value.message
+        assert is_storable(message)
+        assert "HTTP 400 INVALID_REQUEST_PARAMS: Zur\ufffdckgewiesen" in message
+        assert "for order renewal-sub-1-7" in message
+
+    async def test_refusal_with_a_nul_is_cleaned(
+        self, fake: FakeNowPayments, provider: NowPaymentsProvider
+    ) -> None:
+        """A NUL in a provider's error message never reaches the error text."""
+        fake.set_mode(Mode.REFUSED_NUL)
+        with pytest.raises(ProviderPermanentError) as caught:
+            await provider.create_invoice(make_request(), NOW)
+        assert "\x00" not in caught.value.message
+        assert "[invalid text replaced]" in caught.value.message

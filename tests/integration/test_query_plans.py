@@ -71,9 +71,17 @@ async def idle_db(db: Database) -> Database:
 class TestIdlePlans:
     async def test_expiry_batch_uses_the_pending_index(self, idle_db: Database) -> None:
         """Expiring reads only the partial index of pending invoices."""
-        plan = await explain(
-            idle_db, "expire_pending_invoices", NOW, datetime.min.replace(tzinfo=UTC), "", 10_000
-        )
+        plan = await explain(idle_db, "expire_pending_invoices", NOW, "-infinity", "", 10_000)
+        assert sequential_scans(plan) == [], json.dumps(plan, indent=1)
+
+    async def test_expiry_survey_uses_the_pending_index(self, idle_db: Database) -> None:
+        """The idle tick's survey counts due invoices through the partial index only."""
+        plan = await explain(idle_db, "expiry_survey", NOW, 4)
+        assert sequential_scans(plan) == [], json.dumps(plan, indent=1)
+
+    async def test_page_sweep_never_scans_the_table(self, idle_db: Database) -> None:
+        """A sweep statement reads its page range or the index, never the whole table."""
+        plan = await explain(idle_db, "expire_pending_invoices_in_pages", NOW, (0, 0), (8, 0), 500)
         assert sequential_scans(plan) == [], json.dumps(plan, indent=1)
 
     async def test_mail_claim_uses_the_due_index(self, idle_db: Database) -> None:

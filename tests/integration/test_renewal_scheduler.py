@@ -23,7 +23,7 @@ from nproxyd.core.messages import OutboxReady
 from nproxyd.core.ports import InvoiceRequest, PaymentProvider, ProviderInvoice
 from nproxyd.core.rules import order_id
 from nproxyd.store.database import Database
-from nproxyd.store.rows import RenewalCandidate, StoredInvoice
+from nproxyd.store.rows import RenewalCandidate, StoredInvoice, UnreadableCandidate
 from nproxyd.store.sql import QUERIES
 from nproxyd.store.stores import RenewalStore
 from tests import seed
@@ -103,7 +103,7 @@ class CountingStore(RenewalStore):
 
     async def candidates(
         self, now: datetime, window_end: datetime, after: tuple[datetime, str], limit: int
-    ) -> list[RenewalCandidate]:
+    ) -> list[RenewalCandidate | UnreadableCandidate]:
         self.candidate_limits.append(limit)
         return await super().candidates(now, window_end, after, limit)
 
@@ -689,7 +689,7 @@ class TestBadRows:
             "bad_null_price": "plan price is missing",
             "bad_negative_price": "plan price is negative",
             "bad_empty_currency": "plan billing currency is empty",
-            "bad_email": "user email is missing or malformed",
+            "bad_email": "user email: address is not a plain local@domain",
         }
         invoiced = [row["subscription_id"] for row in await automatic_invoices(db.pool)]
         assert invoiced == ["good"]
@@ -808,3 +808,40 @@ async def idle_tick(db: Database) -> Any:
     finally:
         channel.outbox.sender.close()
         channel.receiver.close()
+
+
+class TestLogs:
+    async def test_each_created_invoice_is_a_debug_event(
+        self, db: Database, channel: Channel
+    ) -> None:
+        """One debug `renewal_invoice_created` per invoice names invoice, subscription and order."""
+        await seed.plan(db.pool)
+        await seed_due(db.pool, 3)
+        with capture_logs() as logs:
+            report = await make_scheduler(db, simulated(), channel).tick(NOW)
+
+        created = [entry for entry in logs if entry["event"] == "renewal_invoice_created"]
+        stored = {row["id"]: row for row in await automatic_invoices(db.pool)}
+        assert report.created_count == 3
+        assert {entry["invoice_id"] for entry in created} == set(stored)
+        for entry in created:
+            invoice = stored[entry["invoice_id"]]
+            assert entry["log_level"] == "debug"
+            assert entry["subscription_id"] == invoice["subscription_id"]
+            assert entry["order_id"] == order_id(invoice["subscription_id"], PERIOD_START)
+
+    async def test_retry_is_a_warning_naming_subscription_and_order(
+        self, db: Database, channel: Channel
+    ) -> None:
+        """A transient failure logs `renewal_invoice_retry_scheduled` at warning with both ids."""
+        await worked_example(db)
+        with capture_logs() as logs:
+            report = await make_scheduler(db, simulated(failure_rate=1.0), channel).tick(NOW)
+
+        [retry] = [entry for entry in logs if entry["event"] == "renewal_invoice_retry_scheduled"]
+        assert (report.transient_failures, report.permanent_failures) == (1, 0)
+        assert retry["log_level"] == "warning"
+        assert (retry["subscription_id"], retry["order_id"]) == (
+            "sub_1",
+            order_id("sub_1", PERIOD_START),
+        )

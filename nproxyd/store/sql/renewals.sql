@@ -1,15 +1,27 @@
 -- renewal_candidates --
--- One keyset batch of subscriptions that need a renewal invoice now; $1 now, $2 window end (now + lead), $3 cursor period end, $4 cursor id, $5 batch size. Excludes slots with an invoice in the cycle or a claim that is done or not yet available.
+-- One keyset batch of subscriptions that need a renewal invoice now; $1 now, $2 window end (now + lead), $3 cursor period end, $4 cursor id, $5 batch size. Excludes slots with an invoice in the cycle or a claim that is done or not yet available. A cycle start Python cannot represent (±infinity, BC, year 10000 or later) is never returned: such a row comes back with cycle_start NULL and unreadable naming the column, so the batch proceeds without it (current_period_end is always within the finite window).
 SELECT
     s.id AS subscription_id,
     s.user_id,
     s.current_period_end,
-    coalesce(s.current_period_start, s.activated_at, s.created_at) AS cycle_start,
+    CASE WHEN x.readable THEN x.cycle_start END AS cycle_start,
+    CASE WHEN NOT x.readable THEN x.cycle_column END AS unreadable,
     u.email,
     p.code AS plan_code,
     p.monthly_price_usd,
     p.billing_currency
 FROM subscriptions AS s
+CROSS JOIN LATERAL (
+    SELECT c.cycle_start,
+           c.cycle_column,
+           isfinite(c.cycle_start)
+           AND c.cycle_start >= '0001-01-01 00:00:00+00'::timestamptz
+           AND c.cycle_start < '10000-01-01 00:00:00+00'::timestamptz AS readable
+    FROM (SELECT coalesce(s.current_period_start, s.activated_at, s.created_at) AS cycle_start,
+                 CASE WHEN s.current_period_start IS NOT NULL THEN 'current_period_start'
+                      WHEN s.activated_at IS NOT NULL THEN 'activated_at'
+                      ELSE 'created_at' END AS cycle_column) AS c
+) AS x
 JOIN users AS u ON u.id = s.user_id
 JOIN subscription_plans AS p ON p.id = s.plan_id
 WHERE s.status = 'active'
@@ -20,12 +32,12 @@ WHERE s.status = 'active'
   AND NOT EXISTS (
       SELECT 1 FROM payment_invoices AS i
       WHERE i.subscription_id = s.id
-        AND i.created_at >= coalesce(s.current_period_start, s.activated_at, s.created_at)
+        AND i.created_at >= x.cycle_start
   )
   AND NOT EXISTS (
       SELECT 1 FROM nproxyd_renewal_claims AS c
       WHERE c.subscription_id = s.id
-        AND c.cycle_start = coalesce(s.current_period_start, s.activated_at, s.created_at)
+        AND c.cycle_start = x.cycle_start
         AND (c.state = 'done' OR c.available_at > $1)
   )
 ORDER BY s.current_period_end, s.id
