@@ -34,7 +34,6 @@ from nproxyd.runtime.catalogue import CATALOGUE, database_metrics
 from nproxyd.runtime.daemon import Daemon
 from nproxyd.runtime.status import render
 from nproxyd.store.database import Database
-from nproxyd.store.rows import ExpiryBatch
 from tests import seed
 from tests.pg import TestServer
 
@@ -195,11 +194,10 @@ class RaisingExpiryStore:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def expire_batch(
-        self, now: datetime, after: tuple[datetime, str], limit: int
-    ) -> ExpiryBatch:
+    async def expire_due(self, now: datetime, batch_size: int) -> AsyncIterator[int]:
         self.calls += 1
         raise StoreError("database error 42P01: relation is gone")
+        yield 0  # an async generator, as the port says
 
 
 class LoopBreaker:
