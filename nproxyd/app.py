@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import msgspec
@@ -69,6 +71,8 @@ class Components(msgspec.Struct, frozen=True, kw_only=True):
     outbox_ready: Outbox
     outbox_ready_receiver: MemoryObjectReceiveStream[OutboxReady]
     actors: dict[str, Actor]
+    # None: migrations were not run at start-up; else the versions this start applied.
+    migrations_applied: list[int] | None = None
 
 
 def state_dir(config: Config) -> Path:
@@ -86,7 +90,12 @@ async def resolve_dsn(config: Config) -> str:
     return await start_embedded(state_dir(config))
 
 
-async def open_database(config: Config, *, auto_migrate: bool) -> Database:
+async def open_database(
+    config: Config,
+    *,
+    auto_migrate: bool,
+    on_migrated: Callable[[list[int]], None] | None = None,
+) -> Database:
     dsn = await resolve_dsn(config)
     pool = await create_pool(
         dsn,
@@ -95,7 +104,9 @@ async def open_database(config: Config, *, auto_migrate: bool) -> Database:
     )
     if auto_migrate:
         async with pool.acquire() as connection:
-            await migrate(connection)
+            applied = await migrate(connection)
+        if on_migrated is not None:
+            on_migrated(applied)
     return Database(pool)
 
 
@@ -176,7 +187,8 @@ async def open_components(
     """Build every component; closes what it opened on exit."""
     migrate_now = config.database.auto_migrate if auto_migrate is None else auto_migrate
     async with AsyncExitStack() as stack:
-        db = await open_database(config, auto_migrate=migrate_now)
+        applied: list[list[int]] = []
+        db = await open_database(config, auto_migrate=migrate_now, on_migrated=applied.append)
         stack.push_async_callback(db.close)
         stores = Stores.for_database(db)
         provider = payment_provider(config, clock)
@@ -207,7 +219,37 @@ async def open_components(
             outbox_ready=outbox,
             outbox_ready_receiver=receiver,
             actors=actors,
+            migrations_applied=applied[0] if applied else None,
         )
+
+
+def dsn_host(dsn: str) -> str:
+    """The host part of a DSN (URL or ``key=value`` form), never its credentials."""
+    if "://" in dsn:
+        try:
+            return urlsplit(dsn).hostname or "localhost"
+        except ValueError:
+            return "unparsable"
+    for part in dsn.split():
+        key, _, value = part.partition("=")
+        if key == "host":
+            return value
+    return "localhost"
+
+
+def startup_facts(config: Config, components: Components) -> dict[str, Any]:
+    """What ``daemon_started`` says about this start (no secret: the database host only)."""
+    applied = components.migrations_applied
+    return {
+        "state_dir": str(state_dir(config)),
+        "database": "external" if config.database.dsn else "embedded",
+        "database_host": dsn_host(config.database.dsn) if config.database.dsn else None,
+        "payment_provider": config.billing.payment_provider,
+        "mail_transport": config.email.transport,
+        "migrations": "not run (database.auto_migrate = false)"
+        if applied is None
+        else (f"applied {applied}" if applied else "up to date"),
+    }
 
 
 async def run_daemon(config: Config) -> int:
@@ -225,5 +267,6 @@ async def run_daemon(config: Config) -> int:
             outbox=components.stores.outbox,
             keys=components.stores.keys,
             channel=components.outbox_ready,
+            startup=startup_facts(config, components),
         )
         return await daemon.run()

@@ -7,6 +7,7 @@ periodic sweep finds the work anyway.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 import anyio
@@ -22,6 +23,8 @@ class Channel(Generic[T]):
         self.sender = sender
         self.sent = 0
         self.dropped = 0
+        # Called once per dropped message (the daemon counts drops in its metrics).
+        self.on_drop: Callable[[], None] | None = None
 
     def offer(self, message: T) -> bool:
         """Send without waiting; returns False (and counts a drop) when it cannot."""
@@ -29,6 +32,8 @@ class Channel(Generic[T]):
             self.sender.send_nowait(message)
         except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
             self.dropped += 1
+            if self.on_drop is not None:
+                self.on_drop()
             return False
         self.sent += 1
         return True

@@ -149,6 +149,13 @@ class ActorsConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     key_pool_recoverer: KeyPoolRecovererConfig = KeyPoolRecovererConfig()
 
 
+class HealthConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    outbox_stuck_seconds: Annotated[float, msgspec.Meta(ge=1, le=604_800)] = 900.0
+    provider_failing_seconds: Annotated[float, msgspec.Meta(ge=1, le=604_800)] = 1800.0
+    mail_failing_seconds: Annotated[float, msgspec.Meta(ge=1, le=604_800)] = 1800.0
+    max_tick_seconds: Annotated[float, msgspec.Meta(ge=1, le=86_400)] = 900.0
+
+
 class Config(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     database: DatabaseConfig = DatabaseConfig()
     daemon: DaemonConfig = DaemonConfig()
@@ -160,6 +167,7 @@ class Config(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     email: EmailConfig = EmailConfig()
     key_pool: KeyPoolConfig = KeyPoolConfig()
     actors: ActorsConfig = ActorsConfig()
+    health: HealthConfig = HealthConfig()
 
 
 # (dotted secret key, dotted file key). The file key fills the secret key.

@@ -14,6 +14,14 @@ class OutboxReady(msgspec.Struct, frozen=True, kw_only=True):
 class Report(msgspec.Struct, frozen=True, kw_only=True):
     """The result of one actor tick."""
 
+    def degraded(self) -> str | None:
+        """Why this tick did not do its job although it did not raise; ``None`` when it did."""
+        return None
+
+    def idle(self) -> bool:
+        """True when the tick had no work item at all (so it proves neither health nor failure)."""
+        return False
+
 
 class ExpirerReport(Report, frozen=True, kw_only=True):
     expired_count: int = 0
@@ -37,6 +45,19 @@ class RenewalReport(Report, frozen=True, kw_only=True):
     permanent_failures: int = 0
     unreleasable: int = 0  # claims that could not even be released on a data error
 
+    def degraded(self) -> str | None:
+        """Degraded when slots were claimed, every one failed and no invoice was created."""
+        failures = self.transient_failures + self.permanent_failures
+        if self.claimed > 0 and self.created_count == 0 and failures > 0:
+            return (
+                f"all {self.claimed} claimed renewals failed, none created "
+                f"({self.transient_failures} transient, {self.permanent_failures} permanent)"
+            )
+        return None
+
+    def idle(self) -> bool:
+        return self.claimed == 0
+
 
 class MailReport(Report, frozen=True, kw_only=True):
     claimed: int = 0
@@ -50,3 +71,14 @@ class MailReport(Report, frozen=True, kw_only=True):
     quarantined_count: int = 0
     # Rows whose outcome could not be recorded at all (not even as dead); logged with their id.
     unrecorded_count: int = 0
+
+    def degraded(self) -> str | None:
+        """Degraded when mail was claimed, every delivery failed and none was sent."""
+        failures = sum(self.failures.values())
+        if self.claimed > 0 and self.sent_count == 0 and failures > 0:
+            kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(self.failures.items()))
+            return f"all {self.claimed} claimed mails failed, none sent ({kinds})"
+        return None
+
+    def idle(self) -> bool:
+        return self.claimed == 0

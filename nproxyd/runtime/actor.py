@@ -42,6 +42,8 @@ class EventLogger(Protocol):
 
     def bind(self, **new_values: Any) -> EventLogger: ...
 
+    def debug(self, event: str, **kw: Any) -> Any: ...
+
     def info(self, event: str, **kw: Any) -> Any: ...
 
     def warning(self, event: str, **kw: Any) -> Any: ...
@@ -50,7 +52,11 @@ class EventLogger(Protocol):
 
 
 class TickOutcome(msgspec.Struct, frozen=True, kw_only=True):
-    """What one tick did: its report, or the class and message of the exception it raised."""
+    """What one tick did: its report, or the class and message of the exception it raised.
+
+    ``ok`` means the tick returned; ``degraded`` is then why its report says it did not do its
+    job (every work item failed), from :meth:`Report.degraded`.
+    """
 
     actor: str
     started_at: datetime
@@ -59,6 +65,37 @@ class TickOutcome(msgspec.Struct, frozen=True, kw_only=True):
     report: Report | None = None
     error_class: str | None = None
     error_message: str | None = None
+    degraded: str | None = None
+
+    @property
+    def outcome(self) -> str:
+        """``ok``, ``degraded`` (returned, but every work item failed) or ``error`` (raised)."""
+        if not self.ok:
+            return "error"
+        return "degraded" if self.degraded is not None else "ok"
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception a task group wrapped: the first leaf of nested exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def describe_error(exc: BaseException) -> tuple[str, str]:
+    """Class name and message of *exc*'s root cause, noting siblings a group dropped."""
+    cause = root_cause(exc)
+    message = str(cause)
+    others = _leaf_count(exc) - 1
+    if others > 0:
+        message = f"{message} (and {others} more error{'s' if others > 1 else ''})"
+    return type(cause).__name__, message
+
+
+def _leaf_count(exc: BaseException) -> int:
+    if isinstance(exc, BaseExceptionGroup):
+        return sum(_leaf_count(inner) for inner in exc.exceptions)
+    return 1
 
 
 class TickObserver(Protocol):
@@ -88,6 +125,7 @@ class LoopStats(msgspec.Struct, frozen=True, kw_only=True):
     ticks_run: int = 0
     ticks_failed: int = 0
     consecutive_failures: int = 0
+    ticks_degraded: int = 0
     last_started_at: datetime | None = None
     last_finished_at: datetime | None = None
     last_outcome: TickOutcome | None = None
@@ -223,14 +261,16 @@ class ActorLoop:
         report: Report | None = None,
         error: Exception | None = None,
     ) -> TickOutcome:
+        error_class, error_message = (None, None) if error is None else describe_error(error)
         return TickOutcome(
             actor=self.name,
             started_at=started_at,
             duration_seconds=max(self._clock.monotonic() - start, 0.0),
             ok=error is None,
             report=report,
-            error_class=None if error is None else type(error).__name__,
-            error_message=None if error is None else str(error),
+            error_class=error_class,
+            error_message=error_message,
+            degraded=None if report is None else report.degraded(),
         )
 
     def _finish(self, outcome: TickOutcome, start: float) -> float:
@@ -241,6 +281,13 @@ class ActorLoop:
             due = start + self._actor.interval_seconds
             if self._stats.consecutive_failures:
                 self._log.info("tick_recovered", failed_ticks=self._stats.consecutive_failures)
+            if outcome.degraded is not None:
+                self._log.warning("tick_degraded", reason=outcome.degraded)
+            self._log.debug(
+                "tick_finished",
+                outcome=outcome.outcome,
+                duration_seconds=round(outcome.duration_seconds, 6),
+            )
         else:
             delay = self._retry_delay(failures)
             due = self._clock.monotonic() + delay
@@ -250,6 +297,7 @@ class ActorLoop:
             running=False,
             ticks_run=self._stats.ticks_run + 1,
             ticks_failed=self._stats.ticks_failed + (0 if outcome.ok else 1),
+            ticks_degraded=self._stats.ticks_degraded + (outcome.degraded is not None),
             consecutive_failures=failures,
             last_finished_at=self._clock.now(),
             last_outcome=outcome,

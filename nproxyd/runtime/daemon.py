@@ -11,6 +11,7 @@ import anyio
 import anyio.abc
 import structlog
 
+from nproxyd import __version__
 from nproxyd.core.channels import Channel
 from nproxyd.core.clock import Clock
 from nproxyd.core.config import Config
@@ -18,7 +19,7 @@ from nproxyd.core.errors import SupervisorGaveUp
 from nproxyd.runtime.actor import Actor, ActorLoop
 from nproxyd.runtime.http import OpsServer
 from nproxyd.runtime.metrics import Metrics
-from nproxyd.runtime.ops import Monitor, OpsState
+from nproxyd.runtime.ops import HEALTH_CHECK_SECONDS, Monitor, OpsState
 from nproxyd.runtime.sdnotify import Notifier, watchdog_interval_seconds
 from nproxyd.runtime.supervisor import Supervisor
 from nproxyd.store.stores import HealthStore, KeyStore, OutboxStore
@@ -38,14 +39,18 @@ class Daemon:
         keys: KeyStore,
         channel: Channel[Any],
         environ: Mapping[str, str] | None = None,
+        startup: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config
+        self.instance_id = instance_id
+        self.startup = dict(startup or {})
         self.clock = clock
         self.environ = os.environ if environ is None else environ
         self.log = structlog.get_logger()
         self.shutdown = anyio.Event()
         self.metrics = Metrics(list(actors))
         self.monitor = Monitor(clock, self.metrics)
+        channel.on_drop = self.metrics.messages_dropped.inc
         self.loops = {
             name: ActorLoop(actor, clock, self.monitor, wake=wake.get(name))
             for name, actor in actors.items()
@@ -68,6 +73,8 @@ class Daemon:
             outbox=outbox,
             keys=keys,
             channel=channel,
+            settings=config.health,
+            retry_windows=retry_windows(config),
         )
         self.server = OpsServer(self.state, config.http.listen)
         self.notifier = Notifier.from_environ(self.environ)
@@ -81,8 +88,14 @@ class Daemon:
                 group.start_soon(self._signals, group.cancel_scope, name="signals")
                 group.start_soon(self._watchdog, name="sd-watchdog")
                 group.start_soon(self._grace, group.cancel_scope, name="shutdown-grace")
+                group.start_soon(self._health, name="health-check")
                 self.log.info(
-                    "daemon_started", actors=sorted(self.loops), http_port=self.server.port
+                    "daemon_started",
+                    version=__version__,
+                    instance_id=self.instance_id,
+                    actors=sorted(self.loops),
+                    http_port=self.server.port,
+                    **self.startup,
                 )
                 self.notifier.ready(f"running {len(self.loops)} actors")
                 try:
@@ -118,19 +131,36 @@ class Daemon:
         )
         scope.cancel()
 
+    async def _health(self) -> None:
+        """Judge readiness on the daemon's own schedule, so ``nproxyd_ready`` is always current."""
+        while not self.shutdown.is_set():
+            await self.state.check()
+            await self.clock.sleep(HEALTH_CHECK_SECONDS)
+
     async def _watchdog(self) -> None:
         interval = watchdog_interval_seconds(self.environ)
         if interval is None or not self.notifier.enabled:
             return
         while not self.shutdown.is_set():
             if self.supervisor.healthy:
-                ready, _ = await self.state.readiness()
-                self.notifier.send("WATCHDOG=1", f"STATUS={self._summary(ready)}")
+                ready, body = await self.state.readiness()
+                reasons = sorted({reason["reason"] for reason in body["reasons"]})
+                self.notifier.send("WATCHDOG=1", f"STATUS={self._summary(ready, reasons)}")
             await self.clock.sleep(interval)
 
-    def _summary(self, ready: bool) -> str:
+    def _summary(self, ready: bool, reasons: list[str] | None = None) -> str:
         failing = sorted(n for n, loop in self.loops.items() if loop.stats.consecutive_failures)
-        state = "ready" if ready else "not ready"
+        state = "ready" if ready else f"not ready ({', '.join(reasons or [])})"
         return f"{state}; {len(self.loops)} actors" + (
             f"; failing: {', '.join(failing)}" if failing else ""
         )
+
+
+def retry_windows(config: Config) -> dict[str, float]:
+    """How long a failing work item of each retrying actor can wait for its next attempt."""
+    actors = config.actors
+    return {
+        "renewal-scheduler": config.billing.retry_max_seconds
+        + actors.renewal_scheduler.interval_seconds,
+        "mail-sender": actors.mail_sender.retry_max_seconds + actors.mail_sender.interval_seconds,
+    }

@@ -1,4 +1,10 @@
-"""structlog set-up: one JSON object per line on stdout, or a console renderer for humans."""
+"""structlog set-up: one JSON object per line on stdout, or a console renderer for humans.
+
+The standard library's ``logging`` (asyncpg, aiohttp, asyncio, anyio, ``warnings``) is routed
+through the same processors: the same JSON shape, the same secret redaction, tracebacks as an
+``exception`` string field. Such a line has ``event`` = ``library_log`` and the library's
+``logger`` and ``message``.
+"""
 
 from __future__ import annotations
 
@@ -48,6 +54,59 @@ def _order(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
     return head
 
 
+def _library_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A stdlib record's message becomes ``message``; ``event`` is the stable ``library_log``."""
+    record = event.get("_record")
+    event["message"] = event.get("event")
+    event["event"] = "library_log"
+    if record is not None:
+        event["logger"] = record.name
+    return event
+
+
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to *stream*; for the process's stdout or stderr, to whatever it is when writing.
+
+    Libraries log at interpreter exit too (atexit hooks); by then a test runner may have put
+    back and closed the stream that was ``sys.stdout`` when logging was configured.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._std = next(
+            (name for name in ("stdout", "stderr") if getattr(sys, name) is stream), None
+        )
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._std is not None:
+            self.stream = getattr(sys, self._std)
+        super().emit(record)
+
+
+def _route_stdlib(level: int, shared: list[Any], renderer: Any, stream: TextIO) -> None:
+    """Send every stdlib log record through *shared* and *renderer* to *stream*."""
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_log_level,
+            _library_event,
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            *shared,
+            renderer,
+        ],
+    )
+    handler = _Handler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(True)
+
+
 def configure(
     *,
     level: str = "info",
@@ -62,21 +121,25 @@ def configure(
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    numeric_level = logging.getLevelNamesMapping()[level.upper()]
+    shared: list[Any] = [
+        _timestamp,
+        structlog.processors.format_exc_info,
+        _Redactor(secrets or []),
+        _order,
+    ]
+    output = stream or sys.stdout
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            _timestamp,
-            structlog.processors.format_exc_info,
-            _Redactor(secrets or []),
-            _order,
+            *shared,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
+        logger_factory=structlog.PrintLoggerFactory(output),
         cache_logger_on_first_use=False,
     )
+    _route_stdlib(numeric_level, shared, renderer, output)
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(service="nproxyd", instance=instance)

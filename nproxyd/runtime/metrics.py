@@ -1,12 +1,21 @@
-"""Prometheus metrics (DESIGN.md §4), fed by tick outcomes and refreshed gauges."""
+"""Prometheus metrics (docs/design.md §4), fed by tick outcomes and refreshed gauges.
+
+Every family is in :data:`nproxyd.runtime.catalogue.CATALOGUE`. The gauges read from the
+database are exposed only while the last read succeeded: a failed read removes them (and sets
+``nproxyd_database_scrape_error`` to 1) instead of leaving the last value behind.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from nproxyd import __version__
 from nproxyd.core.messages import (
     ExpirerReport,
     KeyPoolReport,
@@ -15,13 +24,71 @@ from nproxyd.core.messages import (
     Report,
 )
 from nproxyd.runtime.actor import TickOutcome
+from nproxyd.runtime.catalogue import BY_NAME
 
 KEY_STATUSES = ("active", "cooldown", "manual_review", "disabled")
 MAIL_FAILURE_KINDS = ("transient", "permanent", "unavailable")
+RENEWAL_FAILURE_KINDS = ("transient", "permanent")
+CLAIM_STATES = ("claimed", "retry", "failed")
+TICK_OUTCOMES = ("ok", "degraded", "error")
+# Skipped candidates the report counts without naming a reason, or past the label bound.
+UNNAMED_SKIP_REASON = "other"
+MAX_SKIP_REASONS = 32
 # The `_created` series double the output and no dashboard or alert reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+def _help(name: str) -> str:
+    return BY_NAME[name].help
+
+
+class DatabaseSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """The database-backed gauges as read at one moment."""
+
+    outbox_pending: int
+    mail_dead: int
+    oldest_pending_age_seconds: float
+    renewal_claims: dict[str, int]
+    provider_keys: dict[str, int]
+
+
+class DatabaseGauges(Collector):
+    """Exposes the last database read, or nothing at all when the last read failed."""
+
+    def __init__(self) -> None:
+        self.snapshot: DatabaseSnapshot | None = None
+
+    def describe(self) -> list[Metric]:
+        # Nothing to pre-register: ``nproxyd_mail_dead`` (gauge) shares its stem with the
+        # ``nproxyd_mail_dead_total`` counter, which the registry's name check would refuse.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self.snapshot
+        if snapshot is None:
+            return
+        yield _single("nproxyd_outbox_pending", snapshot.outbox_pending)
+        yield _single("nproxyd_mail_dead", snapshot.mail_dead)
+        yield _single(
+            "nproxyd_outbox_oldest_pending_age_seconds", snapshot.oldest_pending_age_seconds
+        )
+        yield _labelled("nproxyd_renewal_claims", "state", CLAIM_STATES, snapshot.renewal_claims)
+        yield _labelled("nproxyd_provider_keys", "status", KEY_STATUSES, snapshot.provider_keys)
+
+
+def _single(name: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, _help(name), value=value)
+
+
+def _labelled(
+    name: str, label: str, values: tuple[str, ...], counts: Mapping[str, int]
+) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, _help(name), labels=[label])
+    for value in (*values, *sorted(set(counts) - set(values))):
+        family.add_metric([value], counts.get(value, 0))
+    return family
 
 
 class Metrics:
@@ -31,7 +98,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.ticks = Counter(
-            "nproxyd_actor_ticks", "Actor ticks by outcome.", ["actor", "outcome"], registry=r
+            "nproxyd_actor_ticks",
+            _help("nproxyd_actor_ticks_total"),
+            ["actor", "outcome"],
+            registry=r,
         )
         self.tick_duration = Histogram(
             "nproxyd_actor_tick_duration_seconds",
@@ -42,7 +112,7 @@ class Metrics:
         )
         self.last_success = Gauge(
             "nproxyd_actor_last_success_timestamp_seconds",
-            "Unix time of the last successful tick.",
+            _help("nproxyd_actor_last_success_timestamp_seconds"),
             ["actor"],
             registry=r,
         )
@@ -68,40 +138,59 @@ class Metrics:
             "OutboxReady messages waiting for the mail sender.",
             registry=r,
         )
-        self.outbox_pending = Gauge(
-            "nproxyd_outbox_pending", "Mail rows waiting in the outbox.", registry=r
-        )
-        self.provider_keys = Gauge(
-            "nproxyd_provider_keys", "Provider keys by status.", ["status"], registry=r
-        )
         self.keys_recovered = Counter(
             "nproxyd_provider_keys_recovered",
             "Provider keys returned from cooldown.",
             registry=r,
         )
-        self.ready = Gauge("nproxyd_ready", "1 when /readyz answers 200.", registry=r)
+        self.ready = Gauge("nproxyd_ready", _help("nproxyd_ready"), registry=r)
         self.messages_dropped = Counter(
             "nproxyd_messages_dropped", "Actor messages dropped on a full channel.", registry=r
         )
+        self._skip_reasons: set[str] = set()
+        self._add_failure_metrics(r)
         self._prime(actors)
+
+    def _add_failure_metrics(self, r: CollectorRegistry) -> None:
+        self.renewal_failures = Counter(
+            "nproxyd_renewal_failures",
+            _help("nproxyd_renewal_failures_total"),
+            ["kind"],
+            registry=r,
+        )
+        self.renewal_skipped = Counter(
+            "nproxyd_renewal_candidates_skipped",
+            _help("nproxyd_renewal_candidates_skipped_total"),
+            ["reason"],
+            registry=r,
+        )
+        self.database_scrape_error = Gauge(
+            "nproxyd_database_scrape_error", _help("nproxyd_database_scrape_error"), registry=r
+        )
+        self.build_info = Gauge(
+            "nproxyd_build_info", _help("nproxyd_build_info"), ["version"], registry=r
+        )
+        self.build_info.labels(version=__version__).set(1)
+        self.database = DatabaseGauges()
+        r.register(self.database)
 
     def _prime(self, actors: list[str]) -> None:
         """Create every labelled series at zero so dashboards and alerts see them at once."""
         for actor in actors:
-            for outcome in ("ok", "error"):
+            for outcome in TICK_OUTCOMES:
                 self.ticks.labels(actor=actor, outcome=outcome)
             self.tick_duration.labels(actor=actor)
             self.restarts.labels(actor=actor)
             self.last_success.labels(actor=actor)
         for kind in MAIL_FAILURE_KINDS:
             self.mail_failures.labels(kind=kind)
-        for status in KEY_STATUSES:
-            self.provider_keys.labels(status=status)
+        for kind in RENEWAL_FAILURE_KINDS:
+            self.renewal_failures.labels(kind=kind)
 
     def tick_finished(self, outcome: TickOutcome, finished_unix: float) -> None:
-        self.ticks.labels(actor=outcome.actor, outcome="ok" if outcome.ok else "error").inc()
+        self.ticks.labels(actor=outcome.actor, outcome=outcome.outcome).inc()
         self.tick_duration.labels(actor=outcome.actor).observe(outcome.duration_seconds)
-        if outcome.ok:
+        if outcome.outcome == "ok":
             self.last_success.labels(actor=outcome.actor).set(finished_unix)
         if outcome.report is not None:
             self._count_report(outcome.report)
@@ -110,7 +199,7 @@ class Metrics:
         if isinstance(report, ExpirerReport):
             self.invoices_expired.inc(report.expired_count)
         elif isinstance(report, RenewalReport):
-            self.renewals_created.inc(report.created_count)
+            self._count_renewal(report)
         elif isinstance(report, MailReport):
             self.mail_sent.inc(report.sent_count)
             self.mail_dead.inc(report.dead_count)
@@ -119,9 +208,28 @@ class Metrics:
         elif isinstance(report, KeyPoolReport):
             self.keys_recovered.inc(report.recovered_count)
 
-    def set_key_counts(self, counts: Mapping[str, int]) -> None:
-        for status in KEY_STATUSES:
-            self.provider_keys.labels(status=status).set(counts.get(status, 0))
+    def _count_renewal(self, report: RenewalReport) -> None:
+        self.renewals_created.inc(report.created_count)
+        self.renewal_failures.labels(kind="transient").inc(report.transient_failures)
+        self.renewal_failures.labels(kind="permanent").inc(report.permanent_failures)
+        named = 0
+        for reason, count in report.skipped_reasons.items():
+            self.renewal_skipped.labels(reason=self._skip_label(reason)).inc(count)
+            named += count
+        if report.skipped_bad > named:
+            self.renewal_skipped.labels(reason=UNNAMED_SKIP_REASON).inc(report.skipped_bad - named)
+
+    def _skip_label(self, reason: str) -> str:
+        """The reason itself, unless MAX_SKIP_REASONS others are already series."""
+        if reason in self._skip_reasons or len(self._skip_reasons) < MAX_SKIP_REASONS:
+            self._skip_reasons.add(reason)
+            return reason
+        return UNNAMED_SKIP_REASON
+
+    def database_read(self, snapshot: DatabaseSnapshot | None) -> None:
+        """Expose *snapshot*; ``None`` (the read failed) removes every database gauge."""
+        self.database.snapshot = snapshot
+        self.database_scrape_error.set(0 if snapshot is not None else 1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

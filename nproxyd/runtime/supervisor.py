@@ -21,7 +21,7 @@ import structlog
 from nproxyd.core.clock import Clock
 from nproxyd.core.errors import SupervisorGaveUp
 from nproxyd.core.rules import backoff_seconds
-from nproxyd.runtime.actor import EventLogger, sleep_until_set
+from nproxyd.runtime.actor import EventLogger, root_cause, sleep_until_set
 
 ChildFactory = Callable[[anyio.Event], Awaitable[None]]
 
@@ -30,13 +30,6 @@ ChildFactory = Callable[[anyio.Event], Awaitable[None]]
 class _Child:
     name: str
     factory: ChildFactory
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    """The one exception inside nested single-member groups (a task group's wrapping)."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _crash_site(exc: BaseException) -> str | None:
@@ -144,7 +137,7 @@ class Supervisor:
         try:
             await child.factory(shutdown)
         except Exception as raised:
-            exc = _root_cause(raised)
+            exc = root_cause(raised)
             # No message or traceback on purpose: an unexpected error may carry data (a DSN,
             # a key) that no adapter vetted. Class and crash site locate the bug.
             log.error(  # noqa: TRY400

@@ -157,3 +157,21 @@ class DeadMail(msgspec.Struct, frozen=True, kw_only=True):
 class OutboxCounts(msgspec.Struct, frozen=True, kw_only=True):
     pending: int
     dead: int
+
+
+class HealthGauges(msgspec.Struct, frozen=True, kw_only=True):
+    """The database-backed gauges of one scrape."""
+
+    outbox_pending: int
+    mail_dead: int
+    oldest_due_at: datetime | None
+    claims_claimed: int
+    claims_retry: int
+    claims_failed: int
+
+
+class LatestFailures(msgspec.Struct, frozen=True, kw_only=True):
+    """The most recent stored error of an open renewal claim and of an undelivered mail."""
+
+    renewal_error: str | None
+    mail_error: str | None

@@ -18,8 +18,10 @@ from nproxyd.store.rows import (
     DeadMail,
     ExpiryBatch,
     ExpirySurvey,
+    HealthGauges,
     KeyRow,
     KeyTransition,
+    LatestFailures,
     MailOutcome,
     OutboxCounts,
     OutboxMail,
@@ -271,3 +273,9 @@ class HealthStore:
 
     async def ping(self) -> bool:
         return bool(await self.db.fetchval("ping"))
+
+    async def gauges(self, now: datetime) -> HealthGauges:
+        return convert_rows(await self.db.fetch("health_gauges", now), HealthGauges)[0]
+
+    async def latest_failures(self) -> LatestFailures:
+        return convert_rows(await self.db.fetch("latest_failures"), LatestFailures)[0]

@@ -28,8 +28,9 @@ from nproxyd.actors.invoice_expirer import InvoiceExpirer
 from nproxyd.core.clock import SystemClock, parse_instant
 from nproxyd.core.config import Config, load
 from nproxyd.core.errors import StoreError, SupervisorGaveUp
-from nproxyd.core.messages import ExpirerReport
+from nproxyd.core.messages import ExpirerReport, OutboxReady
 from nproxyd.runtime.actor import Actor
+from nproxyd.runtime.catalogue import CATALOGUE, database_metrics
 from nproxyd.runtime.daemon import Daemon
 from nproxyd.runtime.status import render
 from nproxyd.store.database import Database
@@ -41,21 +42,9 @@ pytestmark = pytest.mark.anyio
 ACTORS = {"invoice-expirer", "renewal-scheduler", "mail-sender", "key-pool-recoverer"}
 KEY_STATUSES = {"active", "cooldown", "manual_review", "disabled"}
 
-# DESIGN.md §4, metric name as exposed -> (type, label names).
+# docs/design.md §4, metric name as exposed -> (type, label names): the one catalogue.
 CONTRACT_METRICS: dict[str, tuple[str, set[str]]] = {
-    "nproxyd_actor_ticks_total": ("counter", {"actor", "outcome"}),
-    "nproxyd_actor_tick_duration_seconds": ("histogram", {"actor"}),
-    "nproxyd_actor_last_success_timestamp_seconds": ("gauge", {"actor"}),
-    "nproxyd_actor_restarts_total": ("counter", {"actor"}),
-    "nproxyd_invoices_expired_total": ("counter", set()),
-    "nproxyd_renewal_invoices_created_total": ("counter", set()),
-    "nproxyd_mail_sent_total": ("counter", set()),
-    "nproxyd_mail_failures_total": ("counter", {"kind"}),
-    "nproxyd_mail_dead_total": ("counter", set()),
-    "nproxyd_mail_queue_depth": ("gauge", set()),
-    "nproxyd_outbox_pending": ("gauge", set()),
-    "nproxyd_provider_keys": ("gauge", {"status"}),
-    "nproxyd_provider_keys_recovered_total": ("counter", set()),
+    spec.name: (spec.kind, set(spec.labels)) for spec in CATALOGUE
 }
 
 
@@ -115,7 +104,12 @@ class Running:
     async def metrics(self) -> dict[str, Metric]:
         status, text = await self.get("/metrics")
         assert status == 200
-        return {family.name: family for family in text_string_to_metric_families(text)}
+        # A counter's family drops ``_total``; keyed with it, the nproxyd_mail_dead_total
+        # counter and the nproxyd_mail_dead gauge stay apart.
+        return {
+            family.name + ("_total" if family.type == "counter" else ""): family
+            for family in text_string_to_metric_families(text)
+        }
 
 
 @asynccontextmanager
@@ -278,7 +272,12 @@ class TestLivenessAndReadiness:
         assert status == 503
         assert body["ready"] is False
         assert body["database"] is True
-        assert body["actors"]["invoice-expirer"] == {"ok": False, "seconds_since_success": None}
+        expirer_ready = body["actors"]["invoice-expirer"]
+        assert expirer_ready["ok"] is False
+        assert expirer_ready["seconds_since_success"] is None
+        assert {"reason": "actor_stalled", "actor": "invoice-expirer"}.items() <= (
+            body["reasons"][0].items()
+        )
         assert all(body["actors"][name]["ok"] for name in ACTORS - {"invoice-expirer"})
         expirer = status_doc[1]["actors"]["invoice-expirer"]
         assert expirer["last_outcome"] == "error"
@@ -326,13 +325,14 @@ class TestMetrics:
             family = family_of(families, exposed)
             assert family.type == kind, exposed
             samples = [s for s in family.samples if s.name.startswith(exposed)]
-            assert samples, exposed
+            # Skip reasons are only known once a candidate is skipped.
+            assert samples or label_names == {"reason"}, exposed
             for item in samples:
                 assert set(item.labels) - {"le"} == label_names, (exposed, item)
             if "actor" in label_names:
                 assert {s.labels["actor"] for s in samples} == ACTORS, exposed
         ticks = family_of(families, "nproxyd_actor_ticks_total")
-        assert {s.labels["outcome"] for s in ticks.samples} >= {"ok", "error"}
+        assert {s.labels["outcome"] for s in ticks.samples} >= {"ok", "degraded", "error"}
         failures = family_of(families, "nproxyd_mail_failures_total")
         assert {s.labels["kind"] for s in failures.samples} >= {"transient", "permanent"}
         keys = family_of(families, "nproxyd_provider_keys")
@@ -447,7 +447,9 @@ class TestStatus:
         assert body["ready"] is True
         assert body["database"] is True
         assert body["queue_depth"] == 0
-        assert body["outbox"] == {"pending": 0, "dead": 1}
+        assert body["outbox"] == {"pending": 0, "dead": 1, "oldest_pending_age_seconds": 0}
+        assert body["renewal_claims"] == {"claimed": 0, "retry": 0, "failed": 0}
+        assert body["reasons"] == []
         assert body["provider_keys"] == {"active": 1, "disabled": 1}
         assert set(body["actors"]) == ACTORS
         for name, actor in body["actors"].items():
@@ -591,3 +593,198 @@ class TestSupervisorGivesUp:
         assert err.strip().splitlines() == ["nproxyd: actor mail-sender restarted too often"]
         assert '"event": "supervisor_gave_up"' in out
         assert '"event": "daemon_stopped"' in out
+
+
+class NoopActor:
+    """An actor whose ticks do nothing (a mail sender that never sends, for example)."""
+
+    def __init__(self, name: str, *, interval_seconds: float = 60.0) -> None:
+        self.name = name
+        self.interval_seconds = interval_seconds
+
+    async def tick(self, now: datetime) -> ExpirerReport:
+        return ExpirerReport()
+
+
+class HeldActor:
+    """Ticks return at once until ``hold`` is set; a held tick runs until ``release`` is set."""
+
+    def __init__(self, name: str, *, interval_seconds: float) -> None:
+        self.name = name
+        self.interval_seconds = interval_seconds
+        self.hold = False
+        self.release = anyio.Event()
+
+    async def tick(self, now: datetime) -> ExpirerReport:
+        if self.hold:
+            await self.release.wait()
+        return ExpirerReport()
+
+
+def actor_running(name: str, seconds: float) -> Callable[[tuple[int, Any]], bool]:
+    """Accepts a /readyz answer once *name*'s current tick has run longer than *seconds*."""
+
+    def check(answer: tuple[int, Any]) -> bool:
+        running = answer[1]["actors"][name]["tick_running_seconds"]
+        return running is not None and running > seconds
+
+    return check
+
+
+def reason_codes(body: dict[str, Any]) -> set[str]:
+    return {reason["reason"] for reason in body["reasons"]}
+
+
+class TestHonestHealth:
+    async def test_a_long_tick_keeps_readyz_200_until_max_tick_seconds(
+        self, dsn: str, tmp_path: Path
+    ) -> None:
+        """A tick running past 3 intervals keeps /readyz 200; past health.max_tick_seconds, 503."""
+        held = HeldActor("invoice-expirer", interval_seconds=0.2)
+        config = make_config(dsn, tmp_path, health__max_tick_seconds="2")
+        async with running_daemon(config, replace={"invoice-expirer": held}) as running:
+            await ready(running)
+            held.hold = True
+            try:
+                long_status, long_body = await eventually(
+                    lambda: running.get("/readyz"), actor_running("invoice-expirer", 1.0)
+                )
+                hung_status, hung_body = await eventually(
+                    lambda: running.get("/readyz"), actor_running("invoice-expirer", 2.2)
+                )
+            finally:
+                held.release.set()
+        assert long_status == 200, long_body
+        assert long_body["actors"]["invoice-expirer"]["ok"] is True
+        assert long_body["actors"]["invoice-expirer"]["tick_running_seconds"] <= 2
+        assert hung_status == 503
+        stalled = [r for r in hung_body["reasons"] if r["reason"] == "actor_stalled"]
+        assert [r["actor"] for r in stalled] == ["invoice-expirer"]
+        assert "running" in stalled[0]["detail"]
+
+    async def test_a_wedged_outbox_makes_readyz_503_with_outbox_stuck(
+        self, dsn: str, db: Database, tmp_path: Path
+    ) -> None:
+        """Due mail waiting 2 h while no sender sends: /readyz 503 outbox_stuck, age in metrics."""
+        await db.pool.execute(
+            "INSERT INTO mail_outbox (id, status, to_address, subject, body, message_id,"
+            " next_attempt_at) VALUES ('m_old', 'pending', 'a@example.com', 's', 'b', '<m@x>',"
+            " now() - interval '2 hours')"
+        )
+        idle_sender = NoopActor("mail-sender")
+        async with running_daemon(
+            make_config(dsn, tmp_path), replace={"mail-sender": idle_sender}
+        ) as running:
+            status, body = await eventually(
+                lambda: running.get("/readyz"),
+                lambda answer: all(
+                    a["seconds_since_tick"] is not None for a in answer[1]["actors"].values()
+                ),
+            )
+            families = await running.metrics()
+        assert status == 503
+        assert reason_codes(body) == {"outbox_stuck"}
+        assert sample(families, "nproxyd_outbox_oldest_pending_age_seconds") >= 7190
+        assert sample(families, "nproxyd_outbox_pending") == 1
+        assert sample(families, "nproxyd_ready") == 0
+
+    async def test_a_provider_failing_every_call_is_degraded_and_turns_readyz_503(
+        self, dsn: str, db: Database, tmp_path: Path
+    ) -> None:
+        """Every provider call failing: degraded renewal ticks, counted failures, /status names
+        the error, and after health.provider_failing_seconds /readyz 503 provider_failing."""
+        now = datetime.now(UTC)
+        await seed.plan(db.pool)
+        await seed.subscription(
+            db.pool,
+            "sub_due",
+            period_start=now - timedelta(days=29),
+            period_end=now + timedelta(days=1),
+        )
+        config = make_config(
+            dsn,
+            tmp_path,
+            payment__simulated__failure_rate="1",
+            actors__renewal_scheduler__interval_seconds="0.3",
+            billing__retry_base_seconds="0.1",
+            billing__retry_max_seconds="0.2",
+            health__provider_failing_seconds="1",
+        )
+        async with running_daemon(config) as running:
+            _, body = await eventually(
+                lambda: running.get("/readyz"),
+                lambda answer: "provider_failing" in reason_codes(answer[1]),
+            )
+            _, status = await running.get("/status")
+            families = await running.metrics()
+        assert reason_codes(body) == {"provider_failing"}
+        renewal = status["actors"]["renewal-scheduler"]
+        assert renewal["last_outcome"] == "degraded"
+        assert "claimed renewals failed" in renewal["last_error"]
+        assert "simulated provider failure" in renewal["last_item_error"]
+        assert renewal["ticks_degraded"] >= 2
+        assert renewal["degraded_for_seconds"] >= 1
+        ticks = "nproxyd_actor_ticks_total"
+        assert sample(families, ticks, actor="renewal-scheduler", outcome="degraded") >= 2
+        assert sample(families, ticks, actor="renewal-scheduler", outcome="ok") == 0
+        assert sample(families, "nproxyd_renewal_failures_total", kind="transient") >= 2
+        assert sample(families, "nproxyd_renewal_invoices_created_total") == 0
+
+    async def test_ready_gauge_is_kept_by_the_daemon_without_any_request(
+        self, dsn: str, tmp_path: Path
+    ) -> None:
+        """nproxyd_ready turns 1 on the daemon's own checks, with no request to any endpoint."""
+        async with running_daemon(make_config(dsn, tmp_path)) as running:
+            registry = running.daemon.metrics.registry
+
+            async def ready_gauge() -> float | None:
+                return registry.get_sample_value("nproxyd_ready")
+
+            value = await eventually(ready_gauge, lambda v: v == 1, timeout=25)
+        assert value == 1
+
+    async def test_database_gauges_are_absent_while_the_database_refuses_connections(
+        self, dsn: str, tmp_path: Path, pg_server: TestServer
+    ) -> None:
+        """With PostgreSQL refusing connections the database gauges vanish (scrape_error 1)
+        instead of keeping their last values; they come back with the database."""
+        name = urlsplit(dsn).path.lstrip("/")
+        admin = await asyncpg.connect(pg_server.admin_dsn)
+        try:
+            async with running_daemon(make_config(dsn, tmp_path)) as running:
+                await ready(running)
+                before = await running.metrics()
+                await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+                await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                    name,
+                )
+                down = await eventually(
+                    running.metrics,
+                    lambda f: sample(f, "nproxyd_database_scrape_error") == 1,
+                )
+                await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+                after = await eventually(
+                    running.metrics,
+                    lambda f: sample(f, "nproxyd_database_scrape_error") == 0,
+                )
+        finally:
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            await admin.close()
+        for spec in database_metrics():
+            assert spec.name in before, spec.name
+            assert spec.name not in down or not down[spec.name].samples, spec.name
+            assert spec.name in after, spec.name
+        assert sample(down, "nproxyd_ready") == 0
+
+    async def test_dropped_wake_ups_are_counted_in_metrics(self, dsn: str, tmp_path: Path) -> None:
+        """Wake-ups offered to a full channel are dropped and counted in messages_dropped_total."""
+        async with running_daemon(make_config(dsn, tmp_path)) as running:
+            await ready(running)
+            channel = running.daemon.state.channel
+            for _ in range(200):
+                channel.offer(OutboxReady(count=1))
+            dropped = channel.dropped
+            families = await running.metrics()
+        assert dropped > 0
+        assert sample(families, "nproxyd_messages_dropped_total") == dropped

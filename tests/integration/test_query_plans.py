@@ -103,3 +103,13 @@ class TestIdlePlans:
         """Finding keys due for a balance check reads only the index of active keys."""
         plan = await explain(idle_db, "claim_balance_due_keys", NOW, 60.0, 1000)
         assert sequential_scans(plan) == [], json.dumps(plan, indent=1)
+
+    async def test_health_gauges_use_partial_indexes(self, idle_db: Database) -> None:
+        """The gauges read at every scrape and health check never scan the whole outbox."""
+        plan = await explain(idle_db, "health_gauges", NOW)
+        assert sequential_scans(plan) == [], json.dumps(plan, indent=1)
+
+    async def test_latest_failures_never_scan_the_whole_outbox(self, idle_db: Database) -> None:
+        """The newest stored errors for /status are found without scanning sent mail."""
+        plan = await explain(idle_db, "latest_failures")
+        assert sequential_scans(plan) == [], json.dumps(plan, indent=1)

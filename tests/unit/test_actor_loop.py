@@ -11,7 +11,8 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from nproxyd.core.messages import ExpirerReport, Report
+from nproxyd.core.errors import StoreError
+from nproxyd.core.messages import ExpirerReport, MailReport, RenewalReport, Report
 from nproxyd.core.rules import backoff_seconds
 from nproxyd.runtime.actor import ActorLoop, TickOutcome
 from tests.fakes.clock import FakeClock
@@ -281,3 +282,74 @@ class TestShutdown:
         assert not scope.cancelled_caught
         assert observer.finished == []
         assert loop.stats.ticks_failed == 0
+
+
+class ReportingActor:
+    """Every tick returns the given report, or raises the given exception."""
+
+    def __init__(self, report: Report | None = None, error: Exception | None = None) -> None:
+        self.name = "reporting-actor"
+        self.interval_seconds = 10.0
+        self.report = report or ExpirerReport()
+        self.error = error
+
+    async def tick(self, now: datetime) -> Report:
+        if self.error is not None:
+            raise self.error
+        return self.report
+
+
+async def first_outcome(clock: FakeClock, actor: ReportingActor) -> TickOutcome:
+    observer = RecordingObserver()
+    async with running(ActorLoop(actor, clock, observer), anyio.Event()):
+        await clock.advance(1)
+    return observer.finished[0]
+
+
+class TestTruthfulOutcomes:
+    async def test_a_renewal_tick_whose_claims_all_failed_is_degraded(
+        self, clock: FakeClock
+    ) -> None:
+        """Renewal claimed 3, created none, 3 failed: outcome degraded, with the reason."""
+        report = RenewalReport(claimed=3, created_count=0, transient_failures=3)
+        with capture_logs() as logs:
+            outcome = await first_outcome(clock, ReportingActor(report))
+        assert outcome.ok
+        assert outcome.outcome == "degraded"
+        assert outcome.degraded is not None
+        assert "all 3 claimed renewals failed" in outcome.degraded
+        assert [log["log_level"] for log in logs if log["event"] == "tick_degraded"] == ["warning"]
+
+    async def test_a_mail_tick_that_sent_nothing_of_what_it_claimed_is_degraded(
+        self, clock: FakeClock
+    ) -> None:
+        """Mail claimed 2, sent none, both failed transiently: degraded; one sent: ok."""
+        failed = MailReport(claimed=2, retried_count=2, failures={"transient": 2})
+        partly = MailReport(claimed=2, sent_count=1, retried_count=1, failures={"transient": 1})
+        assert (await first_outcome(clock, ReportingActor(failed))).outcome == "degraded"
+        assert (await first_outcome(clock, ReportingActor(partly))).outcome == "ok"
+
+    async def test_idle_and_partly_successful_renewal_ticks_are_ok(self, clock: FakeClock) -> None:
+        """Nothing claimed, or one of two created, is an ok tick."""
+        idle = RenewalReport(candidates=0)
+        partly = RenewalReport(claimed=2, created_count=1, permanent_failures=1)
+        assert (await first_outcome(clock, ReportingActor(idle))).outcome == "ok"
+        assert (await first_outcome(clock, ReportingActor(partly))).outcome == "ok"
+
+    async def test_a_task_group_error_is_reported_as_its_cause(self, clock: FakeClock) -> None:
+        """An ExceptionGroup from a task group is reported by the class and text of its cause."""
+        inner = ExceptionGroup("unhandled errors in a TaskGroup", [StoreError("relation gone")])
+        error = ExceptionGroup("unhandled errors in a TaskGroup", [inner])
+        outcome = await first_outcome(clock, ReportingActor(error=error))
+        assert outcome.outcome == "error"
+        assert outcome.error_class == "StoreError"
+        assert outcome.error_message == "relation gone"
+
+    async def test_sibling_errors_of_a_group_are_counted_in_the_message(
+        self, clock: FakeClock
+    ) -> None:
+        """A group of two errors reports the first one's cause and says one more failed."""
+        error = ExceptionGroup("two", [StoreError("first"), RuntimeError("second")])
+        outcome = await first_outcome(clock, ReportingActor(error=error))
+        assert outcome.error_class == "StoreError"
+        assert outcome.error_message == "first (and 1 more error)"

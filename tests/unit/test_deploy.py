@@ -16,6 +16,7 @@ import yaml
 
 from nproxyd.core import config
 from nproxyd.core.errors import ConfigError
+from nproxyd.runtime.catalogue import series_names
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "systemd" / "nproxyd.service"
@@ -25,28 +26,8 @@ ALERTS_TEST = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "nproxyd.json"
 OPERATIONS = ROOT / "docs" / "operations.md"
 
-# DESIGN.md section 4 "Metrics", the histogram's series, the readiness gauge and Prometheus' `up`.
-CONTRACT_METRICS = frozenset(
-    {
-        "nproxyd_actor_ticks_total",
-        "nproxyd_actor_tick_duration_seconds_bucket",
-        "nproxyd_actor_tick_duration_seconds_sum",
-        "nproxyd_actor_tick_duration_seconds_count",
-        "nproxyd_actor_last_success_timestamp_seconds",
-        "nproxyd_actor_restarts_total",
-        "nproxyd_invoices_expired_total",
-        "nproxyd_renewal_invoices_created_total",
-        "nproxyd_mail_sent_total",
-        "nproxyd_mail_failures_total",
-        "nproxyd_mail_dead_total",
-        "nproxyd_mail_queue_depth",
-        "nproxyd_outbox_pending",
-        "nproxyd_provider_keys",
-        "nproxyd_provider_keys_recovered_total",
-        "nproxyd_ready",
-        "up",
-    }
-)
+# Every series /metrics exposes (the metric catalogue, a histogram's three series) and `up`.
+CONTRACT_METRICS = series_names() | {"up"}
 
 _PROMQL_KEYWORDS = frozenset(
     {"and", "or", "unless", "bool", "offset", "inf", "nan", "atan2"}
@@ -294,12 +275,16 @@ class TestPrometheusRules:
         assert "nproxyd_ready" in used
 
     def test_required_alerts_exist(self) -> None:
-        """The stalled-actor, restart, outbox, dead-mail, key-pool and readiness alerts exist."""
+        """The stalled-actor, restart, outbox, dead-mail, renewal-failure, key-pool and readiness
+        alerts exist, dead mail alerting from the gauge so it lasts while mail is dead."""
         exprs = {rule["alert"]: rule["expr"] for rule in alert_rules()}
         assert "nproxyd_actor_last_success_timestamp_seconds" in exprs["NproxydActorStalled"]
         assert "increase(nproxyd_actor_restarts_total[15m]) > 0" in exprs["NproxydActorRestarting"]
         assert "deriv(nproxyd_outbox_pending" in exprs["NproxydOutboxGrowing"]
-        assert "nproxyd_mail_dead_total" in exprs["NproxydMailDead"]
+        assert "nproxyd_mail_dead > 0" in exprs["NproxydMailDead"]
+        assert 'nproxyd_renewal_failures_total{kind="permanent"}' in exprs["NproxydRenewalRejected"]
+        assert 'nproxyd_renewal_failures_total{kind="transient"}' in exprs["NproxydRenewalFailing"]
+        assert "nproxyd_outbox_oldest_pending_age_seconds > 15 * 60" in exprs["NproxydOutboxStuck"]
         assert 'nproxyd_provider_keys{status="active"} == 0' in exprs["NproxydNoActiveProviderKeys"]
         assert "nproxyd_ready == 0" in exprs["NproxydNotReady"]
         assert "up{" in exprs["NproxydDown"]
