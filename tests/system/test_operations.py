@@ -322,3 +322,161 @@ class TestEmbeddedPostgres:
         assert result.returncode == 0, result.stderr[-3000:]
         wait_until(lambda: not postmaster.exists(), timeout=30, what="the server to stop")
         assert json.loads((state / "postgres" / ".handle_pids.json").read_text()) == []
+
+
+@pytest.fixture
+def outside_world() -> Iterator[tuple[FakeNowPayments, FakeSmtpServer]]:
+    """A NOWPayments stand-in and a real SMTP server, both counting what reaches them."""
+    with FakeNowPayments().running_in_thread() as provider, FakeSmtpServer() as smtp:
+        yield provider, smtp
+
+
+def world_env(
+    dsn: str, tmp_path: Path, world: tuple[FakeNowPayments, FakeSmtpServer]
+) -> dict[str, str]:
+    provider, smtp = world
+    return nproxyd_env(
+        dsn=dsn,
+        state_dir=tmp_path / "state",
+        settings={
+            "billing.payment_provider": "nowpayments",
+            "payment.nowpayments.api_base_url": provider.url,
+            "payment.nowpayments.api_key": provider.api_key,
+            "email.transport": "smtp",
+            "email.smtp.host": "127.0.0.1",
+            "email.smtp.port": smtp.port,
+        },
+    )
+
+
+class TestOnceDryRun:
+    @pytest.mark.parametrize(
+        ("actor", "expected"),
+        [
+            ("renewal-scheduler", {"created_count": 1, "provider_calls_skipped": 1}),
+            ("mail-sender", {"sent_count": 1, "mail_not_sent": 1}),
+            ("invoice-expirer", {"expired_count": 1}),
+            ("key-pool-recoverer", {"recovered_count": 1}),
+        ],
+    )
+    def test_dry_run_reports_the_tick_and_changes_nothing(
+        self,
+        system_dsn: str,
+        tmp_path: Path,
+        outside_world: tuple[FakeNowPayments, FakeSmtpServer],
+        actor: str,
+        expected: dict[str, int],
+    ) -> None:
+        """`once ACTOR --dry-run` reports what the tick would do; no row, provider call or
+        mail results from it."""
+        seed_rows(system_dsn)
+        before = snapshot(system_dsn)
+        env = world_env(system_dsn, tmp_path, outside_world)
+
+        result = run_nproxyd(["once", actor, "--now", NOW_ARG, "--dry-run"], env, timeout=60)
+
+        assert result.returncode == 0, result.stderr[-3000:]
+        [report] = json_lines(result.stdout)
+        assert report["actor"] == actor
+        assert report["dry_run"] is True
+        assert {key: report[key] for key in expected} == expected
+        assert snapshot(system_dsn) == before
+        provider, smtp = outside_world
+        assert provider.requests == []
+        assert smtp.connections == 0
+        assert smtp.messages == []
+
+    def test_the_same_tick_without_dry_run_does_write(
+        self,
+        system_dsn: str,
+        tmp_path: Path,
+        outside_world: tuple[FakeNowPayments, FakeSmtpServer],
+    ) -> None:
+        """Without --dry-run the same seeded tick calls the provider and writes (the dry-run
+        test's "nothing changed" is not an accident of the seed)."""
+        seed_rows(system_dsn)
+        before = snapshot(system_dsn)
+        env = world_env(system_dsn, tmp_path, outside_world)
+
+        result = run_nproxyd(["once", "renewal-scheduler", "--now", NOW_ARG], env, timeout=60)
+
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json_lines(result.stdout)[0]["created_count"] == 1
+        assert "dry_run" not in json_lines(result.stdout)[0]
+        assert len(outside_world[0].requests) == 1
+        assert snapshot(system_dsn) != before
+
+    def test_now_in_the_future_is_refused_unless_allowed(
+        self, system_dsn: str, tmp_path: Path
+    ) -> None:
+        """--now more than 5 minutes ahead exits 64 and writes nothing; --allow-future runs."""
+        seed_rows(system_dsn)
+        before = snapshot(system_dsn)
+        env = nproxyd_env(dsn=system_dsn, state_dir=tmp_path / "state")
+        tomorrow = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+
+        refused = run_nproxyd(["once", "invoice-expirer", "--now", tomorrow], env, timeout=60)
+        allowed = run_nproxyd(
+            ["once", "invoice-expirer", "--now", tomorrow, "--allow-future", "--dry-run"],
+            env,
+            timeout=60,
+        )
+
+        assert refused.returncode == 64
+        assert "--allow-future" in one_line_error(refused)
+        assert refused.stdout == ""
+        assert snapshot(system_dsn) == before
+        assert allowed.returncode == 0, allowed.stderr[-3000:]
+        assert json_lines(allowed.stdout)[0]["expired_count"] == 1
+
+    def test_once_help_says_that_it_writes(self, tmp_path: Path) -> None:
+        """`once --help` warns that a tick writes and names --dry-run and --allow-future."""
+        result = run(["once", "--help"], tmp_path)
+        assert result.returncode == 0
+        text = " ".join(result.stdout.split())
+        assert "WRITES" in text
+        assert "--dry-run" in text
+        assert "--allow-future" in text
+
+
+class TestStatusCommand:
+    def test_status_reads_base_or_full_url_and_exits_by_readiness(
+        self, processes: Processes, postgres: ThrowawayPostgres, tmp_path: Path
+    ) -> None:
+        """`status` takes the base or the /status URL, prints a table without Python reprs or
+        JSON with --json, exits 0 while ready and 1 once the daemon answers not ready."""
+        port = free_port()
+        env = daemon_env(postgres.dsn, tmp_path, port, **{"daemon.instance_id": "ops-test-1"})
+        daemon = processes.start(["run"], env)
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(processes, daemon, base, timeout=30)
+        cli = nproxyd_env(dsn="", state_dir=tmp_path / "cli")
+
+        table = run_nproxyd(["status", "--url", base + "/status"], cli, timeout=30)
+        as_json = run_nproxyd(["status", "--url", base + "/", "--json"], cli, timeout=30)
+
+        assert table.returncode == 0, table.stderr
+        assert "ops-test-1" in table.stdout
+        assert "None" not in table.stdout
+        assert "{" not in table.stdout
+        assert "'" not in table.stdout
+        rows = {line.split()[0]: line.split() for line in table.stdout.splitlines() if line}
+        assert rows["invoice-expirer"][1:3] == ["yes", "ok"]
+        assert as_json.returncode == 0, as_json.stderr
+        [document] = json_lines(as_json.stdout)
+        assert document["ready"] is True
+        assert document["instance"] == "ops-test-1"
+
+        postgres.stop()
+        wait_until(lambda: http_status(base + "/readyz") == 503, timeout=30, what="503")
+        not_ready = run_nproxyd(["status", "--url", base], cli, timeout=30)
+
+        assert not_ready.returncode == 1, not_ready.stderr
+        assert "ops-test-1" in not_ready.stdout
+
+    def test_status_of_something_that_is_not_nproxyd_exits_69(self, tmp_path: Path) -> None:
+        """A URL that answers without nproxyd's /status JSON is 'unreachable' (69), one line."""
+        with FakeSmtpServer() as smtp:  # speaks SMTP, not HTTP
+            result = run(["status", "--url", f"http://127.0.0.1:{smtp.port}"], tmp_path)
+        assert result.returncode == 69
+        one_line_error(result)
