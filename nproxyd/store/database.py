@@ -22,7 +22,7 @@ _REFUSED_SQLSTATES = {
     "28P01": "the server refused the password (authentication failed)",
     "28000": "the server refused the role or its authentication (unknown role or no pg_hba entry)",
     "3D000": "the configured database does not exist",
-    "42501": "the configured role may not connect (insufficient privilege)",
+    "42501": "the configured role lacks a privilege nproxyd needs (insufficient privilege)",
 }
 
 

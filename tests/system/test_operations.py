@@ -223,6 +223,24 @@ class TestExitCodes:
                 assert result.returncode == 78, (dsn, command, result.stderr[-3000:])
                 assert "database.dsn" in one_line_error(result)
 
+    def test_a_wrong_password_exits_78_naming_database_dsn_without_it(
+        self, postgres: ThrowawayPostgres, tmp_path: Path
+    ) -> None:
+        """A password the server refuses is a credentials error (78), not 'gave up' (70)."""
+        sql(postgres.dsn, "ALTER ROLE postgres PASSWORD 'right-password'")
+        hba = postgres.pgdata / "pg_hba.conf"
+        hba.write_text("local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
+        postgres._commands().pg_ctl(
+            ["reload"], pgdata=postgres.pgdata, user=postgres.user, timeout=30
+        )
+        dsn = postgres.dsn.replace("postgres@", "postgres:wrong-sekrit@", 1)
+        for command in (["once", "invoice-expirer"], ["run"], ["migrate"]):
+            result = run(command, tmp_path, dsn=dsn)
+            assert result.returncode == 78, (command, result.stderr[-3000:])
+            line = one_line_error(result)
+            assert "database.dsn" in line
+            assert "sekrit" not in result.stderr + result.stdout
+
     def test_postgres_stopping_mid_tick_exits_69_with_one_line(
         self, processes: Processes, postgres: ThrowawayPostgres, tmp_path: Path
     ) -> None:
