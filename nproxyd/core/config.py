@@ -399,7 +399,9 @@ def number_problem(key: str, value: float) -> str | None:
             return f"must be at most {MAX_NUMBER:.0e}, got {value:g}"
         return None
     seconds = value * unit
-    if 0 < seconds < MIN_DURATION_SECONDS:
+    # Intervals, timeouts and leases (whole seconds and up) below 0.1 s would spin; a key in
+    # milliseconds (a simulated latency) is meant to be small.
+    if 0 < seconds < MIN_DURATION_SECONDS and unit >= 1:
         return f"must be at least {MIN_DURATION_SECONDS} s, got {value:g}"
     if seconds > MAX_DURATION_SECONDS:
         limit = MAX_DURATION_SECONDS / unit

@@ -52,8 +52,9 @@ A fully commented example with every default is `config/nproxyd.example.toml`.
 and ranges listed with each key below:
 
 - **Numbers** must be finite (`inf` and `nan` are refused) and at most 1e9. A duration (a key
-  ending in `_ms`, `_seconds`, `_minutes`, `_hours` or `_days`) of more than 0 must be at least
-  0.1 s and at most 90 days; 0 is allowed only where the key's range allows it.
+  ending in `_ms`, `_seconds`, `_minutes`, `_hours` or `_days`) is at most 90 days, and one in
+  seconds or longer units that is more than 0 must be at least 0.1 s; 0 is allowed only where
+  the key's range allows it.
 - **`database.dsn`** must be a URL the PostgreSQL driver (asyncpg) parses:
   `postgresql://` or `postgres://`, valid ports, a known `sslmode`, and a user name or password
   with `@ / ? #` percent-encoded (`/` as `%2F`). The error names `database.dsn` and never

@@ -285,12 +285,12 @@ class TestValidation:
         assert caught.value.key.startswith(key)
 
     def test_zero_stays_allowed_where_the_key_allows_it(self) -> None:
-        """A duration of 0 where 0 is allowed (no shutdown grace, no latency) passes."""
+        """A duration of 0 where 0 is allowed (no shutdown grace) and a small latency in ms pass."""
         config = load(
             None,
             {
                 "NPROXYD__DAEMON__SHUTDOWN_GRACE_SECONDS": "0",
-                "NPROXYD__PAYMENT__SIMULATED__LATENCY_MS": "0",
+                "NPROXYD__PAYMENT__SIMULATED__LATENCY_MS": "20",
                 "NPROXYD__HTTP__LISTEN": "[::1]:9187",
                 "NPROXYD__EMAIL__FROM_ADDRESS": "billing@nproxy.example",
             },
