@@ -296,8 +296,7 @@ class TestSignals:
     def test_sighup_and_sigusr_are_logged_and_the_daemon_keeps_running(
         self, processes: Processes, system_dsn: str, tmp_path: Path
     ) -> None:
-        """SIGHUP, SIGUSR1 and SIGUSR2 are each logged as signal_received; the daemon stays
-        ready, and SIGTERM still stops it with exit 0 after daemon_stopped."""
+        """SIGHUP/SIGUSR1/SIGUSR2 are logged and survived; SIGTERM still stops cleanly."""
         port = free_port()
         process = processes.start(["run"], daemon_env(system_dsn, tmp_path, port))
         base = f"http://127.0.0.1:{port}"
@@ -385,8 +384,7 @@ class TestOnceDryRun:
         actor: str,
         expected: dict[str, int],
     ) -> None:
-        """`once ACTOR --dry-run` reports what the tick would do; no row, provider call or
-        mail results from it."""
+        """`once ACTOR --dry-run` reports the tick; it writes, calls and sends nothing."""
         seed_rows(system_dsn)
         before = snapshot(system_dsn)
         env = world_env(system_dsn, tmp_path, outside_world)
@@ -410,8 +408,7 @@ class TestOnceDryRun:
         tmp_path: Path,
         outside_world: tuple[FakeNowPayments, FakeSmtpServer],
     ) -> None:
-        """Without --dry-run the same seeded tick calls the provider and writes (the dry-run
-        test's "nothing changed" is not an accident of the seed)."""
+        """The same tick without --dry-run calls the provider and writes (a control)."""
         seed_rows(system_dsn)
         before = snapshot(system_dsn)
         env = world_env(system_dsn, tmp_path, outside_world)
@@ -461,8 +458,7 @@ class TestStatusCommand:
     def test_status_reads_base_or_full_url_and_exits_by_readiness(
         self, processes: Processes, postgres: ThrowawayPostgres, tmp_path: Path
     ) -> None:
-        """`status` takes the base or the /status URL, prints a table without Python reprs or
-        JSON with --json, exits 0 while ready and 1 once the daemon answers not ready."""
+        """`status` takes either URL, prints a table or --json, exits 0 ready / 1 not ready."""
         port = free_port()
         env = daemon_env(postgres.dsn, tmp_path, port, **{"daemon.instance_id": "ops-test-1"})
         daemon = processes.start(["run"], env)
