@@ -24,19 +24,20 @@ from nproxyd.actors.key_pool_recoverer import KeyPoolRecoverer, KeyPoolSettings
 from nproxyd.actors.mail_sender import MailSender, MailSettings
 from nproxyd.actors.renewal_scheduler import RenewalScheduler, RenewalSettings
 from nproxyd.adapters.balance_simulated import SimulatedBalanceProbe
+from nproxyd.adapters.dry_run import DryRunProvider, DryRunTransport
 from nproxyd.adapters.mail_maildir import MaildirTransport
 from nproxyd.adapters.mail_smtp import SmtpTransport
 from nproxyd.adapters.payment_nowpayments import NowPaymentsProvider
 from nproxyd.adapters.payment_simulated import SimulatedPaymentProvider
 from nproxyd.core.channels import Outbox
 from nproxyd.core.clock import Clock, SystemClock
-from nproxyd.core.config import Config
+from nproxyd.core.config import Config, secrets_of
 from nproxyd.core.errors import ConfigError
 from nproxyd.core.messages import OutboxReady
 from nproxyd.core.ports import MailTransport, PaymentProvider
 from nproxyd.runtime.actor import Actor
 from nproxyd.runtime.daemon import Daemon
-from nproxyd.store.database import Database, create_pool
+from nproxyd.store.database import Database, RolledBackDatabase, create_pool, driver_dsn_problem
 from nproxyd.store.embedded import start_embedded
 from nproxyd.store.migrate import migrate
 from nproxyd.store.stores import HealthStore, InvoiceStore, KeyStore, OutboxStore, RenewalStore
@@ -71,6 +72,9 @@ class Components(msgspec.Struct, frozen=True, kw_only=True):
     outbox_ready: Outbox
     outbox_ready_receiver: MemoryObjectReceiveStream[OutboxReady]
     actors: dict[str, Actor]
+    provider: PaymentProvider
+    transport: MailTransport
+    dry_run: bool = False
     # None: migrations were not run at start-up; else the versions this start applied.
     migrations_applied: list[int] | None = None
 
@@ -111,12 +115,7 @@ async def open_database(
 
 
 def payment_provider(config: Config, clock: Clock) -> PaymentProvider:
-    if config.billing.payment_provider == "nowpayments":
-        if not config.payment.nowpayments.api_key:
-            raise ConfigError(
-                "payment.nowpayments.api_key",
-                "required when billing.payment_provider = nowpayments (or set api_key_file)",
-            )
+    if config.billing.payment_provider == "nowpayments":  # its API key: core.config.validate
         return NowPaymentsProvider(config.payment.nowpayments)
     return SimulatedPaymentProvider(config.payment.simulated, clock.sleep)
 
@@ -182,18 +181,24 @@ def enabled(config: Config, name: str) -> bool:
 
 @asynccontextmanager
 async def open_components(
-    config: Config, clock: Clock, *, auto_migrate: bool | None = None
+    config: Config, clock: Clock, *, auto_migrate: bool | None = None, dry_run: bool = False
 ) -> AsyncIterator[Components]:
-    """Build every component; closes what it opened on exit."""
+    """Build every component; closes what it opened on exit.
+
+    ``dry_run``: no migration, every statement rolled back, no provider call, no mail sent.
+    """
     migrate_now = config.database.auto_migrate if auto_migrate is None else auto_migrate
     async with AsyncExitStack() as stack:
         applied: list[list[int]] = []
-        db = await open_database(config, auto_migrate=migrate_now, on_migrated=applied.append)
+        db = await open_database(
+            config, auto_migrate=migrate_now and not dry_run, on_migrated=applied.append
+        )
+        if dry_run:
+            db = await _rolled_back(db)
         stack.push_async_callback(db.close)
         stores = Stores.for_database(db)
-        provider = payment_provider(config, clock)
+        provider, transport = _adapters(config, clock, dry_run=dry_run)
         stack.push_async_callback(provider.aclose)
-        transport = mail_transport(config)
         stack.push_async_callback(transport.aclose)
         sender: MemoryObjectSendStream[OutboxReady]
         sender, receiver = anyio.create_memory_object_stream[OutboxReady](OUTBOX_READY_BUFFER)
@@ -219,6 +224,9 @@ async def open_components(
             outbox_ready=outbox,
             outbox_ready_receiver=receiver,
             actors=actors,
+            provider=provider,
+            transport=transport,
+            dry_run=dry_run,
             migrations_applied=applied[0] if applied else None,
         )
 
@@ -250,6 +258,47 @@ def startup_facts(config: Config, components: Components) -> dict[str, Any]:
         if applied is None
         else (f"applied {applied}" if applied else "up to date"),
     }
+
+
+async def _rolled_back(db: Database) -> Database:
+    try:
+        return await RolledBackDatabase.open(db.pool)
+    except BaseException:
+        await db.close()
+        raise
+
+
+def _adapters(
+    config: Config, clock: Clock, *, dry_run: bool
+) -> tuple[PaymentProvider, MailTransport]:
+    if dry_run:
+        return DryRunProvider(config.billing.payment_provider), DryRunTransport()
+    return payment_provider(config, clock), mail_transport(config)
+
+
+def preflight(config: Config) -> None:
+    """The checks of ``load`` that need the driver: the DSN parsed by asyncpg itself.
+
+    Run by every command right after loading the configuration (``run`` and ``check-config``
+    alike); raises :class:`ConfigError` naming ``database.dsn``, never quoting it.
+    """
+    if config.database.dsn:
+        problem = driver_dsn_problem(config.database.dsn, secrets_of(config))
+        if problem:
+            raise ConfigError("database.dsn", problem)
+
+
+def effective(config: Config) -> Config:
+    """The configuration with the paths nproxyd derives filled in (state dir, maildir)."""
+    state = state_dir(config)
+    maildir = config.email.maildir.path or str(state / "maildir")
+    return msgspec.structs.replace(
+        config,
+        daemon=msgspec.structs.replace(config.daemon, state_dir=str(state)),
+        email=msgspec.structs.replace(
+            config.email, maildir=msgspec.structs.replace(config.email.maildir, path=maildir)
+        ),
+    )
 
 
 async def run_daemon(config: Config) -> int:

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
 import anyio
@@ -17,25 +18,46 @@ from nproxyd.core.clock import Clock, SystemClock, parse_instant
 from nproxyd.core.config import Config, load, redact_text, redacted, secrets_of
 from nproxyd.core.errors import (
     ConfigError,
-    DatabaseUnavailable,
     NproxydError,
+    OperatorMustFix,
     SupervisorGaveUp,
+    TemporaryFailure,
+    Unavailable,
+    UsageError,
 )
+from nproxyd.core.text import is_storable
 from nproxyd.runtime import logs
+from nproxyd.runtime.daemon import ignore_noted_signals
 
 EXIT_OK = 0
+EXIT_FAILURE = 1  # anything else that went wrong (a database error, a bug): one line on stderr
+EXIT_NOT_READY = 1  # `status`: the daemon answered but is not ready
 EXIT_USAGE = 64
 EXIT_UNAVAILABLE = 69
 EXIT_SOFTWARE = 70
+EXIT_TEMPFAIL = 75
 EXIT_CONFIG = 78
-# The first matching class decides the exit code and the prefix of the one stderr line.
-_EXITS: tuple[tuple[type[NproxydError], int, str], ...] = (
-    (ConfigError, EXIT_CONFIG, "config error: "),
+# The one table from error classes to exit codes (docs/operations.md "Exit codes"): the first
+# matching base class decides the code and the prefix of the one stderr line.
+EXIT_CODES: tuple[tuple[type[NproxydError], int, str], ...] = (
+    (OperatorMustFix, EXIT_CONFIG, "config error: "),
+    (UsageError, EXIT_USAGE, "error: "),
+    (TemporaryFailure, EXIT_TEMPFAIL, ""),
+    (Unavailable, EXIT_UNAVAILABLE, ""),
     (SupervisorGaveUp, EXIT_SOFTWARE, ""),
-    (DatabaseUnavailable, EXIT_UNAVAILABLE, ""),
-    (NproxydError, EXIT_SOFTWARE, ""),
+    (NproxydError, EXIT_FAILURE, ""),
 )
 ACTORS = ("invoice-expirer", "renewal-scheduler", "mail-sender", "key-pool-recoverer")
+MAX_FUTURE = timedelta(minutes=5)
+MAX_DISTANCE = timedelta(days=100 * 366)  # any --now: within a century of the real clock
+MAX_LIMIT = 100_000
+MAX_ID_LENGTH = 200
+ONCE_HELP = """\
+Run one tick of one actor against the configured database, exactly as the daemon would, and
+print its report as one JSON line. This WRITES: it expires invoices, creates renewal invoices
+at the payment provider, sends mail. Use --dry-run to see what a tick would do without any of
+that. --now more than 5 minutes ahead of the real clock is refused unless --allow-future is
+given (rows would be stamped in the future)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,32 +74,63 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("run", help="run the daemon in the foreground")
     commands.add_parser("migrate", help="apply schema migrations")
     commands.add_parser("check-config", help="validate and print the effective config")
-    once = commands.add_parser("once", help="run one tick of one actor")
+    once = commands.add_parser(
+        "once", help="run one tick of one actor (writes; see --dry-run)", description=ONCE_HELP
+    )
     once.add_argument("actor", choices=ACTORS)
     once.add_argument("--now", type=_instant, help="ISO-8601 time of the tick")
+    once.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="report what the tick would do: roll back every write, call no provider, send no mail",
+    )
+    once.add_argument(
+        "--allow-future",
+        action="store_true",
+        help="accept --now more than 5 minutes ahead of the real clock",
+    )
     mail = commands.add_parser("mail", help="operate on the mail outbox")
     mail_commands = mail.add_subparsers(dest="mail_command", required=True, parser_class=_Parser)
     dead = mail_commands.add_parser("dead", help="list dead mail")
     dead.add_argument("--limit", type=_positive, default=50)
     retry = mail_commands.add_parser("retry", help="put dead mail back to pending")
-    retry.add_argument("ids", nargs="*", metavar="ID")
+    retry.add_argument("ids", nargs="*", metavar="ID", type=_mail_id)
     retry.add_argument("--all-dead", action="store_true")
-    status = commands.add_parser("status", help="show /status of a running daemon")
-    status.add_argument("--url", help="base URL (default: from http.listen)")
+    status = commands.add_parser(
+        "status",
+        help="show /status of a running daemon (exit 0 ready, 1 not ready, 69 unreachable)",
+    )
+    status.add_argument(
+        "--url", help="base URL or the full /status URL (default: from http.listen)"
+    )
+    status.add_argument("--json", action="store_true", help="print the /status JSON as it is")
     return parser
 
 
-def _instant(text: str) -> Any:
+def _instant(text: str) -> datetime:
     try:
-        return parse_instant(text)
-    except ValueError:
+        value = parse_instant(text)
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r}") from None
+    try:
+        distance = abs(value - SystemClock().now())
+    except OverflowError:
+        distance = MAX_DISTANCE + MAX_DISTANCE
+    if distance > MAX_DISTANCE:
+        raise argparse.ArgumentTypeError(f"not within 100 years of now: {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"not a number from 1 to {MAX_LIMIT}: {text!r}")
     return int(text)
+
+
+def _mail_id(text: str) -> str:
+    if not text or len(text) > MAX_ID_LENGTH or not is_storable(text):
+        raise argparse.ArgumentTypeError(f"not a mail id: {text!r}")
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,12 +138,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "mail" and args.mail_command == "retry" and bool(args.ids) == args.all_dead:
         print("nproxyd: error: give mail ids or --all-dead (not both)", file=sys.stderr)
         return EXIT_USAGE
+    usage = _usage_problem(args)
+    if usage:
+        print(f"nproxyd: error: {usage}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         config = load(args.config or os.environ.get("NPROXYD_CONFIG"), os.environ)
+        app.preflight(config)
     except ConfigError as exc:
         print(f"nproxyd: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return _dispatch(args, config)
+
+
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """What the parser cannot check alone: ``--now`` too far in the future."""
+    if args.command == "once" and args.now is not None and not args.allow_future:
+        ahead = args.now - SystemClock().now()
+        if ahead > MAX_FUTURE:
+            return (
+                f"--now is {ahead} ahead of the real clock; rows would be stamped in the "
+                "future (give --allow-future if that is what you want)"
+            )
+    return None
+
+
+def exit_code(error: NproxydError) -> tuple[int, str]:
+    """The exit code and stderr prefix of ``error`` (the first matching row of EXIT_CODES)."""
+    return next((code, prefix) for kind, code, prefix in EXIT_CODES if isinstance(error, kind))
+
+
+def project_error(exc: BaseException) -> NproxydError | None:
+    """``exc`` itself, or the first project error inside a (nested) exception group."""
+    if isinstance(exc, NproxydError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = project_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _dispatch(args: argparse.Namespace, config: Config) -> int:
@@ -106,12 +193,15 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
     command = COMMANDS[args.command]
     try:
         return anyio.run(command, args, config)
-    except NproxydError as exc:
-        code, prefix = next((c, p) for kind, c, p in _EXITS if isinstance(exc, kind))
-        print(f"nproxyd: {prefix}{redact_text(str(exc), secrets)}", file=sys.stderr)
-        return code
     except KeyboardInterrupt:
         return EXIT_OK
+    except Exception as exc:
+        error = project_error(exc)
+        if error is None:
+            raise
+        code, prefix = exit_code(error)
+        print(f"nproxyd: {prefix}{redact_text(str(error), secrets)}", file=sys.stderr)
+        return code
 
 
 def _print_json(value: Any) -> None:
@@ -120,7 +210,7 @@ def _print_json(value: Any) -> None:
 
 
 async def cmd_check_config(_: argparse.Namespace, config: Config) -> int:
-    _print_json(redacted(config))
+    _print_json(redacted(app.effective(config)))
     return EXIT_OK
 
 
@@ -133,11 +223,25 @@ async def cmd_migrate(_: argparse.Namespace, config: Config) -> int:
 
 async def cmd_once(args: argparse.Namespace, config: Config) -> int:
     clock: Clock = SystemClock()
-    async with app.open_components(config, clock) as components:
+    async with app.open_components(config, clock, dry_run=args.dry_run) as components:
         actor = components.actors[args.actor]
         report = await actor.tick(args.now or clock.now())
-    _print_json({"actor": args.actor, **msgspec.to_builtins(report)})
+        line = {"actor": args.actor, **msgspec.to_builtins(report)}
+        if components.dry_run:
+            line.update(dry_run_summary(components))
+    _print_json(line)
     return EXIT_OK
+
+
+def dry_run_summary(components: app.Components) -> dict[str, Any]:
+    """What a dry run would have done outside the database."""
+    provider = components.provider
+    transport = components.transport
+    return {
+        "dry_run": True,
+        "provider_calls_skipped": len(getattr(provider, "calls", ())),
+        "mail_not_sent": len(getattr(transport, "recipients", ())),
+    }
 
 
 async def cmd_mail_dead(args: argparse.Namespace, config: Config) -> int:
@@ -180,16 +284,19 @@ async def cmd_mail(args: argparse.Namespace, config: Config) -> int:
 
 
 async def cmd_run(_: argparse.Namespace, config: Config) -> int:
+    ignore_noted_signals()  # SIGHUP/SIGUSR1/SIGUSR2 never stop the daemon, also while starting
     return await app.run_daemon(config)
 
 
 async def cmd_status(args: argparse.Namespace, config: Config) -> int:
-    from nproxyd.runtime.status import fetch_and_render  # noqa: PLC0415
+    from nproxyd.runtime.status import fetch_status, render, status_url  # noqa: PLC0415
 
-    url = args.url or f"http://{config.http.listen}"
-    text = await fetch_and_render(url)
-    sys.stdout.write(text)
-    return EXIT_OK
+    status = await fetch_status(status_url(args.url or f"http://{config.http.listen}"))
+    if args.json:
+        _print_json(status)
+    else:
+        sys.stdout.write(render(status))
+    return EXIT_OK if status.get("ready") is True else EXIT_NOT_READY
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Config], Awaitable[int]]] = {

@@ -6,8 +6,11 @@ environment variables, then ``*_file`` keys that fill the matching secret key.
 
 from __future__ import annotations
 
+import email.utils
+import math
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,6 +18,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from nproxyd.core.errors import ConfigError
+from nproxyd.core.rules import address_problem
 
 ENV_PREFIX = "NPROXYD__"
 REDACTED = "***"
@@ -185,7 +189,7 @@ def load(path: str | None, environ: Mapping[str, str]) -> Config:
     data = _read_toml(path) if path else {}
     _apply_env(data, environ)
     config = _convert(data)
-    return _resolve_secret_files(config, environ)
+    return validate(_resolve_secret_files(config, environ))
 
 
 def _read_toml(path: str) -> dict[str, Any]:
@@ -198,15 +202,21 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("--config", f"invalid TOML in {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not UTF-8 (byte {exc.start})") from None
 
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
     for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX):
             continue
+        if not _is_utf8(name):
+            raise ConfigError("environment", "an NPROXYD__ variable name is not valid UTF-8")
         parts = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
         key = ".".join(parts)
         field_type = _field_type(parts, key)
+        if not _is_utf8(raw):
+            raise ConfigError(key, f"environment variable {name} is not valid UTF-8")
         value = _coerce(raw, field_type, key)
         target = data
         for part in parts[:-1]:
@@ -275,6 +285,8 @@ def _resolve_secret_files(config: Config, environ: Mapping[str, str]) -> Config:
             secret = path.read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
             raise ConfigError(file_key, f"cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(file_key, f"{path} is not valid UTF-8") from None
         config = _replace(config, secret_key, secret)
     return config
 
@@ -328,3 +340,231 @@ def redact_text(text: str, secrets: list[str]) -> str:
         if secret:
             text = text.replace(secret, REDACTED)
     return text
+
+
+# --- Validation -------------------------------------------------------------------------------
+# One path for `run` and `check-config`: `load` ends with `validate`, so whatever `run` would
+# refuse, `check-config` refuses too. Each check is its own function returning (key, reason)
+# problems; a key added elsewhere is covered by the generic numeric and text checks.
+
+# A duration is a number whose key ends with one of these units (value x factor = seconds).
+_DURATION_UNITS: tuple[tuple[str, float], ...] = (
+    ("_ms", 0.001),
+    ("_seconds", 1.0),
+    ("_minutes", 60.0),
+    ("_hours", 3600.0),
+    ("_days", 86400.0),
+)
+MIN_DURATION_SECONDS = 0.1
+MAX_DURATION_SECONDS = 90 * 86400.0
+MAX_NUMBER = 1e9
+_SSLMODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
+_DSN_SCHEMES = frozenset({"postgresql", "postgres"})
+_HOST = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+|[0-9A-Fa-f:]+:[0-9A-Fa-f:.]*)$")
+
+Problem = tuple[str, str]
+
+
+def validate(config: Config) -> Config:
+    """Every check ``run`` relies on; raises :class:`ConfigError` naming the first bad key."""
+    for check in _CHECKS:
+        for key, reason in check(config):
+            raise ConfigError(key, reason)
+    return config
+
+
+def _numbers(struct: Any, prefix: str = "") -> list[tuple[str, float]]:
+    found: list[tuple[str, float]] = []
+    for field in msgspec.structs.fields(struct):
+        value = getattr(struct, field.name)
+        key = f"{prefix}{field.name}"
+        if isinstance(value, Section):
+            found.extend(_numbers(value, f"{key}."))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            found.append((key, value))
+    return found
+
+
+def _texts(struct: Any, prefix: str = "") -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    for field in msgspec.structs.fields(struct):
+        value = getattr(struct, field.name)
+        key = f"{prefix}{field.name}"
+        if isinstance(value, Section):
+            found.extend(_texts(value, f"{key}."))
+        elif isinstance(value, str):
+            found.append((key, value))
+    return found
+
+
+def number_problem(key: str, value: float) -> str | None:
+    """Why a numeric setting is unusable: not finite, beyond sane bounds, a too-short duration."""
+    if not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    unit = next((factor for suffix, factor in _DURATION_UNITS if key.endswith(suffix)), None)
+    if unit is None:
+        if abs(value) > MAX_NUMBER:
+            return f"must be at most {MAX_NUMBER:.0e}, got {value:g}"
+        return None
+    seconds = value * unit
+    # Intervals, timeouts and leases (whole seconds and up) below 0.1 s would spin; a key in
+    # milliseconds (a simulated latency) is meant to be small.
+    if 0 < seconds < MIN_DURATION_SECONDS and unit >= 1:
+        return f"must be at least {MIN_DURATION_SECONDS} s, got {value:g}"
+    if seconds > MAX_DURATION_SECONDS:
+        limit = MAX_DURATION_SECONDS / unit
+        return (
+            f"must be at most {limit:.0f} ({MAX_DURATION_SECONDS / 86400:.0f} days), got {value:g}"
+        )
+    return None
+
+
+def _check_numbers(config: Config) -> list[Problem]:
+    problems = ((key, number_problem(key, value)) for key, value in _numbers(config))
+    return [(key, reason) for key, reason in problems if reason]
+
+
+def _check_texts(config: Config) -> list[Problem]:
+    return [
+        (key, "contains a NUL character or text that is not valid UTF-8")
+        for key, value in _texts(config)
+        if "\x00" in value or not _is_utf8(value)
+    ]
+
+
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def dsn_problem(dsn: str) -> str | None:
+    """Why the PostgreSQL driver (asyncpg) would refuse ``dsn``; never quotes the DSN.
+
+    The same rules as asyncpg's own DSN parser (``tests/unit/test_config.py`` checks both agree),
+    kept here because the core layer does not import the driver.
+    """
+    scheme, sep, rest = dsn.partition("://")
+    if not sep:
+        return "expected a postgresql://user:password@host:port/database URL"
+    if scheme not in _DSN_SCHEMES:
+        shown = scheme if re.fullmatch(r"[A-Za-z0-9+.-]{1,32}", scheme) else "?"
+        return f"the scheme must be postgresql:// or postgres://, not {shown}://"
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    tail = rest[len(authority) :].split("=", 1)[0]  # up to the first query value
+    if "@" in tail or authority.count("@") > 1:
+        return (
+            "the user or password contains an unencoded '@', '/', '?' or '#' "
+            "(percent-encode it, e.g. '/' as %2F)"
+        )
+    return _dsn_hosts_problem(authority.rpartition("@")[2]) or _dsn_query_problem(rest)
+
+
+def _dsn_hosts_problem(hostlist: str) -> str | None:
+    if not hostlist:
+        return None
+    for spec in hostlist.split(","):
+        if not spec:
+            return "empty host in the host list"
+        if spec.startswith("["):
+            match = re.fullmatch(r"\[([^\]]+)\](?::(.*))?", spec)
+            if not match:
+                return "invalid IPv6 address in the host list"
+            port = match.group(2) or ""
+        else:
+            port = spec.partition(":")[2]
+        if port and not _valid_port(port):
+            return "a port must be a number from 1 to 65535"
+    return None
+
+
+def _dsn_query_problem(rest: str) -> str | None:
+    query = rest.partition("?")[2].partition("#")[0]
+    if not query:
+        return None
+    try:
+        params = urllib.parse.parse_qs(query, strict_parsing=True)
+    except ValueError:
+        return "the query string (after '?') is not key=value pairs joined by '&'"
+    sslmode = params.get("sslmode", [""])[-1]
+    if "sslmode" in params and sslmode not in _SSLMODES:
+        return f"sslmode must be one of {', '.join(sorted(_SSLMODES))}"
+    if "port" in params and not all(_valid_port(p) for p in params["port"][-1].split(",")):
+        return "a port must be a number from 1 to 65535"
+    return None
+
+
+def _valid_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 1 <= int(text) <= 65535
+
+
+def _check_dsn(config: Config) -> list[Problem]:
+    problem = dsn_problem(config.database.dsn) if config.database.dsn else None
+    return [("database.dsn", problem)] if problem else []
+
+
+def listen_problem(listen: str) -> str | None:
+    """Why ``HOST:PORT`` cannot be listened on as written (the value is not secret)."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isascii() or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return f"expected HOST:PORT with a port from 0 to 65535, got {listen!r}"
+    if not _HOST.match(host):
+        return f"not a host name or IP address: {host!r}"
+    return None
+
+
+def _check_listen(config: Config) -> list[Problem]:
+    problem = listen_problem(config.http.listen)
+    return [("http.listen", problem)] if problem else []
+
+
+def _check_provider(config: Config) -> list[Problem]:
+    if config.billing.payment_provider == "nowpayments" and not config.payment.nowpayments.api_key:
+        return [
+            (
+                "payment.nowpayments.api_key",
+                "required when billing.payment_provider = nowpayments (or set api_key_file)",
+            )
+        ]
+    return []
+
+
+def _check_urls(config: Config) -> list[Problem]:
+    urls = {
+        "urls.app_base_url": config.urls.app_base_url,
+        "payment.nowpayments.api_base_url": config.payment.nowpayments.api_base_url,
+    }
+    return [
+        (key, f"expected an http:// or https:// URL, got {value!r}")
+        for key, value in urls.items()
+        if urllib.parse.urlsplit(value).scheme not in {"http", "https"}
+        or not urllib.parse.urlsplit(value).netloc
+    ]
+
+
+def from_address_problem(value: str) -> str | None:
+    """Why ``email.from_address`` (``Name <local@domain>`` or ``local@domain``) is unusable."""
+    if not value.strip():
+        return "must not be empty"
+    if "\r" in value or "\n" in value:
+        return "contains a line break"
+    _, address = email.utils.parseaddr(value)
+    return address_problem(address)
+
+
+def _check_from_address(config: Config) -> list[Problem]:
+    problem = from_address_problem(config.email.from_address)
+    return [("email.from_address", problem)] if problem else []
+
+
+_CHECKS = (
+    _check_texts,
+    _check_numbers,
+    _check_dsn,
+    _check_listen,
+    _check_provider,
+    _check_urls,
+    _check_from_address,
+)

@@ -45,6 +45,33 @@ nproxyd reads one TOML file, given by `-c/--config PATH`, else `$NPROXYD_CONFIG`
 Unknown keys and invalid values are errors: the daemon exits with code 78 and one line naming
 the key. `nproxyd check-config` prints the effective configuration with every secret as `"***"`.
 A fully commented example with every default is `config/nproxyd.example.toml`.
+
+## Validation
+
+`nproxyd run` and `nproxyd check-config` run the same checks (one function), after the types
+and ranges listed with each key below:
+
+- **Numbers** must be finite (`inf` and `nan` are refused) and at most 1e9. A duration (a key
+  ending in `_ms`, `_seconds`, `_minutes`, `_hours` or `_days`) is at most 90 days, and one in
+  seconds or longer units that is more than 0 must be at least 0.1 s; 0 is allowed only where
+  the key's range allows it.
+- **`database.dsn`** must be a URL the PostgreSQL driver (asyncpg) parses:
+  `postgresql://` or `postgres://`, valid ports, a known `sslmode`, and a user name or password
+  with `@ / ? #` percent-encoded (`/` as `%2F`). The error names `database.dsn` and never
+  shows the DSN. The driver's own parser runs as well (it also checks, e.g., that the root
+  certificate of `sslmode=verify-full` exists).
+- **`http.listen`** is `HOST:PORT` (`[::1]:9187` for IPv6) with a port from 0 to 65535.
+- **`billing.payment_provider = "nowpayments"`** needs `payment.nowpayments.api_key` (or
+  `api_key_file`).
+- **URLs** (`urls.app_base_url`, `payment.nowpayments.api_base_url`) are `http://` or
+  `https://` URLs.
+- **`email.from_address`** is `local@domain` or `Name <local@domain>`, not empty, without line
+  breaks, and its address passes the same rule as every recipient.
+- **Text** everywhere: the file, every `NPROXYD__…` value and every secret file must be UTF-8
+  without NUL characters.
+
+`check-config` prints the effective configuration with the paths nproxyd derives filled in
+(`daemon.state_dir`, `email.maildir.path`).
 """
 
 

@@ -22,7 +22,27 @@ class NproxydError(Exception):
         return str(self.args[0])
 
 
-class ConfigError(NproxydError):
+class OperatorMustFix(NproxydError):
+    """Something the operator must fix in the configuration or credentials (exit 78)."""
+
+
+class Unavailable(NproxydError):
+    """Something needed cannot be reached now; the same command may succeed later (exit 69)."""
+
+    transient = True
+
+
+class TemporaryFailure(NproxydError):
+    """Start-up failed for a reason that may pass on its own, e.g. a busy port (exit 75)."""
+
+    transient = True
+
+
+class UsageError(NproxydError):
+    """The command line asks for something nproxyd refuses to do (exit 64)."""
+
+
+class ConfigError(OperatorMustFix):
     """The configuration is invalid."""
 
     def __init__(self, key: str, reason: str) -> None:
@@ -35,7 +55,7 @@ class StoreError(NproxydError):
     """The database failed."""
 
 
-class DatabaseUnavailable(StoreError):
+class DatabaseUnavailable(StoreError, Unavailable):
     """The database cannot be reached."""
 
     transient = True
@@ -43,6 +63,16 @@ class DatabaseUnavailable(StoreError):
 
 class LockUnavailable(StoreError):
     """A row lock was not granted within the statement's lock timeout."""
+
+
+class DatabaseRefused(ConfigError, StoreError):
+    """The database server refused the configured credentials, role or database (exit 78).
+
+    Named ``database.dsn``; the message never contains the DSN or its password.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("database.dsn", reason)
 
 
 class MigrationError(StoreError):
@@ -95,6 +125,14 @@ class MailPermanentError(MailError):
 
 class BalanceProbeError(NproxydError):
     """The provider-key balance probe failed."""
+
+
+class DaemonUnreachable(Unavailable):
+    """The daemon's HTTP endpoint cannot be reached."""
+
+
+class PortBusy(TemporaryFailure):
+    """The HTTP port is in use by another process."""
 
 
 class SupervisorGaveUp(NproxydError):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,7 +17,7 @@ from nproxyd import __version__
 from nproxyd.core.channels import Channel
 from nproxyd.core.clock import Clock
 from nproxyd.core.config import Config
-from nproxyd.core.errors import SupervisorGaveUp
+from nproxyd.core.errors import ConfigError, PortBusy, SupervisorGaveUp
 from nproxyd.runtime.actor import Actor, ActorLoop
 from nproxyd.runtime.http import OpsServer
 from nproxyd.runtime.metrics import Metrics
@@ -23,6 +25,27 @@ from nproxyd.runtime.ops import HEALTH_CHECK_SECONDS, Monitor, OpsState
 from nproxyd.runtime.sdnotify import Notifier, watchdog_interval_seconds
 from nproxyd.runtime.supervisor import Supervisor
 from nproxyd.store.stores import HealthStore, KeyStore, OutboxStore
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Signals an operator or a log rotator may send that must never stop the daemon: each is
+# logged (`signal_received`) and otherwise ignored; nproxyd reads its configuration only at
+# start (docs/operations.md "Signals").
+NOTED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def ignore_noted_signals() -> None:
+    """Ignore :data:`NOTED_SIGNALS` outside the daemon's signal task (start-up, shutdown)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in NOTED_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
+def _port_busy(exc: ConfigError) -> PortBusy | None:
+    """A busy HTTP port is a temporary failure (exit 75), not a configuration error."""
+    cause = exc.__cause__ or exc.__context__
+    if exc.key == "http.listen" and isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+        return PortBusy(f"http.listen: {exc.reason}")
+    return None
 
 
 class Daemon:
@@ -81,7 +104,10 @@ class Daemon:
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT; raises SupervisorGaveUp when the actors keep crashing."""
-        await self.server.start()
+        try:
+            await self.server.start()
+        except ConfigError as exc:
+            raise _port_busy(exc) or exc from None
         gave_up: SupervisorGaveUp | None = None
         try:
             async with anyio.create_task_group() as group:
@@ -113,15 +139,29 @@ class Daemon:
         return 0
 
     async def _signals(self, scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                if self.shutdown.is_set():
-                    self.log.warning("shutdown_forced", signal=signal.Signals(signum).name)
-                    scope.cancel()
-                    return
-                self.log.info("shutdown_requested", signal=signal.Signals(signum).name)
-                self.notifier.stopping("stopping: finishing running ticks")
-                self.shutdown.set()
+        try:
+            with anyio.open_signal_receiver(*STOP_SIGNALS, *NOTED_SIGNALS) as signals:
+                async for signum in signals:
+                    if signum in NOTED_SIGNALS:
+                        self.log.info(
+                            "signal_received", signal=signal.Signals(signum).name, action="none"
+                        )
+                        continue
+                    if self._stop(signum, scope):
+                        return
+        finally:
+            ignore_noted_signals()
+
+    def _stop(self, signum: int, scope: anyio.CancelScope) -> bool:
+        """Handle SIGTERM/SIGINT; True when the second one forced an immediate stop."""
+        if self.shutdown.is_set():
+            self.log.warning("shutdown_forced", signal=signal.Signals(signum).name)
+            scope.cancel()
+            return True
+        self.log.info("shutdown_requested", signal=signal.Signals(signum).name)
+        self.notifier.stopping("stopping: finishing running ticks")
+        self.shutdown.set()
+        return False
 
     async def _grace(self, scope: anyio.CancelScope) -> None:
         await self.shutdown.wait()

@@ -7,10 +7,18 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
+import anyio
 import asyncpg
 import asyncpg.pool
+from asyncpg import connect_utils
 
-from nproxyd.core.errors import DatabaseUnavailable, LockUnavailable, StoreDataError, StoreError
+from nproxyd.core.errors import (
+    DatabaseRefused,
+    DatabaseUnavailable,
+    LockUnavailable,
+    StoreDataError,
+    StoreError,
+)
 from nproxyd.core.text import storable
 from nproxyd.store.sql import QUERIES
 
@@ -18,6 +26,14 @@ _UNAVAILABLE_SQLSTATE_CLASSES = ("08", "57", "53")  # connection, operator inter
 _LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout expired, or NOWAIT
 _DATA_SQLSTATE_CLASS = "22"  # data exception: a value the statement was given or read is bad
 _MAX_DATA_ERROR = 300  # characters of a data error kept (the driver may quote whole arguments)
+# What only the operator can fix: the server refused the configured credentials, role or
+# database. Reasons name no user, password or database (the DSN is a secret).
+_REFUSED_SQLSTATES = {
+    "28P01": "the server refused the password (authentication failed)",
+    "28000": "the server refused the role or its authentication (unknown role or no pg_hba entry)",
+    "3D000": "the configured database does not exist",
+    "42501": "the configured role lacks a privilege nproxyd needs (insufficient privilege)",
+}
 
 
 @contextmanager
@@ -28,6 +44,8 @@ def map_errors() -> Iterator[None]:
     except asyncpg.PostgresError as exc:
         sqlstate = str(getattr(exc, "sqlstate", "") or "")
         kind = type(exc).__name__
+        if sqlstate in _REFUSED_SQLSTATES:
+            raise DatabaseRefused(f"{_REFUSED_SQLSTATES[sqlstate]} ({kind})") from exc
         if sqlstate[:2] in _UNAVAILABLE_SQLSTATE_CLASSES:
             raise DatabaseUnavailable(f"database unavailable: {kind} ({sqlstate})") from exc
         if sqlstate == _LOCK_NOT_AVAILABLE:
@@ -51,6 +69,50 @@ def _data_error(detail: str) -> StoreDataError:
     return StoreDataError(storable(f"database rejected the data: {detail}", _MAX_DATA_ERROR))
 
 
+def driver_dsn_problem(dsn: str, secrets: list[str]) -> str | None:
+    """Why asyncpg's own DSN parser refuses ``dsn`` (e.g. a missing root certificate for
+    ``sslmode=verify-full``), with every secret removed; None when it accepts it."""
+    try:
+        connect_utils._parse_connect_dsn_and_args(  # type: ignore[attr-defined]
+            dsn=dsn,
+            host=None,
+            port=None,
+            user=None,
+            password=None,
+            passfile=None,
+            database=None,
+            ssl=None,
+            service=None,
+            servicefile=None,
+            direct_tls=None,
+            server_settings=None,
+            target_session_attrs=None,
+            krbsrvname=None,
+            gsslib=None,
+        )
+    except asyncpg.ClientConfigurationError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        if not reason or any(secret in reason for secret in secrets if secret):
+            reason = f"not a DSN the driver accepts ({type(exc).__name__})"
+        return reason
+    except Exception as exc:
+        return f"not a DSN the driver accepts ({type(exc).__name__})"
+    return None
+
+
+@contextmanager
+def _refused_dsn() -> Iterator[None]:
+    """A DSN the driver cannot parse is a configuration error (never shown: it is a secret)."""
+    try:
+        yield
+    except asyncpg.ClientConfigurationError as exc:
+        raise DatabaseRefused(f"not a DSN the driver accepts ({type(exc).__name__})") from None
+    except ValueError as exc:
+        if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+            raise
+        raise DatabaseRefused(f"not a DSN the driver accepts ({type(exc).__name__})") from None
+
+
 async def _init_connection(connection: asyncpg.Connection) -> None:
     await connection.set_type_codec(
         "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
@@ -58,8 +120,9 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
 
 
 async def create_pool(dsn: str, *, max_size: int, timeout_seconds: float) -> asyncpg.Pool:
-    """Open a pool; raises :class:`DatabaseUnavailable` when the server cannot be reached."""
-    with map_errors():
+    """Open a pool; raises :class:`DatabaseUnavailable` when the server cannot be reached and
+    :class:`DatabaseRefused` when it refuses the credentials, role or database."""
+    with map_errors(), _refused_dsn():
         pool = await asyncpg.create_pool(
             dsn,
             min_size=1,
@@ -131,3 +194,66 @@ def affected(status: str) -> int:
     """The row count of a command tag such as ``UPDATE 12``."""
     tail = status.rsplit(" ", 1)[-1]
     return int(tail) if tail.isdigit() else 0
+
+
+class RolledBackDatabase(Database):
+    """A :class:`Database` on one connection inside a transaction that is always rolled back.
+
+    For ``nproxyd once --dry-run``: a tick runs exactly its real statements and sees its own
+    writes, and :meth:`close` rolls every one of them back. Statements from concurrent tasks take
+    turns on the connection; each runs in its own savepoint, so a failed statement does not
+    abort the ones after it.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, connection: Any, outer: Any) -> None:
+        super().__init__(pool)
+        self._connection = connection
+        self._outer = outer
+        self._turn = anyio.Lock()
+
+    @classmethod
+    async def open(cls, pool: asyncpg.Pool) -> RolledBackDatabase:
+        with map_errors():
+            connection = await pool.acquire()
+            outer = connection.transaction()
+            await outer.start()
+        return cls(pool, connection, outer)
+
+    async def _run(self, method: str, name: str, args: tuple[Any, ...]) -> Any:
+        async with self._turn:
+            with map_errors():
+                async with self._connection.transaction():
+                    return await getattr(self._connection, method)(QUERIES[name], *args)
+
+    async def fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._run("fetch", name, args)
+        return rows
+
+    async def fetchrow(self, name: str, *args: Any) -> asyncpg.Record | None:
+        row: asyncpg.Record | None = await self._run("fetchrow", name, args)
+        return row
+
+    async def fetchval(self, name: str, *args: Any) -> Any:
+        return await self._run("fetchval", name, args)
+
+    async def execute(self, name: str, *args: Any) -> str:
+        status: str = await self._run("execute", name, args)
+        return status
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        async with self._turn:
+            with map_errors():
+                async with self._connection.transaction():
+                    yield Transaction(self._connection)
+
+    async def close(self) -> None:
+        """Roll back everything, then close the pool (at once when the rollback failed)."""
+        try:
+            with map_errors():
+                await self._outer.rollback()
+                await self.pool.release(self._connection)
+        except BaseException:
+            self.pool.terminate()
+            raise
+        await super().close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import warnings
@@ -16,11 +17,45 @@ from pathlib import Path
 
 import anyio
 import asyncpg
+import structlog
 
 from nproxyd.core.errors import DatabaseUnavailable
 from nproxyd.store.database import map_errors
 
 DATABASE_NAME = "nproxyd"
+# pgserver's list of the processes using the server; the last one to exit stops it.
+HANDLE_PIDS = ".handle_pids.json"
+
+
+def forget_dead_handles(pgdata: Path) -> list[int]:
+    """Drop processes that no longer exist from pgserver's handle list; returns the dropped.
+
+    A process killed without running its exit handlers (``kill -9``) stays in the list, and
+    then no later process is ever the last one, so the server would never be stopped again.
+    Called under the state directory's lock, before this process adds itself.
+    """
+    path = pgdata / HANDLE_PIDS
+    try:
+        pids = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(pids, list):
+        return []
+    alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid)]
+    dropped = [pid for pid in pids if pid not in alive]
+    if dropped:
+        path.write_text(json.dumps(alive))
+    return dropped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _start(pgdata: Path) -> str:
@@ -30,6 +65,9 @@ def _start(pgdata: Path) -> str:
         import pgserver  # noqa: PLC0415 - heavy import, only when embedded
 
         pgdata.parent.mkdir(parents=True, exist_ok=True)
+        dropped = forget_dead_handles(pgdata)
+        if dropped:
+            structlog.get_logger().info("embedded_postgres_dead_handles_dropped", pids=dropped)
         server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
         uri: str = server.get_uri()
     return uri

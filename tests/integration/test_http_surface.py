@@ -534,7 +534,7 @@ class TestRender:
         assert set(rows) >= ACTORS
         assert rows["mail-sender"][2] == "error"
         assert rows["mail-sender"][6] == "4"
-        assert rows["key-pool-recoverer"][1:] == ["False", "-", "-", "-", "-", "-", "-"]
+        assert rows["key-pool-recoverer"][1:] == ["no", "-", "-", "-", "-", "-", "-"]
         assert "host-1" in table
         assert "12.5" in table
         body_lines = [line for line in lines if line.split() and line.split()[0] in ACTORS]

@@ -11,10 +11,9 @@ from nproxyd.core.config import ConfigError, load
 
 class TestPaymentProvider:
     def test_nowpayments_without_an_api_key_is_a_config_error(self) -> None:
-        """Selecting nowpayments without a key stops start-up naming the key."""
-        config = load(None, {"NPROXYD__BILLING__PAYMENT_PROVIDER": "nowpayments"})
+        """Selecting nowpayments without a key stops loading (run and check-config) naming it."""
         with pytest.raises(ConfigError) as caught:
-            app.payment_provider(config, SystemClock())
+            load(None, {"NPROXYD__BILLING__PAYMENT_PROVIDER": "nowpayments"})
         assert caught.value.key == "payment.nowpayments.api_key"
 
     def test_simulated_is_the_default(self) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from nproxyd.core import config
 from nproxyd.core.config import (
     Config,
     ConfigError,
@@ -197,3 +198,140 @@ class TestRedaction:
             "actors",
             "health",
         }
+
+
+def _parse_with_asyncpg(dsn: str) -> bool:
+    """Whether asyncpg's own DSN parser accepts ``dsn`` (the driver nproxyd connects with)."""
+    from asyncpg import connect_utils  # noqa: PLC0415 - the driver, only to compare with
+
+    try:
+        connect_utils._parse_connect_dsn_and_args(
+            dsn=dsn,
+            host=None,
+            port=None,
+            user=None,
+            password=None,
+            passfile=None,
+            database=None,
+            ssl=None,
+            service=None,
+            servicefile=None,
+            direct_tls=None,
+            server_settings=None,
+            target_session_attrs=None,
+            krbsrvname=None,
+            gsslib=None,
+        )
+    except Exception:
+        return False
+    return True
+
+
+BAD_DSNS = [
+    "mysql://billing:pw@db/nproxy",
+    "postgresql+asyncpg://billing:pw@db/nproxy",
+    "host=db dbname=nproxy user=billing",
+    "postgresql://billing:pw@db/nproxy?sslmode=bogus",
+    "postgresql://billing:se/cret@db/nproxy",
+    "postgresql://billing:se#cret@db/nproxy",
+    "postgresql://billing:se?cret@db/nproxy",
+    "postgresql://billing:pw@db:port/nproxy",
+    "postgresql://billing:pw@db,/nproxy",
+    "postgresql://billing:pw@[::1/nproxy",
+]
+GOOD_DSNS = [
+    "postgresql://billing:pw@db.internal:5432/nproxy",
+    "postgres://billing@db/nproxy?sslmode=require",
+    "postgresql://billing:se%2Fcret%23x%3F@db/nproxy",
+    "postgresql://postgres:@/postgres?host=/tmp/pg",
+    "postgresql://billing@[::1]:6432/nproxy",
+    "postgresql://billing@db1:5432,db2:5433/nproxy?target_session_attrs=primary",
+    "postgresql:///nproxy?host=/run/postgresql&port=5433",
+]
+
+
+class TestValidation:
+    """`load` runs every check `run` relies on, so `check-config` refuses what `run` refuses."""
+
+    @pytest.mark.parametrize(
+        ("variable", "value", "key"),
+        [
+            ("ACTORS__MAIL_SENDER__INTERVAL_SECONDS", "inf", "actors.mail_sender.interval_seconds"),
+            ("ACTORS__MAIL_SENDER__INTERVAL_SECONDS", "1e-9", "actors.mail_sender"),
+            ("ACTORS__INVOICE_EXPIRER__INTERVAL_SECONDS", "0.05", "actors.invoice_expirer"),
+            ("ACTORS__MAIL_SENDER__LEASE_SECONDS", "1e300", "actors.mail_sender.lease_seconds"),
+            ("BILLING__CLAIM_LEASE_SECONDS", "1e300", "billing.claim_lease_seconds"),
+            ("BILLING__RENEWAL_LEAD_TIME_HOURS", "1e300", "billing.renewal_lead_time_hours"),
+            ("BILLING__RENEWAL_LEAD_TIME_HOURS", "inf", "billing.renewal_lead_time_hours"),
+            ("DAEMON__SHUTDOWN_GRACE_SECONDS", "inf", "daemon.shutdown_grace_seconds"),
+            ("KEY_POOL__COOLDOWN_MINUTES", "1e300", "key_pool.cooldown_minutes"),
+            ("PAYMENT__SIMULATED__LATENCY_MS", "99999999999", "payment.simulated.latency_ms"),
+            ("ACTORS__MAIL_SENDER__MAX_ATTEMPTS", "99999999999", "actors.mail_sender.max_attempts"),
+            ("HTTP__LISTEN", "localhost", "http.listen"),
+            ("HTTP__LISTEN", "127.0.0.1:99999", "http.listen"),
+            ("HTTP__LISTEN", "local host:9187", "http.listen"),
+            ("BILLING__PAYMENT_PROVIDER", "nowpayments", "payment.nowpayments.api_key"),
+            ("EMAIL__FROM_ADDRESS", "", "email.from_address"),
+            ("EMAIL__FROM_ADDRESS", "billing@nproxy.example\r\nBcc: x@y", "email.from_address"),
+            ("EMAIL__FROM_ADDRESS", "nproxy billing <not an address>", "email.from_address"),
+            ("URLS__APP_BASE_URL", "app.nproxy.example", "urls.app_base_url"),
+        ],
+    )
+    def test_unusable_values_are_refused_naming_the_key(
+        self, variable: str, value: str, key: str
+    ) -> None:
+        """Values `run` cannot work with (infinite, tiny, huge, malformed) are refused by key."""
+        with pytest.raises(ConfigError) as caught:
+            load(None, {f"NPROXYD__{variable}": value})
+        assert caught.value.key.startswith(key)
+
+    def test_zero_stays_allowed_where_the_key_allows_it(self) -> None:
+        """A duration of 0 where 0 is allowed (no shutdown grace) and a small latency in ms pass."""
+        config = load(
+            None,
+            {
+                "NPROXYD__DAEMON__SHUTDOWN_GRACE_SECONDS": "0",
+                "NPROXYD__PAYMENT__SIMULATED__LATENCY_MS": "20",
+                "NPROXYD__HTTP__LISTEN": "[::1]:9187",
+                "NPROXYD__EMAIL__FROM_ADDRESS": "billing@nproxy.example",
+            },
+        )
+        assert config.daemon.shutdown_grace_seconds == 0
+
+    @pytest.mark.parametrize("dsn", BAD_DSNS)
+    def test_a_dsn_the_driver_refuses_is_refused_without_quoting_it(self, dsn: str) -> None:
+        """A DSN asyncpg cannot use is a database.dsn error that shows no part of the DSN."""
+        with pytest.raises(ConfigError) as caught:
+            load(None, {"NPROXYD__DATABASE__DSN": dsn})
+        assert caught.value.key == "database.dsn"
+        for part in ("pw", "cret", "billing", "nproxy?", "db/"):
+            assert part not in caught.value.reason
+
+    @pytest.mark.parametrize("dsn", BAD_DSNS + GOOD_DSNS)
+    def test_dsn_rule_agrees_with_the_drivers_parser(self, dsn: str) -> None:
+        """nproxyd's DSN check accepts exactly what asyncpg's own parser accepts."""
+        assert (config.dsn_problem(dsn) is None) == _parse_with_asyncpg(dsn)
+
+    def test_a_non_utf8_config_file_is_refused(self, tmp_path: Path) -> None:
+        """A config file that is not UTF-8 is a --config error, not a traceback."""
+        path = tmp_path / "nproxyd.toml"
+        path.write_bytes(b'[email]\nfrom_address = "caf\xe9 <a@b.example>"\n')
+        with pytest.raises(ConfigError) as caught:
+            load(str(path), {})
+        assert caught.value.key == "--config"
+        assert "UTF-8" in caught.value.reason
+
+    def test_a_non_utf8_secret_file_is_refused_naming_its_key(self, tmp_path: Path) -> None:
+        """A secret file that is not UTF-8 is an error naming the *_file key."""
+        secret = tmp_path / "api-key"
+        secret.write_bytes(b"key-\xff\xfe\n")
+        with pytest.raises(ConfigError) as caught:
+            load(None, {"NPROXYD__PAYMENT__NOWPAYMENTS__API_KEY_FILE": str(secret)})
+        assert caught.value.key == "payment.nowpayments.api_key_file"
+
+    def test_a_non_utf8_environment_value_is_refused_naming_its_key(self) -> None:
+        """An environment value with bytes that are not UTF-8 is an error naming the key."""
+        value = b"caf\xe9 <a@b.example>".decode("utf-8", "surrogateescape")
+        with pytest.raises(ConfigError) as caught:
+            load(None, {"NPROXYD__EMAIL__FROM_ADDRESS": value})
+        assert caught.value.key == "email.from_address"
