@@ -845,3 +845,48 @@ class TestLogs:
             "sub_1",
             order_id("sub_1", PERIOD_START),
         )
+
+
+class TestConcurrentClaims:
+    async def test_racing_claims_of_the_same_slots_never_fail(self, db: Database) -> None:
+        """Instances claiming the same slots at once each win some, none errs, none wins twice.
+
+        The race it guards (an instance reaching a second unique index on the order id before
+        the primary key, and failing instead of taking the ON CONFLICT path) was seen under load
+        in the three-instance system test; here it needs a scheduler's bad luck to show.
+        """
+        await seed.plan(db.pool)
+        slots = []
+        for number in range(150):
+            await seed.subscription(
+                db.pool, f"s{number}", period_start=NOW, period_end=NOW + timedelta(days=2)
+            )
+            slots.append((f"s{number}", NOW, order_id(f"s{number}", NOW)))
+        store = RenewalStore(db)
+        won: list[str] = []
+
+        async def claim(instance: int) -> None:
+            for _ in range(3):
+                claimed = await store.claim(
+                    slots,
+                    holder=f"i{instance}",
+                    token=f"t{instance}",
+                    now=NOW,
+                    lease_until=NOW + timedelta(minutes=5),
+                )
+                won.extend(slot.subscription_id for slot in claimed)
+
+        async with anyio.create_task_group() as group:
+            for instance in range(8):
+                group.start_soon(claim, instance)
+
+        assert sorted(won) == sorted(slot[0] for slot in slots)
+
+    async def test_order_id_has_no_unique_index_of_its_own(self, db: Database) -> None:
+        """Only the primary key arbitrates claims: no other unique index on the claims table."""
+        unique = await db.pool.fetch(
+            "SELECT indexrelid::regclass::text AS name FROM pg_index"
+            " WHERE indrelid = 'nproxyd_renewal_claims'::regclass AND indisunique"
+            " AND NOT indisprimary"
+        )
+        assert [row["name"] for row in unique] == ["nproxyd_renewal_claims_invoice_id_key"]
