@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import anyio
 import msgspec
 import platformdirs
+import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from nproxyd.actors.invoice_expirer import InvoiceExpirer
@@ -36,7 +37,7 @@ from nproxyd.runtime.actor import Actor
 from nproxyd.runtime.daemon import Daemon
 from nproxyd.store.database import Database, create_pool
 from nproxyd.store.embedded import start_embedded
-from nproxyd.store.migrate import migrate
+from nproxyd.store.migrate import migrate_pool
 from nproxyd.store.stores import HealthStore, InvoiceStore, KeyStore, OutboxStore, RenewalStore
 
 OUTBOX_READY_BUFFER = 64
@@ -69,6 +70,8 @@ class Components(msgspec.Struct, frozen=True, kw_only=True):
     outbox_ready: Outbox
     outbox_ready_receiver: MemoryObjectReceiveStream[OutboxReady]
     actors: dict[str, Actor]
+    session_dsn: str | None = None
+    mail_due: Outbox | None = None
 
 
 def state_dir(config: Config) -> Path:
@@ -86,17 +89,34 @@ async def resolve_dsn(config: Config) -> str:
     return await start_embedded(state_dir(config))
 
 
-async def open_database(config: Config, *, auto_migrate: bool) -> Database:
-    dsn = await resolve_dsn(config)
+async def open_database(config: Config, *, auto_migrate: bool, dsn: str | None = None) -> Database:
+    dsn = dsn or await resolve_dsn(config)
     pool = await create_pool(
         dsn,
         max_size=config.database.pool_max_size,
         timeout_seconds=config.database.connect_timeout_seconds,
+        pooler=config.database.pooler,
     )
     if auto_migrate:
-        async with pool.acquire() as connection:
-            await migrate(connection)
+        try:
+            await migrate_pool(
+                pool,
+                direct_dsn=config.database.direct_dsn,
+                sessions=config.database.pooler == "none",
+                connect_timeout_seconds=config.database.connect_timeout_seconds,
+            )
+        except BaseException:
+            await pool.close()
+            raise
     return Database(pool)
+
+
+def session_dsn(config: Config, dsn: str) -> str | None:
+    """Where a session of its own (migration lock, LISTEN) is possible: None behind a pooler
+    without ``database.direct_dsn``."""
+    if config.database.direct_dsn:
+        return config.database.direct_dsn
+    return dsn if config.database.pooler == "none" else None
 
 
 def payment_provider(config: Config, clock: Clock) -> PaymentProvider:
@@ -176,7 +196,8 @@ async def open_components(
     """Build every component; closes what it opened on exit."""
     migrate_now = config.database.auto_migrate if auto_migrate is None else auto_migrate
     async with AsyncExitStack() as stack:
-        db = await open_database(config, auto_migrate=migrate_now)
+        dsn = await resolve_dsn(config)
+        db = await open_database(config, auto_migrate=migrate_now, dsn=dsn)
         stack.push_async_callback(db.close)
         stores = Stores.for_database(db)
         provider = payment_provider(config, clock)
@@ -189,6 +210,7 @@ async def open_components(
         stack.enter_context(receiver)
         instance = instance_id(config)
         outbox = Outbox(sender)
+        mail_due = Outbox(stack.enter_context(sender.clone()))
         actors = build_actors(
             config,
             clock=clock,
@@ -207,6 +229,8 @@ async def open_components(
             outbox_ready=outbox,
             outbox_ready_receiver=receiver,
             actors=actors,
+            session_dsn=session_dsn(config, dsn),
+            mail_due=mail_due,
         )
 
 
@@ -225,5 +249,24 @@ async def run_daemon(config: Config) -> int:
             outbox=components.stores.outbox,
             keys=components.stores.keys,
             channel=components.outbox_ready,
+            listen_dsn=listen_dsn(config, components),
+            notify_wake=_waker(components.mail_due),
         )
         return await daemon.run()
+
+
+def listen_dsn(config: Config, components: Components) -> str | None:
+    """The DSN of the NOTIFY listener; None (with one warning) when it cannot have one."""
+    if components.session_dsn is None and enabled(config, "mail-sender"):
+        structlog.get_logger().warning(
+            "listener_disabled",
+            reason="database.pooler = pgbouncer without database.direct_dsn",
+            fallback="mail-sender sweep",
+        )
+    return components.session_dsn
+
+
+def _waker(channel: Outbox | None) -> Callable[[], object] | None:
+    if channel is None:
+        return None
+    return lambda: channel.offer(OutboxReady(count=0))

@@ -9,6 +9,7 @@ import structlog
 
 from nproxyd.store.database import Database, create_pool
 from tests.pg import TestServer
+from tests.pgbouncer import SKIP_REASON, PgBouncer, binary
 
 
 @pytest.fixture
@@ -44,3 +45,14 @@ async def db(dsn: str) -> AsyncIterator[Database]:
     database = Database(pool)
     yield database
     await database.close()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_server: TestServer) -> Iterator[PgBouncer]:
+    """A real PgBouncer in transaction mode in front of the test server (skips without one)."""
+    executable = binary()
+    if executable is None:
+        pytest.skip(SKIP_REASON)
+    bouncer = PgBouncer(pg_server.admin_dsn).start(executable)
+    yield bouncer
+    bouncer.stop()

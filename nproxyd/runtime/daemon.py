@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -17,6 +17,7 @@ from nproxyd.core.config import Config
 from nproxyd.core.errors import SupervisorGaveUp
 from nproxyd.runtime.actor import Actor, ActorLoop
 from nproxyd.runtime.http import OpsServer
+from nproxyd.runtime.listener import MailDueListener
 from nproxyd.runtime.metrics import Metrics
 from nproxyd.runtime.ops import Monitor, OpsState
 from nproxyd.runtime.sdnotify import Notifier, watchdog_interval_seconds
@@ -38,6 +39,8 @@ class Daemon:
         keys: KeyStore,
         channel: Channel[Any],
         environ: Mapping[str, str] | None = None,
+        listen_dsn: str | None = None,
+        notify_wake: Callable[[], object] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -58,6 +61,16 @@ class Daemon:
         )
         for name, loop in self.loops.items():
             self.supervisor.add(name, loop.run)
+        self.listener: MailDueListener | None = None
+        if listen_dsn and notify_wake is not None and "mail-sender" in self.loops:
+            self.listener = MailDueListener(
+                listen_dsn,
+                wake=notify_wake,
+                clock=clock,
+                metrics=self.metrics,
+                connect_timeout_seconds=config.database.connect_timeout_seconds,
+            )
+            self.supervisor.add(self.listener.name, self.listener.run)
         self.state = OpsState(
             clock=clock,
             instance_id=instance_id,

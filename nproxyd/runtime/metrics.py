@@ -17,6 +17,7 @@ from nproxyd.core.messages import (
 from nproxyd.runtime.actor import TickOutcome
 
 KEY_STATUSES = ("active", "cooldown", "manual_review", "disabled")
+WAKEUP_SOURCES = ("notify", "local", "sweep")
 MAIL_FAILURE_KINDS = ("transient", "permanent")
 # The `_created` series double the output and no dashboard or alert reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -84,6 +85,7 @@ class Metrics:
             "nproxyd_messages_dropped", "Actor messages dropped on a full channel.", registry=r
         )
         self._prime(actors)
+        self._add_wakeup_metrics()
 
     def _prime(self, actors: list[str]) -> None:
         """Create every labelled series at zero so dashboards and alerts see them at once."""
@@ -125,3 +127,26 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def _add_wakeup_metrics(self) -> None:
+        self.listener_connected = Gauge(
+            "nproxyd_listener_connected",
+            "1 while the LISTEN session for mail wake-ups is open.",
+            registry=self.registry,
+        )
+        self.wakeups = Counter(
+            "nproxyd_wakeups",
+            "Mail-sender wake-ups by source: a NOTIFY, an in-process message, the sweep.",
+            ["source"],
+            registry=self.registry,
+        )
+        self._wakeups_seen: dict[str, int] = {}
+        for source in WAKEUP_SOURCES:
+            self.wakeups.labels(source=source)
+
+    def count_wakeups(self, source: str, total: int) -> None:
+        """Bring ``wakeups_total{source}`` up to ``total``, a count kept elsewhere."""
+        seen = self._wakeups_seen.get(source, 0)
+        if total > seen:
+            self.wakeups.labels(source=source).inc(total - seen)
+            self._wakeups_seen[source] = total

@@ -89,6 +89,7 @@ class OpsState:
         """Read outbox and key-pool counts into the gauges; stale values stay on failure."""
         metrics = self.monitor.metrics
         metrics.queue_depth.set(self.channel.depth)
+        self.count_wakeups()
         counts: dict[str, Any] = {"outbox": None, "provider_keys": None}
         with anyio.move_on_after(DB_TIMEOUT_SECONDS):
             try:
@@ -100,6 +101,14 @@ class OpsState:
             metrics.set_key_counts(keys)
             counts = {"outbox": msgspec.to_builtins(outbox), "provider_keys": keys}
         return counts
+
+    def count_wakeups(self) -> None:
+        """Mail-sender wake-ups kept as counts elsewhere: in-process messages and sweeps."""
+        metrics = self.monitor.metrics
+        metrics.count_wakeups("local", self.channel.sent)
+        mail = self.loops.get("mail-sender")
+        if mail is not None:
+            metrics.count_wakeups("sweep", mail.stats.timer_ticks)
 
     async def metrics_text(self) -> bytes:
         await self.refresh_gauges()
