@@ -17,6 +17,7 @@ from tests.fakes.smtp import FakeSmtpServer
 from tests.system.proc import (
     Processes,
     free_port,
+    http_get,
     json_lines,
     nproxyd_env,
     sql,
@@ -101,7 +102,8 @@ class TestNotifyWakeups:
     def test_mail_from_another_writer_is_delivered_long_before_the_sweep(
         self, system_dsn: str, tmp_path: Path, smtp: FakeSmtpServer, processes: Processes
     ) -> None:
-        """With the sweep at 3600 s, a mail inserted by another connection arrives within 5 s."""
+        """With the sweep at 3600 s, a mail inserted by another connection arrives within 5 s;
+        /metrics shows the listener connected and its wake-ups (connect + the insert)."""
         port = free_port()
         start_daemon(processes, listener_env(system_dsn, tmp_path, smtp, port), port)
         time.sleep(0.5)  # the start-up tick and the catch-up wake-up are over
@@ -110,7 +112,10 @@ class TestNotifyWakeups:
             lambda: delivered(smtp, 1), timeout=DELIVERY_TIMEOUT_SECONDS, what="mail 1 delivered"
         )
         status = sql(system_dsn, "SELECT status FROM mail_outbox")
+        _, metrics = http_get(f"http://127.0.0.1:{port}/metrics")
         assert [row["status"] for row in status] == ["sent"]
+        assert "nproxyd_listener_connected 1.0" in metrics
+        assert 'nproxyd_wakeups_total{source="notify"} 2.0' in metrics
 
     def test_listener_reconnects_after_its_backend_is_terminated(
         self, system_dsn: str, tmp_path: Path, smtp: FakeSmtpServer, processes: Processes
