@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 
 from nproxyd.runtime import logs
-from tests.bench import bench_expiry, bench_idle, bench_mail, bench_renewal
+from tests.bench import bench_expiry, bench_idle, bench_mail, bench_mail_latency, bench_renewal
 from tests.bench.common import Figure, duration
 from tests.pg import TestServer
 
@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "expiry": bench_expiry.run,
     "mail": bench_mail.run,
     "idle": bench_idle.run,
+    "mail_latency_external": bench_mail_latency.run,
 }
 EX_USAGE = 64
 
