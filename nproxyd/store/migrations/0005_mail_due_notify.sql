@@ -6,7 +6,7 @@
 -- daemon's own updates (leases, recorded outcomes) stay quiet.
 
 -- Creating a trigger locks mail_outbox against writes for a moment: never wait long for it.
-SET LOCAL lock_timeout = '10s';
+SET LOCAL lock_timeout = '5s';
 
 CREATE OR REPLACE FUNCTION nproxyd_notify_mail_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -34,12 +34,26 @@ BEGIN
 END
 $$;
 
-CREATE TRIGGER nproxyd_mail_outbox_inserted
-    AFTER INSERT ON mail_outbox
-    REFERENCING NEW TABLE AS nproxyd_inserted
-    FOR EACH STATEMENT EXECUTE FUNCTION nproxyd_notify_mail_inserted();
-
-CREATE TRIGGER nproxyd_mail_outbox_due_again
-    AFTER UPDATE ON mail_outbox
-    REFERENCING OLD TABLE AS nproxyd_before NEW TABLE AS nproxyd_after
-    FOR EACH STATEMENT EXECUTE FUNCTION nproxyd_notify_mail_due_again();
+-- Created only when missing: the migration may run again on a database that has them.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_trigger
+        WHERE tgrelid = 'mail_outbox'::regclass AND tgname = 'nproxyd_mail_outbox_inserted'
+    ) THEN
+        CREATE TRIGGER nproxyd_mail_outbox_inserted
+            AFTER INSERT ON mail_outbox
+            REFERENCING NEW TABLE AS nproxyd_inserted
+            FOR EACH STATEMENT EXECUTE FUNCTION nproxyd_notify_mail_inserted();
+    END IF;
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_trigger
+        WHERE tgrelid = 'mail_outbox'::regclass AND tgname = 'nproxyd_mail_outbox_due_again'
+    ) THEN
+        CREATE TRIGGER nproxyd_mail_outbox_due_again
+            AFTER UPDATE ON mail_outbox
+            REFERENCING OLD TABLE AS nproxyd_before NEW TABLE AS nproxyd_after
+            FOR EACH STATEMENT EXECUTE FUNCTION nproxyd_notify_mail_due_again();
+    END IF;
+END
+$$;
