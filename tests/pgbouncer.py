@@ -54,6 +54,17 @@ def _free_port() -> int:
         return port
 
 
+def _unprivileged_user() -> str:
+    """pgserver's system user (it owns the test server's socket directory), else nobody."""
+    import pwd  # noqa: PLC0415 - only as root
+
+    try:
+        pwd.getpwnam("pgserver")
+    except KeyError:
+        return "nobody"
+    return "pgserver"
+
+
 class PgBouncer:
     """One PgBouncer process for a test session; :meth:`stop` ends it and removes its files."""
 
@@ -62,7 +73,7 @@ class PgBouncer:
         self.pool_size = pool_size
         self.root = Path(tempfile.mkdtemp(prefix="nproxyd-pgb-"))
         self.port = _free_port()
-        self.user: str | None = "pgserver" if os.geteuid() == 0 else None
+        self.user: str | None = _unprivileged_user() if os.geteuid() == 0 else None
         self.process: subprocess.Popen[bytes] | None = None
 
     def dsn(self, database: str) -> str:

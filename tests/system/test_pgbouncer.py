@@ -250,8 +250,8 @@ class TestChaosBehindPgBouncer:
         try:
             for name in ports:
                 running[name] = processes.start(["run"], envs[name])
-            for _ in range(8):
-                time.sleep(rng.uniform(0.3, 1.5))
+            for _ in range(12):
+                time.sleep(rng.uniform(0.2, 1.0))
                 victim = rng.choice(sorted(running))
                 processes.kill(running[victim])
                 running[victim] = processes.start(["run"], envs[victim])
