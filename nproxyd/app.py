@@ -105,7 +105,7 @@ async def open_database(config: Config, *, auto_migrate: bool, dsn: str | None =
                 sessions=config.database.pooler == "none",
                 connect_timeout_seconds=config.database.connect_timeout_seconds,
             )
-        except BaseException:
+        except Exception:
             await pool.close()
             raise
     return Database(pool)
