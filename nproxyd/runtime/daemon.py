@@ -81,6 +81,7 @@ class Daemon:
             outbox=outbox,
             keys=keys,
             channel=channel,
+            listener=self.listener,
         )
         self.server = OpsServer(self.state, config.http.listen)
         self.notifier = Notifier.from_environ(self.environ)

@@ -54,10 +54,15 @@ class MailDueListener:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._log: EventLogger = (logger or structlog.get_logger()).bind(actor=NAME)
         self.connections = 0
+        self.connected = False
 
     def _notified(self) -> None:
         self._metrics.wakeups.labels(source="notify").inc()
         self._wake()
+
+    def status(self) -> dict[str, object]:
+        """What ``/status`` shows: whether the session is open, and how often it was opened."""
+        return {"connected": self.connected, "connections": self.connections}
 
     async def run(self, shutdown: anyio.Event) -> None:
         failures = 0
@@ -74,6 +79,7 @@ class MailDueListener:
                 if not shutdown.is_set():
                     self._lost(exc, failures)
             finally:
+                self.connected = False
                 self._metrics.listener_connected.set(0)
             if shutdown.is_set():
                 return
@@ -81,6 +87,7 @@ class MailDueListener:
 
     def _connected(self, session: Listening) -> None:
         self.connections += 1
+        self.connected = True
         self._metrics.listener_connected.set(1)
         self._log.info("listener_connected", channel=MAIL_DUE_CHANNEL, pid=session.backend_pid)
         self._notified()  # catch up on what was committed while no one listened

@@ -11,6 +11,7 @@ from nproxyd.core.channels import Channel
 from nproxyd.core.clock import Clock, format_instant
 from nproxyd.core.errors import NproxydError
 from nproxyd.runtime.actor import ActorLoop, TickOutcome
+from nproxyd.runtime.listener import MailDueListener
 from nproxyd.runtime.metrics import Metrics
 from nproxyd.runtime.supervisor import Supervisor
 from nproxyd.store.stores import HealthStore, KeyStore, OutboxStore
@@ -51,6 +52,7 @@ class OpsState:
         outbox: OutboxStore,
         keys: KeyStore,
         channel: Channel[Any],
+        listener: MailDueListener | None = None,
     ) -> None:
         self.clock = clock
         self.instance_id = instance_id
@@ -61,6 +63,7 @@ class OpsState:
         self.outbox = outbox
         self.keys = keys
         self.channel = channel
+        self.listener = listener
         self.started = clock.monotonic()
 
     async def database_ok(self) -> bool:
@@ -127,6 +130,7 @@ class OpsState:
             "actors": {name: self._actor_status(name) for name in self.loops},
             "queue_depth": self.channel.depth,
             "messages_dropped": self.channel.dropped,
+            "listener": None if self.listener is None else self.listener.status(),
             **counts,
         }
 

@@ -47,6 +47,7 @@ def render(status: dict[str, Any]) -> str:
         f"ready     {status.get('ready')}   database {status.get('database')}",
         f"queue     {status.get('queue_depth')}   outbox {status.get('outbox')}",
         f"keys      {status.get('provider_keys')}",
+        f"listener  {_listener(status.get('listener'))}",
         "",
     ]
     rows = [[label for _, label in _COLUMNS]]
@@ -64,3 +65,10 @@ def _cell(value: Any) -> str:
 
 async def fetch_and_render(url: str) -> str:
     return render(await fetch_status(url))
+
+
+def _listener(listener: Any) -> str:
+    if not isinstance(listener, dict):
+        return "off (sweep only)"
+    state = "connected" if listener.get("connected") else "reconnecting"
+    return f"{state} (sessions opened: {listener.get('connections')})"

@@ -57,6 +57,8 @@ CONTRACT_METRICS: dict[str, tuple[str, set[str]]] = {
     "nproxyd_outbox_pending": ("gauge", set()),
     "nproxyd_provider_keys": ("gauge", {"status"}),
     "nproxyd_provider_keys_recovered_total": ("counter", set()),
+    "nproxyd_listener_connected": ("gauge", set()),
+    "nproxyd_wakeups_total": ("counter", {"source"}),
 }
 
 

@@ -6,6 +6,7 @@ within seconds. Killing that session's backend must not stop it: the daemon reco
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -103,7 +104,7 @@ class TestNotifyWakeups:
         self, system_dsn: str, tmp_path: Path, smtp: FakeSmtpServer, processes: Processes
     ) -> None:
         """With the sweep at 3600 s, a mail inserted by another connection arrives within 5 s;
-        /metrics shows the listener connected and its wake-ups (connect + the insert)."""
+        /metrics and /status show the listener connected and its wake-ups (connect + insert)."""
         port = free_port()
         start_daemon(processes, listener_env(system_dsn, tmp_path, smtp, port), port)
         time.sleep(0.5)  # the start-up tick and the catch-up wake-up are over
@@ -113,7 +114,9 @@ class TestNotifyWakeups:
         )
         status = sql(system_dsn, "SELECT status FROM mail_outbox")
         _, metrics = http_get(f"http://127.0.0.1:{port}/metrics")
+        _, body = http_get(f"http://127.0.0.1:{port}/status")
         assert [row["status"] for row in status] == ["sent"]
+        assert json.loads(body)["listener"] == {"connected": True, "connections": 1}
         assert "nproxyd_listener_connected 1.0" in metrics
         assert 'nproxyd_wakeups_total{source="notify"} 2.0' in metrics
 

@@ -7,6 +7,7 @@ statement, a session setting or a session lock would land on someone else's conn
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import subprocess
@@ -25,6 +26,7 @@ from tests.pgbouncer import DEFAULT_POOL_SIZE, PgBouncer
 from tests.system.proc import (
     Processes,
     free_port,
+    http_get,
     http_status,
     json_lines,
     nproxyd_env,
@@ -134,8 +136,8 @@ class TestBehindPgBouncer:
         smtp: FakeSmtpServer,
         processes: Processes,
     ) -> None:
-        """Behind PgBouncer without direct_dsn the listener is off with one warning at start;
-        the daemon is ready and its sweep delivers mail."""
+        """Behind PgBouncer without direct_dsn the listener is off with one warning at start
+        (and null in /status); the daemon is ready and its sweep delivers mail."""
         port = free_port()
         env = pooled_env(
             pgbouncer,
@@ -149,7 +151,9 @@ class TestBehindPgBouncer:
         wait_ready(processes, process, f"http://127.0.0.1:{port}", timeout=20)
         insert_mail(system_dsn, 1)
         wait_until(lambda: delivered(smtp, 1), timeout=10, what="mail delivered by the sweep")
+        _, body = http_get(f"http://127.0.0.1:{port}/status")
         assert log_events(processes, process, "listener_disabled") == 1
+        assert json.loads(body)["listener"] is None
         assert log_events(processes, process, "listener_connected") == 0
         assert pooler_errors(processes) == []
 
