@@ -77,7 +77,7 @@ class MailDueListener:
             except NproxydError as exc:
                 failures += 1
                 if not shutdown.is_set():
-                    self._lost(exc, failures)
+                    self._failed(exc, failures, was_connected=self.connected)
             finally:
                 self.connected = False
                 self._metrics.listener_connected.set(0)
@@ -107,9 +107,10 @@ class MailDueListener:
             if scope.cancelled_caught:
                 raise ListenerLost
 
-    def _lost(self, exc: NproxydError, failures: int) -> None:
+    def _failed(self, exc: NproxydError, failures: int, *, was_connected: bool) -> None:
+        """``listener_lost`` when an open session ended, else ``listener_connect_failed``."""
         self._log.warning(
-            "listener_lost",
+            "listener_lost" if was_connected else "listener_connect_failed",
             error_class=type(exc).__name__,
             error_message=str(exc),
             consecutive_failures=failures,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import anyio
 import asyncpg
@@ -170,3 +171,57 @@ class TestMailDueListener:
         notify_wakeups = metrics.wakeups.labels(source="notify")._value.get()
         assert (connected, notify_wakeups) == (1, 4)
         assert metrics.listener_connected._value.get() == 0
+
+    async def test_unreachable_database_is_retried_and_logged_never_raised(self) -> None:
+        """With nothing listening at the DSN the task logs listener_connect_failed with growing
+        failure counts, keeps the gauge at 0 and returns only at shutdown."""
+        logger = RecordingLogger()
+        metrics = Metrics(["mail-sender"])
+        listener = MailDueListener(
+            f"postgresql://nproxyd@127.0.0.1:{closed_port()}/nproxy",
+            wake=lambda: None,
+            clock=SystemClock(),
+            metrics=metrics,
+            connect_timeout_seconds=1,
+            logger=logger,
+        )
+        shutdown = anyio.Event()
+        async with anyio.create_task_group() as group:
+            group.start_soon(listener.run, shutdown)
+            with anyio.fail_after(WAIT_SECONDS):
+                while len(logger.events) < 2:
+                    await anyio.sleep(0.05)
+            shutdown.set()
+        assert [event for event, _ in logger.events[:2]] == ["listener_connect_failed"] * 2
+        assert [fields["consecutive_failures"] for _, fields in logger.events[:2]] == [1, 2]
+        assert metrics.listener_connected._value.get() == 0
+        assert listener.connections == 0
+
+
+class RecordingLogger:
+    """An EventLogger that keeps (event, fields) of warnings."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def bind(self, **_: Any) -> RecordingLogger:
+        return self
+
+    def info(self, event: str, **kw: Any) -> None:
+        pass
+
+    def warning(self, event: str, **kw: Any) -> None:
+        self.events.append((event, kw))
+
+    def error(self, event: str, **kw: Any) -> None:
+        self.events.append((event, kw))
+
+
+def closed_port() -> int:
+    """A TCP port nothing listens on (bound a moment ago, then released)."""
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
