@@ -123,9 +123,11 @@ class PgBouncer:
             for path in (self.root, *self.root.iterdir()):
                 os.chown(path, entry.pw_uid, entry.pw_gid)
             command = [executable, "-u", self.user, str(config)]
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        # A file, not a pipe: PgBouncer also logs to stderr, and a full pipe would stall it.
+        with (self.root / "stderr.log").open("wb") as stderr:
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+            )
         self._wait_listening()
         return self
 
@@ -134,8 +136,8 @@ class PgBouncer:
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
-                stderr = self.process.stderr.read().decode() if self.process.stderr else ""
-                raise RuntimeError(f"pgbouncer exited at start: {stderr}{self.log[-2000:]}")
+                stderr = (self.root / "stderr.log").read_text(errors="replace")
+                raise RuntimeError(f"pgbouncer exited at start: {stderr[-2000:]}")
             with (
                 contextlib.suppress(OSError),
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
