@@ -1,4 +1,4 @@
-"""Mail from another writer (DESIGN.md §6, second round): commit -> SMTP receipt latency.
+"""Mail from another writer (docs/design.md §6, second round): commit -> SMTP receipt latency.
 
 ``nproxyd run`` at its default intervals (the mail sender sweeps every 15 s) delivers over SMTP
 to a recording server in a child process. A separate plain connection, as the web API would,
