@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import anyio
 import msgspec
 import platformdirs
+import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from nproxyd.actors.invoice_expirer import InvoiceExpirer
@@ -39,7 +40,7 @@ from nproxyd.runtime.actor import Actor
 from nproxyd.runtime.daemon import Daemon
 from nproxyd.store.database import Database, RolledBackDatabase, create_pool, driver_dsn_problem
 from nproxyd.store.embedded import start_embedded
-from nproxyd.store.migrate import migrate
+from nproxyd.store.migrate import migrate_pool
 from nproxyd.store.stores import HealthStore, InvoiceStore, KeyStore, OutboxStore, RenewalStore
 
 OUTBOX_READY_BUFFER = 64
@@ -77,6 +78,8 @@ class Components(msgspec.Struct, frozen=True, kw_only=True):
     dry_run: bool = False
     # None: migrations were not run at start-up; else the versions this start applied.
     migrations_applied: list[int] | None = None
+    session_dsn: str | None = None
+    mail_due: Outbox | None = None
 
 
 def state_dir(config: Config) -> Path:
@@ -98,20 +101,38 @@ async def open_database(
     config: Config,
     *,
     auto_migrate: bool,
+    dsn: str | None = None,
     on_migrated: Callable[[list[int]], None] | None = None,
 ) -> Database:
-    dsn = await resolve_dsn(config)
+    dsn = dsn or await resolve_dsn(config)
     pool = await create_pool(
         dsn,
         max_size=config.database.pool_max_size,
         timeout_seconds=config.database.connect_timeout_seconds,
+        pooler=config.database.pooler,
     )
     if auto_migrate:
-        async with pool.acquire() as connection:
-            applied = await migrate(connection)
+        try:
+            applied = await migrate_pool(
+                pool,
+                direct_dsn=config.database.direct_dsn,
+                sessions=config.database.pooler == "none",
+                connect_timeout_seconds=config.database.connect_timeout_seconds,
+            )
+        except Exception:
+            await pool.close()
+            raise
         if on_migrated is not None:
             on_migrated(applied)
     return Database(pool)
+
+
+def session_dsn(config: Config, dsn: str) -> str | None:
+    """Where a session of its own (migration lock, LISTEN) is possible: None behind a pooler
+    without ``database.direct_dsn``."""
+    if config.database.direct_dsn:
+        return config.database.direct_dsn
+    return dsn if config.database.pooler == "none" else None
 
 
 def payment_provider(config: Config, clock: Clock) -> PaymentProvider:
@@ -190,8 +211,9 @@ async def open_components(
     migrate_now = config.database.auto_migrate if auto_migrate is None else auto_migrate
     async with AsyncExitStack() as stack:
         applied: list[list[int]] = []
+        dsn = await resolve_dsn(config)
         db = await open_database(
-            config, auto_migrate=migrate_now and not dry_run, on_migrated=applied.append
+            config, auto_migrate=migrate_now and not dry_run, dsn=dsn, on_migrated=applied.append
         )
         if dry_run:
             db = await _rolled_back(db)
@@ -206,6 +228,7 @@ async def open_components(
         stack.enter_context(receiver)
         instance = instance_id(config)
         outbox = Outbox(sender)
+        mail_due = Outbox(stack.enter_context(sender.clone()))
         actors = build_actors(
             config,
             clock=clock,
@@ -228,6 +251,8 @@ async def open_components(
             transport=transport,
             dry_run=dry_run,
             migrations_applied=applied[0] if applied else None,
+            session_dsn=session_dsn(config, dsn),
+            mail_due=mail_due,
         )
 
 
@@ -317,5 +342,24 @@ async def run_daemon(config: Config) -> int:
             keys=components.stores.keys,
             channel=components.outbox_ready,
             startup=startup_facts(config, components),
+            listen_dsn=listen_dsn(config, components),
+            notify_wake=_waker(components.mail_due),
         )
         return await daemon.run()
+
+
+def listen_dsn(config: Config, components: Components) -> str | None:
+    """The DSN of the NOTIFY listener; None (with one warning) when it cannot have one."""
+    if components.session_dsn is None and enabled(config, "mail-sender"):
+        structlog.get_logger().warning(
+            "listener_disabled",
+            reason="database.pooler = pgbouncer without database.direct_dsn",
+            fallback="mail-sender sweep",
+        )
+    return components.session_dsn
+
+
+def _waker(channel: Outbox | None) -> Callable[[], object] | None:
+    if channel is None:
+        return None
+    return lambda: channel.offer(OutboxReady(count=0))

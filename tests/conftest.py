@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -9,6 +10,7 @@ import structlog
 
 from nproxyd.store.database import Database, create_pool
 from tests.pg import TestServer
+from tests.pgbouncer import SKIP_REASON, PgBouncer, binary
 
 
 @pytest.fixture
@@ -18,9 +20,23 @@ def anyio_backend() -> str:
 
 @pytest.fixture(autouse=True)
 def _reset_logging() -> Iterator[None]:
-    """A test that configures structlog must not leak its output stream into the next."""
+    """A test that configures logging must not leak its output stream into the next.
+
+    That includes the standard library's root handler, which would otherwise print other
+    libraries' records (pgserver's clean-up at exit) as JSON after pytest's summary.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     yield
     structlog.reset_defaults()
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(False)
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +60,14 @@ async def db(dsn: str) -> AsyncIterator[Database]:
     database = Database(pool)
     yield database
     await database.close()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_server: TestServer) -> Iterator[PgBouncer]:
+    """A real PgBouncer in transaction mode in front of the test server (skips without one)."""
+    executable = binary()
+    if executable is None:
+        pytest.skip(SKIP_REASON)
+    bouncer = PgBouncer(pg_server.admin_dsn).start(executable)
+    yield bouncer
+    bouncer.stop()

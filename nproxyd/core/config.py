@@ -38,6 +38,9 @@ class DatabaseConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     auto_migrate: bool = True
     pool_max_size: Annotated[int, msgspec.Meta(ge=2, le=500)] = 10
     connect_timeout_seconds: Positive = 5.0
+    pooler: Literal["none", "pgbouncer"] = "none"
+    direct_dsn: str = ""
+    direct_dsn_file: str = ""
 
 
 class DaemonConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -177,6 +180,7 @@ class Config(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
 # (dotted secret key, dotted file key). The file key fills the secret key.
 SECRET_KEYS: tuple[tuple[str, str], ...] = (
     ("database.dsn", "database.dsn_file"),
+    ("database.direct_dsn", "database.direct_dsn_file"),
     ("payment.nowpayments.api_key", "payment.nowpayments.api_key_file"),
     ("email.smtp.password", "email.smtp.password_file"),
 )
@@ -309,7 +313,8 @@ def secrets_of(config: Config) -> list[str]:
     """Every secret value set in the configuration, including a DSN's password."""
     values = [_get(config, key) for key, _ in SECRET_KEYS]
     password = dsn_password(config.database.dsn)
-    return [value for value in [*values, password] if value]
+    direct_password = dsn_password(config.database.direct_dsn)
+    return [value for value in [*values, password, direct_password] if value]
 
 
 def dsn_password(dsn: str) -> str:

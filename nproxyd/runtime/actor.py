@@ -131,6 +131,7 @@ class LoopStats(msgspec.Struct, frozen=True, kw_only=True):
     last_outcome: TickOutcome | None = None
     next_due_monotonic: float | None = None
     next_due_at: datetime | None = None
+    timer_ticks: int = 0  # ticks started because the interval elapsed, not by a wake-up
 
 
 async def sleep_until_set(
@@ -332,3 +333,7 @@ class ActorLoop:
             events.append(self._wake_event)
         delay = due - self._clock.monotonic()
         await sleep_until_set(self._clock, delay, *events, name=f"{self.name}.sleep")
+        if not shutdown.is_set() and not self._wake_event.is_set():
+            self._stats = msgspec.structs.replace(
+                self._stats, timer_ticks=self._stats.timer_ticks + 1
+            )

@@ -69,6 +69,11 @@ CATALOGUE: tuple[MetricSpec, ...] = (
           "1 when the daemon's last readiness check passed (what /readyz answers).", "process"),
     _spec("nproxyd_messages_dropped_total", "counter", (),
           "Actor messages dropped on a full channel.", "process"),
+    _spec("nproxyd_listener_connected", "gauge", (),
+          "1 while the LISTEN session for mail wake-ups is open.", "process"),
+    _spec("nproxyd_wakeups_total", "counter", ("source",),
+          "Mail-sender wake-ups by source: a NOTIFY, an in-process message, the sweep.",
+          "process"),
     _spec("nproxyd_build_info", "gauge", ("version",),
           "Always 1; the version label is the running nproxyd version.", "process"),
 )  # fmt: skip

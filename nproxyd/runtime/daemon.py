@@ -6,7 +6,7 @@ import errno
 import os
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -20,6 +20,7 @@ from nproxyd.core.config import Config
 from nproxyd.core.errors import ConfigError, PortBusy, SupervisorGaveUp
 from nproxyd.runtime.actor import Actor, ActorLoop
 from nproxyd.runtime.http import OpsServer
+from nproxyd.runtime.listener import MailDueListener
 from nproxyd.runtime.metrics import Metrics
 from nproxyd.runtime.ops import HEALTH_CHECK_SECONDS, Monitor, OpsState
 from nproxyd.runtime.sdnotify import Notifier, watchdog_interval_seconds
@@ -63,6 +64,8 @@ class Daemon:
         channel: Channel[Any],
         environ: Mapping[str, str] | None = None,
         startup: Mapping[str, Any] | None = None,
+        listen_dsn: str | None = None,
+        notify_wake: Callable[[], object] | None = None,
     ) -> None:
         self.config = config
         self.instance_id = instance_id
@@ -86,6 +89,16 @@ class Daemon:
         )
         for name, loop in self.loops.items():
             self.supervisor.add(name, loop.run)
+        self.listener: MailDueListener | None = None
+        if listen_dsn and notify_wake is not None and "mail-sender" in self.loops:
+            self.listener = MailDueListener(
+                listen_dsn,
+                wake=notify_wake,
+                clock=clock,
+                metrics=self.metrics,
+                connect_timeout_seconds=config.database.connect_timeout_seconds,
+            )
+            self.supervisor.add(self.listener.name, self.listener.run)
         self.state = OpsState(
             clock=clock,
             instance_id=instance_id,
@@ -98,6 +111,7 @@ class Daemon:
             channel=channel,
             settings=config.health,
             retry_windows=retry_windows(config),
+            listener=self.listener,
         )
         self.server = OpsServer(self.state, config.http.listen)
         self.notifier = Notifier.from_environ(self.environ)

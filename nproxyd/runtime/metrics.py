@@ -27,6 +27,7 @@ from nproxyd.runtime.actor import TickOutcome
 from nproxyd.runtime.catalogue import BY_NAME
 
 KEY_STATUSES = ("active", "cooldown", "manual_review", "disabled")
+WAKEUP_SOURCES = ("notify", "local", "sweep")
 MAIL_FAILURE_KINDS = ("transient", "permanent", "unavailable")
 RENEWAL_FAILURE_KINDS = ("transient", "permanent")
 CLAIM_STATES = ("claimed", "retry", "failed")
@@ -150,6 +151,7 @@ class Metrics:
         self._skip_reasons: set[str] = set()
         self._add_failure_metrics(r)
         self._prime(actors)
+        self._add_wakeup_metrics()
 
     def _add_failure_metrics(self, r: CollectorRegistry) -> None:
         self.renewal_failures = Counter(
@@ -233,3 +235,26 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def _add_wakeup_metrics(self) -> None:
+        self.listener_connected = Gauge(
+            "nproxyd_listener_connected",
+            _help("nproxyd_listener_connected"),
+            registry=self.registry,
+        )
+        self.wakeups = Counter(
+            "nproxyd_wakeups",
+            _help("nproxyd_wakeups_total"),
+            ["source"],
+            registry=self.registry,
+        )
+        self._wakeups_seen: dict[str, int] = {}
+        for source in WAKEUP_SOURCES:
+            self.wakeups.labels(source=source)
+
+    def count_wakeups(self, source: str, total: int) -> None:
+        """Bring ``wakeups_total{source}`` up to ``total``, a count kept elsewhere."""
+        seen = self._wakeups_seen.get(source, 0)
+        if total > seen:
+            self.wakeups.labels(source=source).inc(total - seen)
+            self._wakeups_seen[source] = total

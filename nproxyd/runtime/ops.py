@@ -19,6 +19,7 @@ from nproxyd.core.clock import Clock, format_instant
 from nproxyd.core.config import HealthConfig
 from nproxyd.core.errors import NproxydError
 from nproxyd.runtime.actor import ActorLoop, TickOutcome
+from nproxyd.runtime.listener import MailDueListener
 from nproxyd.runtime.metrics import DatabaseSnapshot, Metrics
 from nproxyd.runtime.supervisor import Supervisor
 from nproxyd.store.rows import HealthGauges
@@ -103,6 +104,7 @@ class OpsState:
         channel: Channel[Any],
         settings: HealthConfig | None = None,
         retry_windows: dict[str, float] | None = None,
+        listener: MailDueListener | None = None,
     ) -> None:
         self.clock = clock
         self.instance_id = instance_id
@@ -116,6 +118,7 @@ class OpsState:
         self.settings = settings or HealthConfig()
         # Per actor: the longest a failed work item waits for its retry, plus one interval.
         self.retry_windows = retry_windows or {}
+        self.listener = listener
         self.started = clock.monotonic()
         self.snapshot: DatabaseSnapshot | None = None
         self.was_ready: bool | None = None
@@ -142,6 +145,7 @@ class OpsState:
         """Read the database, refresh the gauges and judge readiness (sets ``nproxyd_ready``)."""
         metrics = self.monitor.metrics
         metrics.queue_depth.set(self.channel.depth)
+        self.count_wakeups()
         self.snapshot = await self.read_database()
         metrics.database_read(self.snapshot)
         reasons = self.reasons()
@@ -158,6 +162,14 @@ class OpsState:
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         return await self.check()
+
+    def count_wakeups(self) -> None:
+        """Mail-sender wake-ups kept as counts elsewhere: in-process messages and sweeps."""
+        metrics = self.monitor.metrics
+        metrics.count_wakeups("local", self.channel.sent)
+        mail = self.loops.get("mail-sender")
+        if mail is not None:
+            metrics.count_wakeups("sweep", mail.stats.timer_ticks)
 
     def reasons(self) -> list[Reason]:
         found: list[Reason] = []
@@ -279,6 +291,7 @@ class OpsState:
             "actors": {name: self._actor_status(name, failures) for name in self.loops},
             "queue_depth": self.channel.depth,
             "messages_dropped": self.channel.dropped,
+            "listener": None if self.listener is None else self.listener.status(),
             "outbox": None if snapshot is None else _outbox_status(snapshot),
             "provider_keys": None if snapshot is None else snapshot.provider_keys,
             "renewal_claims": None if snapshot is None else snapshot.renewal_claims,

@@ -119,9 +119,31 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
     )
 
 
-async def create_pool(dsn: str, *, max_size: int, timeout_seconds: float) -> asyncpg.Pool:
+# Session settings for a direct connection. Behind a transaction pooler nothing may rely on
+# session state: PgBouncer refuses unknown startup parameters (plan_cache_mode), and every
+# statement runs unnamed there, which PostgreSQL plans with its values each time anyway.
+# Timestamps travel as binary timestamptz, so no statement depends on the session time zone.
+_DIRECT_SETTINGS = {
+    "application_name": "nproxyd",
+    "timezone": "UTC",
+    # A generic plan cached while a table was small (a fresh install) would keep
+    # scanning it sequentially once it is large; plan every execution instead.
+    "plan_cache_mode": "force_custom_plan",
+}
+_POOLED_SETTINGS = {"application_name": "nproxyd"}
+POOLERS = ("none", "pgbouncer")
+
+
+async def create_pool(
+    dsn: str, *, max_size: int, timeout_seconds: float, pooler: str = "none"
+) -> asyncpg.Pool:
     """Open a pool; raises :class:`DatabaseUnavailable` when the server cannot be reached and
-    :class:`DatabaseRefused` when it refuses the credentials, role or database."""
+    :class:`DatabaseRefused` when it refuses the credentials, role or database.
+
+    With ``pooler="pgbouncer"`` (transaction pooling) no prepared statement outlives its
+    statement (``statement_cache_size=0``) and no session setting is sent.
+    """
+    behind_pooler = pooler != "none"
     with map_errors(), _refused_dsn():
         pool = await asyncpg.create_pool(
             dsn,
@@ -130,15 +152,24 @@ async def create_pool(dsn: str, *, max_size: int, timeout_seconds: float) -> asy
             timeout=timeout_seconds,
             command_timeout=300,
             init=_init_connection,
-            server_settings={
-                "application_name": "nproxyd",
-                "timezone": "UTC",
-                # A generic plan cached while a table was small (a fresh install) would keep
-                # scanning it sequentially once it is large; plan every execution instead.
-                "plan_cache_mode": "force_custom_plan",
-            },
+            statement_cache_size=0 if behind_pooler else 100,
+            server_settings=_POOLED_SETTINGS if behind_pooler else _DIRECT_SETTINGS,
         )
     return pool
+
+
+async def connect_session(
+    dsn: str, *, timeout_seconds: float, application_name: str = "nproxyd"
+) -> asyncpg.Connection:
+    """One connection of its own (never pooled), for what needs a session: locks, LISTEN."""
+    with map_errors():
+        connection: asyncpg.Connection = await asyncpg.connect(
+            dsn,
+            timeout=timeout_seconds,
+            statement_cache_size=0,
+            server_settings={**_DIRECT_SETTINGS, "application_name": application_name},
+        )
+    return connection
 
 
 class Database:

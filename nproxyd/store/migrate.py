@@ -5,12 +5,17 @@ line is ``-- nproxyd:no-transaction`` runs statement by statement outside a tran
 ``CREATE INDEX CONCURRENTLY``); every other file runs in one transaction together with its
 record in ``nproxyd_schema_migrations``. Concurrent runs serialise on the advisory lock, and a
 re-run applies nothing.
+
+Behind a transaction pooler (PgBouncer) a session lock would stay on whichever server
+connection happened to run it, so there the lock is transaction-level, held by a transaction
+left open on a second connection for the whole run (``lock_connection``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from importlib import resources
 
 import asyncpg
@@ -19,7 +24,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from nproxyd.core.clock import SystemClock
 from nproxyd.core.errors import MigrationError
-from nproxyd.store.database import map_errors
+from nproxyd.store.database import connect_session, map_errors
 
 NO_TRANSACTION = "-- nproxyd:no-transaction"
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -62,16 +67,95 @@ def statements(sql: str) -> list[str]:
 
 
 async def migrate(
-    connection: Connection, *, sleep: Callable[[float], Awaitable[None]] | None = None
+    connection: Connection,
+    *,
+    sleep: Callable[[float], Awaitable[None]] | None = None,
+    lock_connection: Connection | None = None,
 ) -> list[int]:
-    """Apply every pending migration; returns the versions applied by this call."""
+    """Apply every pending migration; returns the versions applied by this call.
+
+    With ``lock_connection`` the lock is a transaction-level one held on that connection
+    (for a transaction pooler); ``connection`` then never needs a session of its own.
+    """
+    wait = sleep or SystemClock().sleep
     with map_errors():
-        await _take_lock(connection, sleep or SystemClock().sleep)
+        if lock_connection is not None:
+            async with _transaction_lock(lock_connection, wait):
+                return await _create_and_apply(connection)
+        await _take_lock(connection, wait)
         try:
-            await connection.execute(_CREATE_TABLE)
-            return await _apply_pending(connection)
+            return await _create_and_apply(connection)
         finally:
             await connection.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+
+
+async def migrate_pool(
+    pool: asyncpg.Pool,
+    *,
+    direct_dsn: str,
+    sessions: bool,
+    connect_timeout_seconds: float,
+) -> list[int]:
+    """Migrate the database behind ``pool``, on a session wherever one is possible.
+
+    ``direct_dsn`` (a connection around the pooler) is used when set; else a pooled connection
+    when the pool's connections are sessions (``sessions``, no transaction pooler); else two
+    pooled connections, one holding the lock in an open transaction.
+    """
+    if direct_dsn:
+        connection = await connect_session(direct_dsn, timeout_seconds=connect_timeout_seconds)
+        try:
+            return await migrate(connection)
+        finally:
+            with map_errors():
+                await connection.close()
+    if sessions:
+        async with pool.acquire() as pooled:
+            return await migrate(pooled)
+    async with pool.acquire() as lock, pool.acquire() as pooled:
+        return await migrate(pooled, lock_connection=lock)
+
+
+async def _create_and_apply(connection: Connection) -> list[int]:
+    await connection.execute(_CREATE_TABLE)
+    return await _apply_pending(connection)
+
+
+# The simple query protocol on purpose: a transaction that ran an extended-protocol statement
+# keeps a snapshot xmin while idle, and CREATE INDEX CONCURRENTLY would wait for it forever.
+_TRY_XACT_LOCK = f"""
+DO $$ BEGIN
+    IF NOT pg_try_advisory_xact_lock({_LOCK_KEY}) THEN
+        RAISE EXCEPTION 'migration lock busy' USING ERRCODE = 'lock_not_available';
+    END IF;
+END $$"""
+
+
+@asynccontextmanager
+async def _transaction_lock(
+    connection: Connection, sleep: Callable[[float], Awaitable[None]]
+) -> AsyncIterator[None]:
+    """Hold the migration lock in a transaction open on ``connection`` until the block ends.
+
+    Polled like :func:`_take_lock`, each try in a transaction of its own, so a waiter holds
+    nothing between tries. The holder then sits idle in its transaction without a snapshot,
+    which ``CREATE INDEX CONCURRENTLY`` on the other connection does not wait for.
+    """
+    delay = 0.05
+    while True:
+        transaction = connection.transaction()
+        await transaction.start()
+        try:
+            await connection.execute(_TRY_XACT_LOCK)
+            break
+        except asyncpg.LockNotAvailableError:
+            await transaction.rollback()
+        await sleep(delay)
+        delay = min(delay * 2, 1.0)
+    try:
+        yield
+    finally:
+        await transaction.rollback()
 
 
 async def _take_lock(connection: Connection, sleep: Callable[[float], Awaitable[None]]) -> None:

@@ -17,7 +17,14 @@ from collections.abc import Awaitable, Callable
 import anyio
 
 from nproxyd.runtime import logs
-from tests.bench import bench_expiry, bench_idle, bench_mail, bench_renewal, bench_soak
+from tests.bench import (
+    bench_expiry,
+    bench_idle,
+    bench_mail,
+    bench_mail_latency,
+    bench_renewal,
+    bench_soak,
+)
 from tests.bench.common import Figure, duration
 from tests.pg import TestServer
 
@@ -30,6 +37,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "expiry_interleaved": bench_expiry.interleaved,
     "mail": bench_mail.run,
     "idle": bench_idle.run,
+    "mail_latency_external": bench_mail_latency.run,
 }
 # On demand only, by name: it runs for NPROXYD_SOAK_MINUTES (default 20).
 SLOW_BENCHMARKS: dict[str, Benchmark] = {"soak": bench_soak.run}

@@ -1,0 +1,227 @@
+"""NOTIFY on due mail (migration 0005) and the LISTEN side that wakes the mail sender.
+
+Notifications arrive in commit order, so "nothing was notified" is checked with a control:
+after the statements that must stay quiet, one insert that must notify; exactly one
+notification arrives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+import asyncpg
+import pytest
+
+from nproxyd.core.clock import SystemClock
+from nproxyd.runtime.listener import MailDueListener
+from nproxyd.runtime.metrics import Metrics
+from nproxyd.store.database import Database
+from nproxyd.store.listener import APPLICATION_NAME, MAIL_DUE_CHANNEL, listening
+from nproxyd.store.rows import MailOutcome
+from nproxyd.store.stores import OutboxStore
+
+pytestmark = pytest.mark.anyio
+
+NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+WAIT_SECONDS = 5.0
+
+
+class Inbox:
+    """Notifications on the mail channel received by a plain LISTEN connection."""
+
+    def __init__(self) -> None:
+        self.received: list[str] = []
+        self.arrived = anyio.Event()
+
+    def __call__(self, _c: object, _pid: int, _channel: str, payload: str) -> None:
+        self.received.append(payload)
+        self.arrived.set()
+
+    async def wait(self, count: int) -> None:
+        with anyio.fail_after(WAIT_SECONDS):
+            while len(self.received) < count:
+                self.arrived = anyio.Event()
+                await self.arrived.wait()
+
+
+@pytest.fixture
+async def inbox(dsn: str) -> AsyncIterator[Inbox]:
+    connection = await asyncpg.connect(dsn)
+    received = Inbox()
+    await connection.add_listener(MAIL_DUE_CHANNEL, received)
+    yield received
+    await connection.close()
+
+
+async def insert_mail(db: Database, key: str, *, status: str = "pending") -> None:
+    """A row with only the contract columns, as another writer would insert it."""
+    await db.pool.execute(
+        "INSERT INTO mail_outbox (id, status, to_address, subject, body) "
+        "VALUES ($1, $2, 'a@example.test', 's', 'b')",
+        key,
+        status,
+    )
+
+
+class TestTrigger:
+    async def test_insert_of_pending_mail_notifies_once_per_statement(
+        self, db: Database, inbox: Inbox
+    ) -> None:
+        """An INSERT of 50 pending rows by another writer sends one notification."""
+        await db.pool.execute(
+            "INSERT INTO mail_outbox (to_address, subject, body)"
+            " SELECT 'a@example.test', 's', 'b' FROM generate_series(1, 50)"
+        )
+        await inbox.wait(1)
+        await anyio.sleep(0.2)
+        assert inbox.received == [""]
+
+    async def test_retry_of_dead_mail_notifies(self, db: Database, inbox: Inbox) -> None:
+        """`mail retry` (dead back to pending) wakes the senders."""
+        await insert_mail(db, "dead-1", status="dead")
+        await OutboxStore(db).retry(["dead-1"], NOW)
+        await inbox.wait(1)
+        assert inbox.received == [""]
+
+    async def test_senders_own_updates_and_dead_inserts_stay_quiet(
+        self, db: Database, inbox: Inbox
+    ) -> None:
+        """Claiming, extending and recording a retry later, or inserting dead mail, notifies
+        nothing (the control insert afterwards is the only notification)."""
+        store = OutboxStore(db)
+        await db.pool.execute(
+            "INSERT INTO mail_outbox (id, to_address, subject, body, next_attempt_at)"
+            " VALUES ('m1', 'a@example.test', 's', 'b', $1)",
+            NOW,
+        )
+        await inbox.wait(1)
+        claimed = await store.claim(NOW, NOW + timedelta(minutes=2), "me", 10)
+        await store.extend([mail.id for mail in claimed], "me", NOW + timedelta(minutes=4))
+        later = NOW + timedelta(minutes=5)
+        outcome = MailOutcome(id="m1", status="pending", error="451", next_attempt_at=later)
+        await store.record([outcome], NOW, "me")
+        await insert_mail(db, "dead-2", status="dead")
+        await insert_mail(db, "control")
+        await inbox.wait(2)
+        await anyio.sleep(0.2)
+        assert [mail.id for mail in claimed] == ["m1"]
+        assert inbox.received == ["", ""]
+
+
+class TestListening:
+    async def test_listening_calls_back_and_notices_a_terminated_session(
+        self, dsn: str, db: Database
+    ) -> None:
+        """The LISTEN session calls on_notify for a committed insert, and sets `lost` when
+        its backend is terminated."""
+        calls: list[int] = []
+        async with listening(
+            dsn, MAIL_DUE_CHANNEL, lambda: calls.append(1), timeout_seconds=5
+        ) as session:
+            await insert_mail(db, "m1")
+            with anyio.fail_after(WAIT_SECONDS):
+                while not calls:
+                    await anyio.sleep(0.01)
+            await db.pool.execute("SELECT pg_terminate_backend($1)", session.backend_pid)
+            with anyio.fail_after(WAIT_SECONDS):
+                await session.lost.wait()
+        assert calls == [1]
+
+
+class TestMailDueListener:
+    async def test_wakes_on_notify_and_reconnects_after_terminate(
+        self, dsn: str, db: Database
+    ) -> None:
+        """The supervised task wakes once on connect and once per notification; after its
+        backend is killed it reconnects, sets the gauge again and keeps waking."""
+        wakes: list[int] = []
+        metrics = Metrics(["mail-sender"])
+        listener = MailDueListener(
+            dsn,
+            wake=lambda: wakes.append(1),
+            clock=SystemClock(),
+            metrics=metrics,
+            connect_timeout_seconds=5,
+        )
+        shutdown = anyio.Event()
+
+        async def until(condition: object) -> None:
+            with anyio.fail_after(WAIT_SECONDS):
+                while not condition():  # type: ignore[operator]
+                    await anyio.sleep(0.01)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(listener.run, shutdown)
+            await until(lambda: listener.connections == 1)
+            await insert_mail(db, "m1")
+            await until(lambda: len(wakes) == 2)
+            await db.pool.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = $1 AND datname = current_database()",
+                APPLICATION_NAME,
+            )
+            await until(lambda: listener.connections == 2)
+            await insert_mail(db, "m2")
+            await until(lambda: len(wakes) == 4)
+            connected = metrics.listener_connected._value.get()
+            shutdown.set()
+        notify_wakeups = metrics.wakeups.labels(source="notify")._value.get()
+        assert (connected, notify_wakeups) == (1, 4)
+        assert metrics.listener_connected._value.get() == 0
+
+    async def test_unreachable_database_is_retried_and_logged_never_raised(self) -> None:
+        """With nothing listening at the DSN the task logs listener_connect_failed with growing
+        failure counts, keeps the gauge at 0 and returns only at shutdown."""
+        logger = RecordingLogger()
+        metrics = Metrics(["mail-sender"])
+        listener = MailDueListener(
+            f"postgresql://nproxyd@127.0.0.1:{closed_port()}/nproxy",
+            wake=lambda: None,
+            clock=SystemClock(),
+            metrics=metrics,
+            connect_timeout_seconds=1,
+            logger=logger,
+        )
+        shutdown = anyio.Event()
+        async with anyio.create_task_group() as group:
+            group.start_soon(listener.run, shutdown)
+            with anyio.fail_after(WAIT_SECONDS):
+                while len(logger.events) < 2:
+                    await anyio.sleep(0.05)
+            shutdown.set()
+        assert [event for event, _ in logger.events[:2]] == ["listener_connect_failed"] * 2
+        assert [fields["consecutive_failures"] for _, fields in logger.events[:2]] == [1, 2]
+        assert metrics.listener_connected._value.get() == 0
+        assert listener.connections == 0
+
+
+class RecordingLogger:
+    """An EventLogger that keeps (event, fields) of warnings."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def bind(self, **_: Any) -> RecordingLogger:
+        return self
+
+    def info(self, event: str, **kw: Any) -> None:
+        pass
+
+    def warning(self, event: str, **kw: Any) -> None:
+        self.events.append((event, kw))
+
+    def error(self, event: str, **kw: Any) -> None:
+        self.events.append((event, kw))
+
+
+def closed_port() -> int:
+    """A TCP port nothing listens on (bound a moment ago, then released)."""
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
