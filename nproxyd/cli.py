@@ -35,7 +35,13 @@ _EXITS: tuple[tuple[type[NproxydError], int, str], ...] = (
     (DatabaseUnavailable, EXIT_UNAVAILABLE, ""),
     (NproxydError, EXIT_SOFTWARE, ""),
 )
-ACTORS = ("invoice-expirer", "renewal-scheduler", "mail-sender", "key-pool-recoverer")
+ACTORS = (
+    "invoice-expirer",
+    "renewal-scheduler",
+    "mail-sender",
+    "key-pool-recoverer",
+    "payment-watcher",
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--all-dead", action="store_true")
     status = commands.add_parser("status", help="show /status of a running daemon")
     status.add_argument("--url", help="base URL (default: from http.listen)")
+    _add_payments_parser(commands)
     return parser
 
 
@@ -192,6 +199,40 @@ async def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def _add_payments_parser(commands: Any) -> None:
+    payments = commands.add_parser("payments", help="what the payment provider reports")
+    payment_commands = payments.add_subparsers(
+        dest="payments_command", required=True, parser_class=_Parser
+    )
+    awaiting = payment_commands.add_parser(
+        "awaiting", help="invoices paid at the provider that wait for activation"
+    )
+    awaiting.add_argument("--json", action="store_true", help="one JSON object per line")
+    show = payment_commands.add_parser("show", help="one invoice's payment status history")
+    show.add_argument("invoice_id", metavar="INVOICE_ID")
+
+
+async def cmd_payments(args: argparse.Namespace, config: Config) -> int:
+    from nproxyd.runtime.payments_view import render_awaiting, render_show  # noqa: PLC0415
+
+    db = await app.open_database(config, auto_migrate=config.database.auto_migrate)
+    try:
+        store = app.Stores.for_database(db).payments
+        if args.payments_command == "awaiting":
+            rows = await store.awaiting()
+            sys.stdout.write(render_awaiting(rows, as_json=args.json, now=SystemClock().now()))
+            return EXIT_OK
+        state = await store.state(args.invoice_id)
+        history = await store.history(args.invoice_id) if state is not None else []
+    finally:
+        await db.close()
+    if state is None:
+        print(f"nproxyd: no invoice {args.invoice_id}", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.write(render_show(state, history))
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Config], Awaitable[int]]] = {
     "run": cmd_run,
     "migrate": cmd_migrate,
@@ -199,4 +240,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Config], Awaitable[int]]] = {
     "once": cmd_once,
     "mail": cmd_mail,
     "status": cmd_status,
+    "payments": cmd_payments,
 }

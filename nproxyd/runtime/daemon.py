@@ -15,8 +15,10 @@ from nproxyd.core.channels import Channel
 from nproxyd.core.clock import Clock
 from nproxyd.core.config import Config
 from nproxyd.core.errors import SupervisorGaveUp
+from nproxyd.core.ports import IpnSink, PaymentWatchStore
 from nproxyd.runtime.actor import Actor, ActorLoop
 from nproxyd.runtime.http import OpsServer
+from nproxyd.runtime.ipn import IpnServer
 from nproxyd.runtime.metrics import Metrics
 from nproxyd.runtime.ops import Monitor, OpsState
 from nproxyd.runtime.sdnotify import Notifier, watchdog_interval_seconds
@@ -38,6 +40,8 @@ class Daemon:
         keys: KeyStore,
         channel: Channel[Any],
         environ: Mapping[str, str] | None = None,
+        payments: PaymentWatchStore | None = None,
+        ipn: IpnSink | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -68,8 +72,14 @@ class Daemon:
             outbox=outbox,
             keys=keys,
             channel=channel,
+            payments=payments,
         )
         self.server = OpsServer(self.state, config.http.listen)
+        self.ipn_server = (
+            IpnServer(ipn, config.ipn.listen, self.metrics.payments)
+            if ipn is not None and config.ipn.listen
+            else None
+        )
         self.notifier = Notifier.from_environ(self.environ)
 
     async def run(self) -> int:
@@ -77,6 +87,8 @@ class Daemon:
         await self.server.start()
         gave_up: SupervisorGaveUp | None = None
         try:
+            if self.ipn_server is not None:
+                await self.ipn_server.start()
             async with anyio.create_task_group() as group:
                 group.start_soon(self._signals, group.cancel_scope, name="signals")
                 group.start_soon(self._watchdog, name="sd-watchdog")
@@ -93,6 +105,8 @@ class Daemon:
         finally:
             self.notifier.stopping("stopping")
             with anyio.CancelScope(shield=True):
+                if self.ipn_server is not None:
+                    await self.ipn_server.stop()
                 await self.server.stop()
             self.log.info("daemon_stopped")
         if gave_up is not None:

@@ -11,10 +11,12 @@ from nproxyd.core.messages import (
     ExpirerReport,
     KeyPoolReport,
     MailReport,
+    PaymentWatcherReport,
     RenewalReport,
     Report,
 )
 from nproxyd.runtime.actor import TickOutcome
+from nproxyd.runtime.payment_metrics import PaymentMetrics
 
 KEY_STATUSES = ("active", "cooldown", "manual_review", "disabled")
 MAIL_FAILURE_KINDS = ("transient", "permanent")
@@ -84,6 +86,7 @@ class Metrics:
             "nproxyd_messages_dropped", "Actor messages dropped on a full channel.", registry=r
         )
         self._prime(actors)
+        self.payments = PaymentMetrics(r)
 
     def _prime(self, actors: list[str]) -> None:
         """Create every labelled series at zero so dashboards and alerts see them at once."""
@@ -118,6 +121,8 @@ class Metrics:
                 self.mail_failures.labels(kind=kind).inc(count)
         elif isinstance(report, KeyPoolReport):
             self.keys_recovered.inc(report.recovered_count)
+        elif isinstance(report, PaymentWatcherReport):
+            self.payments.count_report(report)
 
     def set_key_counts(self, counts: Mapping[str, int]) -> None:
         for status in KEY_STATUSES:

@@ -10,6 +10,7 @@ import msgspec
 from nproxyd.core.channels import Channel
 from nproxyd.core.clock import Clock, format_instant
 from nproxyd.core.errors import NproxydError
+from nproxyd.core.ports import PaymentWatchStore
 from nproxyd.runtime.actor import ActorLoop, TickOutcome
 from nproxyd.runtime.metrics import Metrics
 from nproxyd.runtime.supervisor import Supervisor
@@ -51,7 +52,9 @@ class OpsState:
         outbox: OutboxStore,
         keys: KeyStore,
         channel: Channel[Any],
+        payments: PaymentWatchStore | None = None,
     ) -> None:
+        self.payments = payments
         self.clock = clock
         self.instance_id = instance_id
         self.loops = loops
@@ -99,7 +102,24 @@ class OpsState:
             metrics.outbox_pending.set(outbox.pending)
             metrics.set_key_counts(keys)
             counts = {"outbox": msgspec.to_builtins(outbox), "provider_keys": keys}
+        counts["payments"] = await self.refresh_payments()
         return counts
+
+    async def refresh_payments(self) -> dict[str, Any] | None:
+        """Invoices awaiting activation, into the gauges and /status; None when unknown."""
+        if self.payments is None:
+            return None
+        with anyio.move_on_after(DB_TIMEOUT_SECONDS):
+            try:
+                summary = await self.payments.awaiting_summary(self.clock.now())
+            except NproxydError:
+                return None
+            self.monitor.metrics.payments.set_awaiting(summary)
+            return {
+                "awaiting_activation": summary.count,
+                "oldest_wait_seconds": round(summary.oldest_seconds, 3),
+            }
+        return None
 
     async def metrics_text(self) -> bytes:
         await self.refresh_gauges()

@@ -47,6 +47,7 @@ def render(status: dict[str, Any]) -> str:
         f"ready     {status.get('ready')}   database {status.get('database')}",
         f"queue     {status.get('queue_depth')}   outbox {status.get('outbox')}",
         f"keys      {status.get('provider_keys')}",
+        f"payments  {status.get('payments')}",
         "",
     ]
     rows = [[label for _, label in _COLUMNS]]

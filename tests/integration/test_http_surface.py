@@ -39,7 +39,13 @@ from tests.pg import TestServer
 
 pytestmark = pytest.mark.anyio
 
-ACTORS = {"invoice-expirer", "renewal-scheduler", "mail-sender", "key-pool-recoverer"}
+ACTORS = {
+    "invoice-expirer",
+    "renewal-scheduler",
+    "mail-sender",
+    "key-pool-recoverer",
+    "payment-watcher",
+}
 KEY_STATUSES = {"active", "cooldown", "manual_review", "disabled"}
 
 # DESIGN.md §4, metric name as exposed -> (type, label names).
@@ -57,6 +63,11 @@ CONTRACT_METRICS: dict[str, tuple[str, set[str]]] = {
     "nproxyd_outbox_pending": ("gauge", set()),
     "nproxyd_provider_keys": ("gauge", {"status"}),
     "nproxyd_provider_keys_recovered_total": ("counter", set()),
+    "nproxyd_invoices_awaiting_activation": ("gauge", set()),
+    "nproxyd_invoice_activation_oldest_wait_seconds": ("gauge", set()),
+    "nproxyd_payment_checks_total": ("counter", {"outcome"}),
+    "nproxyd_payment_status_changes_total": ("counter", {"status", "source"}),
+    "nproxyd_ipn_requests_total": ("counter", {"outcome"}),
 }
 
 
@@ -138,6 +149,7 @@ async def running_daemon(
             keys=components.stores.keys,
             channel=components.outbox_ready,
             environ={},
+            payments=components.stores.payments,
         )
         timeout = aiohttp.ClientTimeout(total=10)
         async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -451,6 +463,7 @@ class TestStatus:
         assert body["queue_depth"] == 0
         assert body["outbox"] == {"pending": 0, "dead": 1}
         assert body["provider_keys"] == {"active": 1, "disabled": 1}
+        assert body["payments"] == {"awaiting_activation": 0, "oldest_wait_seconds": 0.0}
         assert set(body["actors"]) == ACTORS
         for name, actor in body["actors"].items():
             assert actor["last_outcome"] == "ok", name
@@ -522,7 +535,9 @@ class TestRender:
                 "renewal-scheduler": actor,
                 "mail-sender": {**actor, "last_outcome": "error", "consecutive_failures": 4},
                 "key-pool-recoverer": {"ready": False},
+                "payment-watcher": actor,
             },
+            "payments": {"awaiting_activation": 2, "oldest_wait_seconds": 60.0},
         }
         table = render(status)
         lines = table.splitlines()
@@ -535,6 +550,7 @@ class TestRender:
         assert rows["mail-sender"][2] == "error"
         assert rows["mail-sender"][6] == "4"
         assert rows["key-pool-recoverer"][1:] == ["False", "-", "-", "-", "-", "-", "-"]
+        assert "'awaiting_activation': 2" in " ".join(rows["payments"])
         assert "host-1" in table
         assert "12.5" in table
         body_lines = [line for line in lines if line.split() and line.split()[0] in ACTORS]

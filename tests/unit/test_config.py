@@ -195,4 +195,5 @@ class TestRedaction:
             "email",
             "key_pool",
             "actors",
+            "ipn",
         }
