@@ -139,4 +139,3 @@ class TestIpn:
         assert await listener.send(big) == 413
         assert await db.pool.fetchval("SELECT count(*) FROM nproxyd_invoice_payments") == 0
         assert listener.count("too_large") == 1
-
