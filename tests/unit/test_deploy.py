@@ -45,6 +45,11 @@ CONTRACT_METRICS = frozenset(
         "nproxyd_provider_keys_recovered_total",
         "nproxyd_ready",
         "up",
+        "nproxyd_invoices_awaiting_activation",
+        "nproxyd_invoice_activation_oldest_wait_seconds",
+        "nproxyd_payment_checks_total",
+        "nproxyd_payment_status_changes_total",
+        "nproxyd_ipn_requests_total",
     }
 )
 
