@@ -174,9 +174,7 @@ def build_actors(
             probe_concurrency=config.key_pool.balance_probe_concurrency,
         ),
     )
-    watcher = build_payment_watcher(
-        config, clock=clock, stores=stores, outbox=outbox, provider=provider
-    )
+    watcher = build_payment_watcher(config, clock, stores, outbox, provider)
     return {actor.name: actor for actor in (expirer, renewal, mail, keys, watcher)}
 
 
@@ -287,7 +285,7 @@ def payment_watcher_settings(config: Config) -> PaymentWatcherSettings:
 
 
 def build_payment_watcher(
-    config: Config, *, clock: Clock, stores: Stores, outbox: Outbox, provider: PaymentProvider
+    config: Config, clock: Clock, stores: Stores, outbox: Outbox, provider: PaymentProvider
 ) -> PaymentWatcher:
     ports = PaymentWatcherPorts(
         store=stores.payments,

@@ -65,6 +65,8 @@ class NowPaymentsStatus:
         return f"NowPaymentsStatus(url={self._base!r})"
 
     async def payment_status(self, ref: PaymentRef, now: datetime) -> ProviderPayment:
+        if not ref.provider_payment_id.strip():
+            raise ProviderPermanentError("invoice has no nowpayments payment id")
         if self._budget is not None:
             await self._budget.acquire(low_priority=True)
         url = self._base + quote(ref.provider_payment_id, safe="")

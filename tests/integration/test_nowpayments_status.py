@@ -115,6 +115,14 @@ class TestStatus:
         if error is ProviderTransientError:
             assert not isinstance(caught.value, ProviderInvalidAnswer)
 
+    async def test_an_invoice_without_payment_id_is_refused_without_a_call(
+        self, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """An empty provider id never becomes a request to another endpoint."""
+        with pytest.raises(ProviderPermanentError):
+            await client(fake, session).payment_status(ref(" "), NOW)
+        assert fake.requests == []
+
     async def test_rate_limit_honours_retry_after_and_pauses_the_budget(
         self, fake: FakeNowPayments, session: aiohttp.ClientSession
     ) -> None:
