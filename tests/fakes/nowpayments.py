@@ -391,7 +391,8 @@ def ipn_signature(body: dict[str, Any], secret: str) -> str:
 
 def ipn_body(answer: dict[str, Any]) -> dict[str, Any]:
     """An IPN body from a status answer: plain JSON types (amounts as floats, as sent)."""
-    return json.loads(_ENCODER.encode(answer))
+    body: dict[str, Any] = json.loads(_ENCODER.encode(answer))
+    return body
 
 
 def send_ipn(url: str, body: dict[str, Any], secret: str, *, signature: str | None = None) -> int:

@@ -79,6 +79,7 @@ class TestIpn:
 
         assert status == 200
         row = await db.pool.fetchrow("SELECT * FROM nproxyd_invoice_payments")
+        assert row is not None
         assert (row["invoice_id"], row["provider_status"]) == ("5001", "finished")
         assert row["last_notified_at"] == T0 and row["next_check_at"] is None
         assert await history(db, "5001") == [(None, "finished", "ipn")]
@@ -119,6 +120,7 @@ class TestIpn:
         assert answers == [200, 200, 200]
         assert await history(db, "5001") == [(None, "confirming", "ipn")]
         row = await db.pool.fetchrow("SELECT provider_status FROM nproxyd_invoice_payments")
+        assert row is not None
         assert row["provider_status"] == "confirming"
 
     async def test_an_unknown_payment_is_answered_200_and_logged(

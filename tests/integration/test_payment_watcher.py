@@ -248,7 +248,7 @@ class TestAnswers:
     ) -> None:
         """NUL text, bad number, bad date or bad JSON: that invoice errs, the rest is recorded."""
         good = status_answer("6000", "finished", T0)
-        answers = {
+        answers: dict[str, dict[str, Any] | Mode] = {
             "6000": good,
             "6001": {**good, "payment_id": 6001, "payment_status": "fini\x00shed"},
             "6002": {**good, "payment_id": 6002, "actually_paid": "lots"},
