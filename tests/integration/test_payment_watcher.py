@@ -9,6 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 import aiohttp
+import anyio
 import pytest
 from structlog.testing import capture_logs
 
@@ -219,6 +220,44 @@ class TestSchedule:
         assert await shared_snapshot(db) == before
         statuses = await db.pool.fetch("SELECT provider_status FROM nproxyd_invoice_payments")
         assert {row["provider_status"] for row in statuses} <= {"finished", "partially_paid"}
+
+
+class TestInstances:
+    async def test_batches_are_paged_inside_the_store_until_nothing_is_due(
+        self, db: Database
+    ) -> None:
+        """With batch_size 3, one tick checks all 10 due invoices, each once."""
+        for number in range(10):
+            await add_invoice(db, f"page{number}")
+        actor = watcher(db, simulated(paid_after=10**6), batch_size=3)
+
+        report = await actor.tick(T0)
+
+        assert report.checked == 10
+        rows = await db.pool.fetch("SELECT attempts FROM nproxyd_invoice_payments")
+        assert [row["attempts"] for row in rows] == [1] * 10
+
+    async def test_two_instances_never_check_one_invoice_twice_in_a_round(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """Concurrent ticks of two watchers split the due invoices: one request per invoice."""
+        ids = [str(5100 + number) for number in range(30)]
+        for payment_id in ids:
+            await add_invoice(db, payment_id)
+            fake.script_status(payment_id, status_answer(payment_id, "waiting", T0))
+        first = watcher(db, nowpayments(fake, session), batch_size=5)
+        second = watcher(db, nowpayments(fake, session), batch_size=5)
+        reports = []
+
+        async def tick(actor: PaymentWatcher) -> None:
+            reports.append(await actor.tick(T0))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(tick, first)
+            group.start_soon(tick, second)
+
+        assert [fake.status_calls(payment_id) for payment_id in ids] == [1] * 30
+        assert sum(report.checked for report in reports) == 30
 
 
 class TestAnswers:
