@@ -359,6 +359,8 @@ def check_payment_watch(config: Config) -> None:
         raise ConfigError("billing.operator_email", problem)
     if not config.ipn.listen:
         return
+    if config.ipn.listen == config.http.listen:
+        raise ConfigError("ipn.listen", "must differ from http.listen (a listener of its own)")
     if config.billing.payment_provider != "nowpayments":
         raise ConfigError("ipn.listen", "needs billing.payment_provider = nowpayments")
     if not config.payment.nowpayments.ipn_secret:

@@ -133,6 +133,7 @@ class TestConfig:
             ),
             ({"NPROXYD__BILLING__OPERATOR_EMAIL": "not an address"}, "billing.operator_email"),
             ({"NPROXYD__IPN__LISTEN": "127.0.0.1:9188"}, "ipn.listen"),
+            ({"NPROXYD__IPN__LISTEN": "127.0.0.1:9187"}, "ipn.listen"),
             (
                 {
                     "NPROXYD__IPN__LISTEN": "127.0.0.1:9188",
