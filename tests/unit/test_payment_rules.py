@@ -133,7 +133,14 @@ class TestConfig:
             ),
             ({"NPROXYD__BILLING__OPERATOR_EMAIL": "not an address"}, "billing.operator_email"),
             ({"NPROXYD__IPN__LISTEN": "127.0.0.1:9188"}, "ipn.listen"),
-            ({"NPROXYD__IPN__LISTEN": "127.0.0.1:9187"}, "ipn.listen"),
+            (
+                {
+                    "NPROXYD__IPN__LISTEN": "127.0.0.1:9187",
+                    "NPROXYD__BILLING__PAYMENT_PROVIDER": "nowpayments",
+                    "NPROXYD__PAYMENT__NOWPAYMENTS__IPN_SECRET": "s",
+                },
+                "ipn.listen",
+            ),
             (
                 {
                     "NPROXYD__IPN__LISTEN": "127.0.0.1:9188",
