@@ -100,17 +100,7 @@ class PaymentWatcher:
         store, settings = self.ports.store, self.settings
         discovered = await store.discover(settings.payment_provider, now, settings.grace_hours)
         settled = await store.settle_awaiting(now)
-        tally = _Tally()
-        lease_until = now + timedelta(seconds=settings.lease_seconds)
-        batches = store.due_checks(
-            now, settings.batch_size, grace_hours=settings.grace_hours, lease_until=lease_until
-        )
-        async for batch in batches:
-            tally.retired += batch.retired
-            results = await self._check_all(batch.checks, now)
-            changes = await store.record(results, self._context(now, "poll"))
-            tally.add(results, changes)
-            self._changed(changes)
+        tally = await self._check_due(now)
         summary = await store.awaiting_summary(now)
         if tally.checks:
             self.log.info(
@@ -130,6 +120,28 @@ class PaymentWatcher:
             awaiting_count=summary.count,
             awaiting_oldest_seconds=summary.oldest_seconds,
         )
+
+    async def _check_due(self, now: datetime) -> _Tally:
+        """Check every due invoice, batch by batch as the store leases them."""
+        settings, tally = self.settings, _Tally()
+        started = self.clock.monotonic()
+
+        def lease_until() -> datetime:
+            # Stamped from the tick's now plus the time already spent: a batch claimed late in
+            # a long tick still gets a whole lease.
+            spent = self.clock.monotonic() - started
+            return now + timedelta(seconds=spent + settings.lease_seconds)
+
+        batches = self.ports.store.due_checks(
+            now, settings.batch_size, grace_hours=settings.grace_hours, lease_until=lease_until
+        )
+        async for batch in batches:
+            tally.retired += batch.retired
+            results = await self._check_all(batch.checks, now)
+            changes = await self.ports.store.record(results, self._context(now, "poll"))
+            tally.add(results, changes)
+            self._changed(changes)
+        return tally
 
     async def receive_ipn(self, body: bytes, signature: str | None) -> IpnOutcome:
         """Verify and record one instant payment notification, as a poll answer would be."""

@@ -6,7 +6,7 @@ project's exception tree (:mod:`nproxyd.core.errors`), deciding once whether it 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
 from email.message import Message
@@ -121,7 +121,12 @@ class PaymentWatchStore(Protocol):
     """What the payment watcher reads and writes (paging stays inside the store)."""
 
     def due_checks(
-        self, now: datetime, size: int, *, grace_hours: float, lease_until: datetime
+        self,
+        now: datetime,
+        size: int,
+        *,
+        grace_hours: float,
+        lease_until: Callable[[], datetime],
     ) -> AsyncIterator[DueChecks]: ...
 
     async def discover(self, provider: str, now: datetime, grace_hours: float) -> int: ...

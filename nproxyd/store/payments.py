@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -34,12 +34,17 @@ class PaymentStore:
         return len(rows)
 
     async def due_checks(
-        self, now: datetime, size: int, *, grace_hours: float, lease_until: datetime
+        self,
+        now: datetime,
+        size: int,
+        *,
+        grace_hours: float,
+        lease_until: Callable[[], datetime],
     ) -> AsyncIterator[DueChecks]:
-        """Batches of due checks; each claimed row moves to ``lease_until``, so paging ends."""
+        """Batches of due checks; each claimed row moves to its lease deadline, so paging ends."""
         while True:
             rows = await self.db.fetch(
-                "claim_due_payment_checks", now, lease_until, size, grace_hours * 3600
+                "claim_due_payment_checks", now, lease_until(), size, grace_hours * 3600
             )
             followed = [dict(row.items()) for row in rows if row["follow"]]
             checks = [msgspec.convert(row, PaymentCheck) for row in followed]

@@ -259,6 +259,33 @@ class TestInstances:
         assert [fake.status_calls(payment_id) for payment_id in ids] == [1] * 30
         assert sum(report.checked for report in reports) == 30
 
+    async def test_a_batch_claimed_late_in_a_long_tick_gets_a_whole_lease(
+        self, db: Database
+    ) -> None:
+        """Leases add the time the tick has spent: the second batch is leased 200 s later."""
+        clock = FakeClock(T0)
+        leases: list[float] = []
+
+        class SlowSource:
+            """Takes 200 s per answer and notes the lease its invoice holds meanwhile."""
+
+            name = "slow"
+
+            async def payment_status(self, ref: PaymentRef, now: datetime) -> ProviderPayment:
+                row = await watch_row(db, ref.provider_payment_id)
+                leases.append((row["next_check_at"] - T0).total_seconds())
+                await clock.advance(200)
+                return ProviderPayment(payment_id=ref.provider_payment_id, status="waiting")
+
+        await add_invoice(db, "slow1")
+        await add_invoice(db, "slow2")
+        ports = PaymentWatcherPorts(store=PaymentStore(db), source=SlowSource())
+        actor = PaymentWatcher(settings(batch_size=1), ports, clock)
+
+        await actor.tick(T0)
+
+        assert leases == [300, 500]
+
 
 class TestAnswers:
     async def test_an_older_answer_never_replaces_a_newer_one(
