@@ -13,7 +13,16 @@ from nproxyd.core.clock import format_instant
 from nproxyd.core.payments import AwaitingInvoice, PaymentState, StatusHistoryEntry
 from nproxyd.core.rules import format_amount
 
-_AWAITING_COLUMNS = ("invoice", "user", "plan", "due", "paid", "provider status", "since")
+_AWAITING_COLUMNS = (
+    "invoice",
+    "invoice status",
+    "user",
+    "plan",
+    "due",
+    "paid",
+    "provider status",
+    "since",
+)
 
 
 def render_awaiting(rows: Sequence[AwaitingInvoice], *, as_json: bool, now: datetime) -> str:
@@ -42,6 +51,7 @@ def _awaiting_cells(row: AwaitingInvoice, now: datetime) -> list[str]:
     waited = int((now - row.since).total_seconds() // 60)
     return [
         row.invoice_id,
+        row.invoice_status,
         row.user_email or "-",
         row.plan_code or "-",
         f"{format_amount(row.amount_crypto)} {row.currency}",
