@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -12,12 +13,14 @@ from nproxyd.adapters.status_simulated import SimulatedPaymentStatus
 from nproxyd.core.config import REDACTED, SimulatedPaymentConfig, load, redacted, secrets_of
 from nproxyd.core.errors import ConfigError
 from nproxyd.core.payments import (
+    AwaitingInvoice,
     PaymentCheck,
     PaymentRef,
     ProviderPayment,
     Schedule,
     operator_mail,
 )
+from nproxyd.runtime.payments_view import render_awaiting
 
 NOW = datetime(2026, 3, 12, 11, 0, tzinfo=UTC)
 SCHEDULE = Schedule(min_check_seconds=60, max_check_seconds=1800)
@@ -171,3 +174,48 @@ class TestConfig:
             },
         )
         assert config.ipn.listen == "127.0.0.1:9188"
+
+
+class TestAwaitingView:
+    def rows(self) -> list[AwaitingInvoice]:
+        common: dict[str, object] = {
+            "invoice_status": "pending",
+            "user_email": "a@example.com",
+            "plan_code": "pro",
+            "amount_crypto": "29.00000000",
+            "currency": "USDT",
+            "amount_usd": "29",
+            "pay_currency": "usdt",
+            "provider_payment_id": "1",
+        }
+        partial = {
+            "invoice_id": "inv-p",
+            "provider_status": "partially_paid",
+            "actually_paid": "10",
+        }
+        paid = {"invoice_id": "inv-f", "provider_status": "finished", "actually_paid": "29"}
+        return [
+            msgspec.convert({**common, **partial, "since": NOW}, AwaitingInvoice, strict=False),
+            msgspec.convert(
+                {**common, **paid, "since": NOW + timedelta(minutes=1)},
+                AwaitingInvoice,
+                strict=False,
+            ),
+        ]
+
+    def test_table_lists_finished_first_and_marks_partial_with_paid_and_due(self) -> None:
+        """Finished invoices come first; a partial one is marked PARTIAL with paid vs due."""
+        text = render_awaiting(self.rows(), as_json=False, now=NOW + timedelta(minutes=61))
+        lines = text.splitlines()
+        assert lines[1].startswith("inv-f")
+        assert lines[2].startswith("inv-p")
+        assert "PARTIAL partially_paid" in lines[2]
+        assert "10 usdt" in lines[2] and "29 USDT" in lines[2]
+        assert "(61 min)" in lines[2]
+
+    def test_json_lines_carry_the_partial_flag(self) -> None:
+        """--json prints one object per invoice with `partial` set for partially paid ones."""
+        text = render_awaiting(self.rows(), as_json=True, now=NOW)
+        flags = {row["invoice_id"]: row["partial"] for row in map(json.loads, text.splitlines())}
+        assert flags == {"inv-p": True, "inv-f": False}
+        assert render_awaiting([], as_json=True, now=NOW) == ""
