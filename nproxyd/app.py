@@ -23,24 +23,33 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from nproxyd.actors.invoice_expirer import InvoiceExpirer
 from nproxyd.actors.key_pool_recoverer import KeyPoolRecoverer, KeyPoolSettings
 from nproxyd.actors.mail_sender import MailSender, MailSettings
+from nproxyd.actors.payment_watcher import (
+    PaymentWatcher,
+    PaymentWatcherPorts,
+    PaymentWatcherSettings,
+)
 from nproxyd.actors.renewal_scheduler import RenewalScheduler, RenewalSettings
 from nproxyd.adapters.balance_simulated import SimulatedBalanceProbe
 from nproxyd.adapters.dry_run import DryRunProvider, DryRunTransport
 from nproxyd.adapters.mail_maildir import MaildirTransport
 from nproxyd.adapters.mail_smtp import SmtpTransport
+from nproxyd.adapters.nowpayments_status import NowPaymentsIpnVerifier, NowPaymentsStatus
 from nproxyd.adapters.payment_nowpayments import NowPaymentsProvider
 from nproxyd.adapters.payment_simulated import SimulatedPaymentProvider
+from nproxyd.adapters.status_simulated import SimulatedPaymentStatus
+from nproxyd.core.budget import RequestBudget
 from nproxyd.core.channels import Outbox
 from nproxyd.core.clock import Clock, SystemClock
 from nproxyd.core.config import Config, secrets_of
 from nproxyd.core.errors import ConfigError
 from nproxyd.core.messages import OutboxReady
-from nproxyd.core.ports import MailTransport, PaymentProvider
+from nproxyd.core.ports import IpnVerifier, MailTransport, PaymentProvider, PaymentStatusSource
 from nproxyd.runtime.actor import Actor
 from nproxyd.runtime.daemon import Daemon
 from nproxyd.store.database import Database, RolledBackDatabase, create_pool, driver_dsn_problem
 from nproxyd.store.embedded import start_embedded
 from nproxyd.store.migrate import migrate_pool
+from nproxyd.store.payments import PaymentStore
 from nproxyd.store.stores import HealthStore, InvoiceStore, KeyStore, OutboxStore, RenewalStore
 
 OUTBOX_READY_BUFFER = 64
@@ -52,6 +61,7 @@ class Stores(msgspec.Struct, frozen=True, kw_only=True):
     renewals: RenewalStore
     outbox: OutboxStore
     health: HealthStore
+    payments: PaymentStore
 
     @classmethod
     def for_database(cls, db: Database) -> Stores:
@@ -61,6 +71,7 @@ class Stores(msgspec.Struct, frozen=True, kw_only=True):
             renewals=RenewalStore(db),
             outbox=OutboxStore(db),
             health=HealthStore(db),
+            payments=PaymentStore(db),
         )
 
 
@@ -137,7 +148,9 @@ def session_dsn(config: Config, dsn: str) -> str | None:
 
 def payment_provider(config: Config, clock: Clock) -> PaymentProvider:
     if config.billing.payment_provider == "nowpayments":  # its API key: core.config.validate
-        return NowPaymentsProvider(config.payment.nowpayments)
+        return NowPaymentsProvider(
+            config.payment.nowpayments, budget=nowpayments_budget(config, clock)
+        )
     return SimulatedPaymentProvider(config.payment.simulated, clock.sleep)
 
 
@@ -192,7 +205,8 @@ def build_actors(
             probe_concurrency=config.key_pool.balance_probe_concurrency,
         ),
     )
-    return {actor.name: actor for actor in (expirer, renewal, mail, keys)}
+    watcher = build_payment_watcher(config, clock, stores, outbox, provider)
+    return {actor.name: actor for actor in (expirer, renewal, mail, keys, watcher)}
 
 
 def enabled(config: Config, name: str) -> bool:
@@ -337,6 +351,8 @@ async def run_daemon(config: Config) -> int:
             instance_id=components.instance_id,
             actors={name: components.actors[name] for name in names},
             wake={"mail-sender": components.outbox_ready_receiver},
+            payments=components.stores.payments,
+            ipn=ipn_sink(config, components.actors),
             health=components.stores.health,
             outbox=components.stores.outbox,
             keys=components.stores.keys,
@@ -363,3 +379,62 @@ def _waker(channel: Outbox | None) -> Callable[[], object] | None:
     if channel is None:
         return None
     return lambda: channel.offer(OutboxReady(count=0))
+
+
+# The payment watcher (docs/design.md: the fifth actor).
+PAYMENT_CHECK_BATCH = 200  # checks leased per batch
+PAYMENT_CHECK_LEASE_SECONDS = 300.0  # a batch's checks are not taken by another instance
+
+
+def nowpayments_budget(config: Config, clock: Clock) -> RequestBudget:
+    """One request budget for every call to the NOWPayments account."""
+    return RequestBudget(config.payment.nowpayments.max_requests_per_second, clock)
+
+
+def payment_status_source(config: Config, provider: PaymentProvider) -> PaymentStatusSource:
+    if isinstance(provider, NowPaymentsProvider):
+        return NowPaymentsStatus(
+            config.payment.nowpayments, session=provider.session, budget=provider.budget
+        )
+    return SimulatedPaymentStatus(config.payment.simulated)
+
+
+def ipn_verifier(config: Config) -> IpnVerifier | None:
+    secret = config.payment.nowpayments.ipn_secret
+    return NowPaymentsIpnVerifier(secret) if secret else None
+
+
+def payment_watcher_settings(config: Config) -> PaymentWatcherSettings:
+    section = config.actors.payment_watcher
+    return PaymentWatcherSettings(
+        interval_seconds=section.interval_seconds,
+        min_check_seconds=section.min_check_seconds,
+        max_check_seconds=section.max_check_seconds,
+        grace_hours=section.grace_hours,
+        payment_provider=config.billing.payment_provider,
+        provider_concurrency=config.billing.provider_concurrency,
+        operator_email=config.billing.operator_email,
+        from_address=config.email.from_address,
+        batch_size=PAYMENT_CHECK_BATCH,
+        lease_seconds=PAYMENT_CHECK_LEASE_SECONDS,
+    )
+
+
+def build_payment_watcher(
+    config: Config, clock: Clock, stores: Stores, outbox: Outbox, provider: PaymentProvider
+) -> PaymentWatcher:
+    ports = PaymentWatcherPorts(
+        store=stores.payments,
+        source=payment_status_source(config, provider),
+        verifier=ipn_verifier(config),
+        outbox=outbox,
+    )
+    return PaymentWatcher(payment_watcher_settings(config), ports, clock)
+
+
+def ipn_sink(config: Config, actors: dict[str, Actor]) -> PaymentWatcher | None:
+    """The payment watcher when the IPN listener is on (even if it does not poll here)."""
+    watcher = actors.get(PaymentWatcher.name)
+    if not config.ipn.listen or not isinstance(watcher, PaymentWatcher):
+        return None
+    return watcher

@@ -47,7 +47,13 @@ EXIT_CODES: tuple[tuple[type[NproxydError], int, str], ...] = (
     (SupervisorGaveUp, EXIT_SOFTWARE, ""),
     (NproxydError, EXIT_FAILURE, ""),
 )
-ACTORS = ("invoice-expirer", "renewal-scheduler", "mail-sender", "key-pool-recoverer")
+ACTORS = (
+    "invoice-expirer",
+    "renewal-scheduler",
+    "mail-sender",
+    "key-pool-recoverer",
+    "payment-watcher",
+)
 MAX_FUTURE = timedelta(minutes=5)
 MAX_DISTANCE = timedelta(days=100 * 366)  # any --now: within a century of the real clock
 MAX_LIMIT = 100_000
@@ -104,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--url", help="base URL or the full /status URL (default: from http.listen)"
     )
     status.add_argument("--json", action="store_true", help="print the /status JSON as it is")
+    _add_payments_parser(commands)
     return parser
 
 
@@ -299,6 +306,40 @@ async def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK if status.get("ready") is True else EXIT_NOT_READY
 
 
+def _add_payments_parser(commands: Any) -> None:
+    payments = commands.add_parser("payments", help="what the payment provider reports")
+    payment_commands = payments.add_subparsers(
+        dest="payments_command", required=True, parser_class=_Parser
+    )
+    awaiting = payment_commands.add_parser(
+        "awaiting", help="invoices paid at the provider that wait for activation"
+    )
+    awaiting.add_argument("--json", action="store_true", help="one JSON object per line")
+    show = payment_commands.add_parser("show", help="one invoice's payment status history")
+    show.add_argument("invoice_id", metavar="INVOICE_ID")
+
+
+async def cmd_payments(args: argparse.Namespace, config: Config) -> int:
+    from nproxyd.runtime.payments_view import render_awaiting, render_show  # noqa: PLC0415
+
+    db = await app.open_database(config, auto_migrate=config.database.auto_migrate)
+    try:
+        store = app.Stores.for_database(db).payments
+        if args.payments_command == "awaiting":
+            rows = await store.awaiting()
+            sys.stdout.write(render_awaiting(rows, as_json=args.json, now=SystemClock().now()))
+            return EXIT_OK
+        state = await store.state(args.invoice_id)
+        history = await store.history(args.invoice_id) if state is not None else []
+    finally:
+        await db.close()
+    if state is None:
+        print(f"nproxyd: no invoice {args.invoice_id}", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.write(render_show(state, history))
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Config], Awaitable[int]]] = {
     "run": cmd_run,
     "migrate": cmd_migrate,
@@ -306,4 +347,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Config], Awaitable[int]]] = {
     "once": cmd_once,
     "mail": cmd_mail,
     "status": cmd_status,
+    "payments": cmd_payments,
 }

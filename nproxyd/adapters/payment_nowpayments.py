@@ -34,6 +34,7 @@ from tenacity import (
 )
 
 from nproxyd.core.answers import MAX_PAYMENT_ID_LENGTH, checked_invoice, invalid_answer
+from nproxyd.core.budget import RequestBudget
 from nproxyd.core.clock import SystemClock, parse_instant
 from nproxyd.core.config import NowPaymentsConfig, redact_text
 from nproxyd.core.errors import ProviderPermanentError, ProviderTransientError
@@ -88,7 +89,9 @@ class NowPaymentsProvider:
         max_attempts: int = 3,
         backoff_initial_seconds: float = 0.2,
         backoff_max_seconds: float = 2.0,
+        budget: RequestBudget | None = None,
     ) -> None:
+        self.budget = budget  # shared with the status checks of the same account
         self._config = config
         self._url = config.api_base_url.rstrip("/") + "/payment"
         self._session = session
@@ -134,6 +137,8 @@ class NowPaymentsProvider:
             await session.close()
 
     async def _post(self, body: bytes) -> tuple[int, bytes]:
+        if self.budget is not None:
+            await self.budget.acquire()
         headers = {"x-api-key": self._config.api_key, "Content-Type": "application/json"}
         with _map_errors(self._url, self._config.timeout_seconds):
             async with self._client().post(
@@ -150,6 +155,10 @@ class NowPaymentsProvider:
                 f"nowpayments did not process the request (HTTP {status}{self._detail(payload)})"
             )
         return status, payload
+
+    def session(self) -> aiohttp.ClientSession:
+        """The HTTP session, shared with the payment status checks."""
+        return self._client()
 
     def _client(self) -> aiohttp.ClientSession:
         # Created lazily: a ClientSession must be made inside the running event loop.

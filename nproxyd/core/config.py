@@ -72,12 +72,15 @@ class BillingConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     claim_lease_seconds: Positive = 120.0
     retry_base_seconds: Positive = 60.0
     retry_max_seconds: Positive = 3600.0
+    operator_email: str = ""
 
 
 class SimulatedPaymentConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     invoice_ttl_hours: Positive = 24.0
     latency_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
     failure_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    paid_after_seconds: NonNegative = 300.0
+    partial_fraction: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
 
 
 class NowPaymentsConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -86,6 +89,9 @@ class NowPaymentsConfig(Section, frozen=True, forbid_unknown_fields=True, kw_onl
     api_key_file: str = ""
     pay_currency: str = "usdttrc20"
     timeout_seconds: Positive = 30.0
+    ipn_secret: str = ""
+    ipn_secret_file: str = ""
+    max_requests_per_second: Annotated[float, msgspec.Meta(ge=0.1, le=1000)] = 5.0
 
 
 class PaymentConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -149,11 +155,24 @@ class KeyPoolRecovererConfig(Section, frozen=True, forbid_unknown_fields=True, k
     interval_seconds: Positive = 60.0
 
 
+class PaymentWatcherConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = True
+    interval_seconds: Annotated[float, msgspec.Meta(ge=0.1)] = 60.0
+    min_check_seconds: Annotated[float, msgspec.Meta(ge=1)] = 60.0
+    max_check_seconds: Annotated[float, msgspec.Meta(ge=1)] = 1800.0
+    grace_hours: NonNegative = 72.0
+
+
 class ActorsConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     invoice_expirer: InvoiceExpirerConfig = InvoiceExpirerConfig()
     renewal_scheduler: RenewalSchedulerConfig = RenewalSchedulerConfig()
     mail_sender: MailSenderConfig = MailSenderConfig()
     key_pool_recoverer: KeyPoolRecovererConfig = KeyPoolRecovererConfig()
+    payment_watcher: PaymentWatcherConfig = PaymentWatcherConfig()
+
+
+class IpnConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    listen: str = ""
 
 
 class HealthConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -175,6 +194,7 @@ class Config(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     key_pool: KeyPoolConfig = KeyPoolConfig()
     actors: ActorsConfig = ActorsConfig()
     health: HealthConfig = HealthConfig()
+    ipn: IpnConfig = IpnConfig()
 
 
 # (dotted secret key, dotted file key). The file key fills the secret key.
@@ -183,6 +203,7 @@ SECRET_KEYS: tuple[tuple[str, str], ...] = (
     ("database.direct_dsn", "database.direct_dsn_file"),
     ("payment.nowpayments.api_key", "payment.nowpayments.api_key_file"),
     ("email.smtp.password", "email.smtp.password_file"),
+    ("payment.nowpayments.ipn_secret", "payment.nowpayments.ipn_secret_file"),
 )
 
 _PATH_IN_ERROR = re.compile(r" - at `\$\.?([^`]*)`$")
@@ -193,7 +214,9 @@ def load(path: str | None, environ: Mapping[str, str]) -> Config:
     data = _read_toml(path) if path else {}
     _apply_env(data, environ)
     config = _convert(data)
-    return validate(_resolve_secret_files(config, environ))
+    config = validate(_resolve_secret_files(config, environ))
+    check_payment_watch(config)
+    return config
 
 
 def _read_toml(path: str) -> dict[str, Any]:
@@ -573,3 +596,27 @@ _CHECKS = (
     _check_urls,
     _check_from_address,
 )
+
+
+def check_payment_watch(config: Config) -> None:
+    """Rules across the payment watcher's keys, checked by ``run`` and ``check-config`` alike."""
+    watcher = config.actors.payment_watcher
+    if watcher.min_check_seconds > watcher.max_check_seconds:
+        raise ConfigError(
+            "actors.payment_watcher.min_check_seconds", "must not exceed max_check_seconds"
+        )
+    operator = config.billing.operator_email
+    problem = address_problem(operator) if operator else None
+    if problem is not None:
+        raise ConfigError("billing.operator_email", problem)
+    if not config.ipn.listen:
+        return
+    listen = listen_problem(config.ipn.listen)
+    if listen is not None:
+        raise ConfigError("ipn.listen", listen)
+    if config.ipn.listen == config.http.listen:
+        raise ConfigError("ipn.listen", "must differ from http.listen (a listener of its own)")
+    if config.billing.payment_provider != "nowpayments":
+        raise ConfigError("ipn.listen", "needs billing.payment_provider = nowpayments")
+    if not config.payment.nowpayments.ipn_secret:
+        raise ConfigError("ipn.listen", "needs payment.nowpayments.ipn_secret (or ipn_secret_file)")

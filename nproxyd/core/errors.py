@@ -141,3 +141,19 @@ class SupervisorGaveUp(NproxydError):
     def __init__(self, actor: str) -> None:
         super().__init__(f"actor {actor} restarted too often")
         self.actor = actor
+
+
+class ProviderRateLimited(ProviderTransientError):
+    """The payment provider asked us to slow down (HTTP 429)."""
+
+    def __init__(self, message: str | None = None, *, retry_after_seconds: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class ProviderInvalidAnswer(ProviderTransientError):
+    """The payment provider answered something nproxyd cannot store (bad JSON, number or date)."""
+
+
+class IpnRejected(NproxydError):
+    """An instant payment notification was refused (bad signature or body)."""

@@ -82,3 +82,15 @@ class MailReport(Report, frozen=True, kw_only=True):
 
     def idle(self) -> bool:
         return self.claimed == 0
+
+
+class PaymentWatcherReport(Report, frozen=True, kw_only=True):
+    discovered: int = 0  # invoices newly followed
+    checked: int = 0  # provider status checks made
+    retired: int = 0  # invoices no longer followed (paid, or grace passed)
+    settled: int = 0  # awaiting invoices the admin has set paid since the last tick
+    checks: dict[str, int] = {}  # check outcome -> count
+    status_changes: dict[str, int] = {}  # new provider status -> count
+    operator_mails: int = 0
+    awaiting_count: int = 0
+    awaiting_oldest_seconds: float = 0.0

@@ -6,13 +6,27 @@ project's exception tree (:mod:`nproxyd.core.errors`), deciding once whether it 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
 from email.message import Message
 from typing import Protocol
 
 import msgspec
+
+from nproxyd.core.payments import (
+    AwaitingInvoice,
+    AwaitingSummary,
+    CheckResult,
+    DueChecks,
+    IpnOutcome,
+    PaymentCheck,
+    PaymentRef,
+    ProviderPayment,
+    RecordContext,
+    StatusChange,
+    StatusHistoryEntry,
+)
 
 
 class InvoiceRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -85,3 +99,64 @@ class ExpiryStore(Protocol):
     def expire_due(self, now: datetime, batch_size: int) -> AsyncIterator[int]:
         """Expire every pending invoice due at ``now``; yields each statement's count."""
         ...
+
+
+class PaymentStatusSource(Protocol):
+    """Reads a payment's status at the provider.
+
+    ``payment_status`` raises :class:`~nproxyd.core.errors.ProviderRateLimited` (slow down),
+    :class:`~nproxyd.core.errors.ProviderInvalidAnswer` (an answer that cannot be stored),
+    another :class:`~nproxyd.core.errors.ProviderTransientError` (try again later) or
+    :class:`~nproxyd.core.errors.ProviderPermanentError` (refused: 401, 403, 404).
+    """
+
+    name: str
+
+    async def payment_status(self, ref: PaymentRef, now: datetime) -> ProviderPayment: ...
+
+
+class IpnVerifier(Protocol):
+    """Checks an instant payment notification's signature and reads it.
+
+    ``verify`` raises :class:`~nproxyd.core.errors.IpnRejected` for a missing or bad signature
+    and :class:`~nproxyd.core.errors.ProviderInvalidAnswer` for a signed body it cannot read.
+    """
+
+    def verify(self, body: bytes, signature: str | None) -> ProviderPayment: ...
+
+
+class PaymentWatchStore(Protocol):
+    """What the payment watcher reads and writes (paging stays inside the store)."""
+
+    def due_checks(
+        self,
+        now: datetime,
+        size: int,
+        *,
+        grace_hours: float,
+        lease_until: Callable[[], datetime],
+    ) -> AsyncIterator[DueChecks]: ...
+
+    async def discover(self, provider: str, now: datetime, grace_hours: float) -> int: ...
+
+    async def record(
+        self, results: Sequence[CheckResult], context: RecordContext
+    ) -> list[StatusChange]: ...
+
+    async def track_payment(
+        self, provider: str, provider_payment_id: str, now: datetime
+    ) -> PaymentCheck | None: ...
+
+    async def settle_awaiting(self, now: datetime) -> int: ...
+
+    async def awaiting(self) -> list[AwaitingInvoice]: ...
+
+    async def awaiting_summary(self, now: datetime) -> AwaitingSummary: ...
+
+    async def history(self, invoice_id: str) -> list[StatusHistoryEntry]: ...
+
+
+class IpnSink(Protocol):
+    """Receives instant payment notifications (the payment watcher)."""
+
+    async def receive_ipn(self, body: bytes, signature: str | None) -> IpnOutcome: ...

@@ -18,8 +18,10 @@ from nproxyd.core.channels import Channel
 from nproxyd.core.clock import Clock
 from nproxyd.core.config import Config
 from nproxyd.core.errors import ConfigError, PortBusy, SupervisorGaveUp
+from nproxyd.core.ports import IpnSink, PaymentWatchStore
 from nproxyd.runtime.actor import Actor, ActorLoop
 from nproxyd.runtime.http import OpsServer
+from nproxyd.runtime.ipn import IpnServer
 from nproxyd.runtime.listener import MailDueListener
 from nproxyd.runtime.metrics import Metrics
 from nproxyd.runtime.ops import HEALTH_CHECK_SECONDS, Monitor, OpsState
@@ -44,8 +46,9 @@ def ignore_noted_signals() -> None:
 def _port_busy(exc: ConfigError) -> PortBusy | None:
     """A busy HTTP port is a temporary failure (exit 75), not a configuration error."""
     cause = exc.__cause__ or exc.__context__
-    if exc.key == "http.listen" and isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
-        return PortBusy(f"http.listen: {exc.reason}")
+    listening = exc.key in ("http.listen", "ipn.listen")
+    if listening and isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+        return PortBusy(f"{exc.key}: {exc.reason}")
     return None
 
 
@@ -66,6 +69,8 @@ class Daemon:
         startup: Mapping[str, Any] | None = None,
         listen_dsn: str | None = None,
         notify_wake: Callable[[], object] | None = None,
+        payments: PaymentWatchStore | None = None,
+        ipn: IpnSink | None = None,
     ) -> None:
         self.config = config
         self.instance_id = instance_id
@@ -112,8 +117,14 @@ class Daemon:
             settings=config.health,
             retry_windows=retry_windows(config),
             listener=self.listener,
+            payments=payments,
         )
         self.server = OpsServer(self.state, config.http.listen)
+        self.ipn_server = (
+            IpnServer(ipn, config.ipn.listen, self.metrics.payments)
+            if ipn is not None and config.ipn.listen
+            else None
+        )
         self.notifier = Notifier.from_environ(self.environ)
 
     async def run(self) -> int:
@@ -124,6 +135,11 @@ class Daemon:
             raise _port_busy(exc) or exc from None
         gave_up: SupervisorGaveUp | None = None
         try:
+            if self.ipn_server is not None:
+                try:
+                    await self.ipn_server.start()
+                except ConfigError as exc:
+                    raise _port_busy(exc) or exc from None
             async with anyio.create_task_group() as group:
                 group.start_soon(self._signals, group.cancel_scope, name="signals")
                 group.start_soon(self._watchdog, name="sd-watchdog")
@@ -146,6 +162,8 @@ class Daemon:
         finally:
             self.notifier.stopping("stopping")
             with anyio.CancelScope(shield=True):
+                if self.ipn_server is not None:
+                    await self.ipn_server.stop()
                 await self.server.stop()
             self.log.info("daemon_stopped")
         if gave_up is not None:

@@ -25,6 +25,7 @@ from nproxyd.core.messages import (
 )
 from nproxyd.runtime.actor import TickOutcome
 from nproxyd.runtime.catalogue import BY_NAME
+from nproxyd.runtime.payment_metrics import PaymentMetrics
 
 KEY_STATUSES = ("active", "cooldown", "manual_review", "disabled")
 WAKEUP_SOURCES = ("notify", "local", "sweep")
@@ -152,6 +153,7 @@ class Metrics:
         self._add_failure_metrics(r)
         self._prime(actors)
         self._add_wakeup_metrics()
+        self.payments = PaymentMetrics(r)
 
     def _add_failure_metrics(self, r: CollectorRegistry) -> None:
         self.renewal_failures = Counter(

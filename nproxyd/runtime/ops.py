@@ -18,6 +18,7 @@ from nproxyd.core.channels import Channel
 from nproxyd.core.clock import Clock, format_instant
 from nproxyd.core.config import HealthConfig
 from nproxyd.core.errors import NproxydError
+from nproxyd.core.ports import PaymentWatchStore
 from nproxyd.runtime.actor import ActorLoop, TickOutcome
 from nproxyd.runtime.listener import MailDueListener
 from nproxyd.runtime.metrics import DatabaseSnapshot, Metrics
@@ -105,7 +106,9 @@ class OpsState:
         settings: HealthConfig | None = None,
         retry_windows: dict[str, float] | None = None,
         listener: MailDueListener | None = None,
+        payments: PaymentWatchStore | None = None,
     ) -> None:
+        self.payments = payments
         self.clock = clock
         self.instance_id = instance_id
         self.loops = loops
@@ -121,6 +124,7 @@ class OpsState:
         self.listener = listener
         self.started = clock.monotonic()
         self.snapshot: DatabaseSnapshot | None = None
+        self.awaiting: dict[str, Any] | None = None
         self.was_ready: bool | None = None
         self.log = structlog.get_logger()
 
@@ -148,6 +152,7 @@ class OpsState:
         self.count_wakeups()
         self.snapshot = await self.read_database()
         metrics.database_read(self.snapshot)
+        self.awaiting = await self.refresh_payments()
         reasons = self.reasons()
         ready = not reasons
         metrics.ready.set(1 if ready else 0)
@@ -162,6 +167,29 @@ class OpsState:
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         return await self.check()
+
+    async def refresh_payments(self) -> dict[str, Any] | None:
+        """Invoices awaiting activation, into the gauges and /status; None when unknown.
+
+        Like the other database-backed gauges, the awaiting gauges are left out of /metrics
+        while they cannot be read, never stale.
+        """
+        if self.payments is None:
+            return None
+        metrics = self.monitor.metrics.payments
+        with anyio.move_on_after(DB_TIMEOUT_SECONDS):
+            try:
+                summary = await self.payments.awaiting_summary(self.clock.now())
+            except NproxydError:
+                metrics.forget_awaiting()
+                return None
+            metrics.set_awaiting(summary)
+            return {
+                "awaiting_activation": summary.count,
+                "oldest_wait_seconds": round(summary.oldest_seconds, 3),
+            }
+        metrics.forget_awaiting()
+        return None
 
     def count_wakeups(self) -> None:
         """Mail-sender wake-ups kept as counts elsewhere: in-process messages and sweeps."""
@@ -295,6 +323,7 @@ class OpsState:
             "outbox": None if snapshot is None else _outbox_status(snapshot),
             "provider_keys": None if snapshot is None else snapshot.provider_keys,
             "renewal_claims": None if snapshot is None else snapshot.renewal_claims,
+            "payments": self.awaiting,
         }
 
     async def _latest_failures(self) -> dict[str, str | None]:

@@ -58,7 +58,7 @@ def map_errors() -> Iterator[None]:
         # so only the encoder's reason is kept.
         reason = exc.__cause__ or "cannot encode"
         raise _data_error(f"invalid statement argument: {reason}") from exc
-    except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
+    except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
         raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
     except (OverflowError, UnicodeError, ValueError) as exc:
         # A value the driver could not encode or decode (e.g. a year Python cannot hold).

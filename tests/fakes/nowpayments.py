@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
+import hmac
 import itertools
+import json
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -62,6 +65,7 @@ class Mode(enum.Enum):
     # Hostile error answers:
     REFUSED_LATIN1 = "refused_latin1"  # 400 whose body is Latin-1, not UTF-8
     REFUSED_NUL = "refused_nul"  # 400 whose message holds a NUL
+    NOT_FOUND = "not_found"  # 404 (payment status)
 
 
 _ERRORS: dict[Mode, tuple[int, str, str]] = {
@@ -97,9 +101,38 @@ class _State:
     by_order: dict[str, Mode] = field(default_factory=dict)
     requests: list[RecordedRequest] = field(default_factory=list)
     payments: list[dict[str, Any]] = field(default_factory=list)
+    # Payment status answers per payment id: each a dict (the answer's fields) or a Mode.
+    statuses: dict[str, deque[dict[str, Any] | Mode]] = field(default_factory=dict)
 
 
-class FakeNowPayments:
+class _StatusMixin:
+    """Payment status scripting for :class:`FakeNowPayments` (see ``script_status``)."""
+
+    _lock: threading.Lock
+    _state: _State
+    api_key: str
+    hang_seconds: float
+
+    def script_status(self, payment_id: str, *answers: dict[str, Any] | Mode) -> None:
+        """Answer GET /v1/payment/{payment_id} with ``answers`` in turn; the last one repeats."""
+        with self._lock:
+            self._state.statuses[payment_id] = deque(answers)
+
+    def status_calls(self, payment_id: str) -> int:
+        """How many status requests arrived for ``payment_id``."""
+        path = f"/v1/payment/{payment_id}"
+        with self._lock:
+            return sum(1 for request in self._state.requests if request.path == path)
+
+    def _next_status(self, payment_id: str) -> dict[str, Any] | Mode:
+        with self._lock:
+            queue = self._state.statuses.get(payment_id)
+            if not queue:
+                return Mode.NOT_FOUND
+            return queue.popleft() if len(queue) > 1 else queue[0]
+
+
+class FakeNowPayments(_StatusMixin):
     """The fake server. ``url`` (ending in ``/v1``) is set once it has started."""
 
     def __init__(
@@ -168,6 +201,7 @@ class FakeNowPayments:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/payment", self._create_payment)
+        app.router.add_get("/v1/payment/{payment_id}", self._payment_status)
         self._stopping = asyncio.Event()
         self._runner = web.AppRunner(
             app, handle_signals=False, access_log=None, shutdown_timeout=0.5
@@ -242,6 +276,30 @@ class FakeNowPayments:
         if not isinstance(body, dict) or "price_amount" not in body:
             return self._error(400, "INVALID_REQUEST_PARAMS", "price_amount is required")
         return await self._answer(mode, body)
+
+    async def _payment_status(self, request: web.Request) -> web.StreamResponse:
+        self._record(request, b"", None)
+        if request.headers.get("x-api-key") != self.api_key:
+            return self._error(403, "INVALID_API_KEY", "Invalid api key")
+        answer = self._next_status(request.match_info["payment_id"])
+        if isinstance(answer, dict):
+            return web.Response(
+                status=200, body=_ENCODER.encode(answer), content_type="application/json"
+            )
+        if answer is Mode.RATE_LIMITED:
+            response = self._error(*_ERRORS[answer])
+            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+            return response
+        if answer is Mode.NOT_FOUND:
+            return self._error(404, "PAYMENT_NOT_FOUND", "Payment not found")
+        if answer is Mode.HANG:
+            await self._hang()
+            return self._error(504, "TIMEOUT", "too late")
+        if answer is Mode.MALFORMED_JSON:
+            return web.Response(
+                status=200, body=b'{"payment_status": "fini', content_type="application/json"
+            )
+        return self._error(*_ERRORS[answer])
 
     def _record(self, request: web.Request, raw: bytes, body: Any) -> Mode:
         with self._lock:
@@ -350,3 +408,59 @@ def _hostile(mode: Mode, answer: dict[str, Any]) -> bytes:
 
 def _iso(value: datetime) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+# -- payment status (GET /v1/payment/{id}) and signed IPNs --------------------------------------
+
+RETRY_AFTER_SECONDS = 7
+
+
+def status_answer(
+    payment_id: str, status: str, updated_at: datetime, **fields: Any
+) -> dict[str, Any]:
+    """A payment status answer as NOWPayments sends it (amounts as JSON numbers)."""
+    return {
+        "payment_id": int(payment_id) if payment_id.isdigit() else payment_id,
+        "payment_status": status,
+        "pay_address": "TFakeAddress",
+        "price_amount": 29,
+        "price_currency": "usd",
+        "pay_amount": Decimal("29"),
+        "actually_paid": Decimal("29") if status in ("finished", "confirmed", "sending") else 0,
+        "pay_currency": "usdttrc20",
+        "order_id": f"order-{payment_id}",
+        "outcome_amount": Decimal("28.5"),
+        "outcome_currency": "usdttrc20",
+        "created_at": _iso(updated_at - timedelta(minutes=5)),
+        "updated_at": _iso(updated_at),
+        **fields,
+    }
+
+
+def ipn_signature(body: dict[str, Any], secret: str) -> str:
+    """``x-nowpayments-sig`` of ``body``: HMAC-SHA512 over the JSON with sorted keys."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hmac.new(secret.encode(), canonical.encode(), hashlib.sha512).hexdigest()
+
+
+def ipn_body(answer: dict[str, Any]) -> dict[str, Any]:
+    """An IPN body from a status answer: plain JSON types (amounts as floats, as sent)."""
+    body: dict[str, Any] = json.loads(_ENCODER.encode(answer))
+    return body
+
+
+def send_ipn(url: str, body: dict[str, Any], secret: str, *, signature: str | None = None) -> int:
+    """POST one signed notification (from synchronous test code); returns the HTTP status."""
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="POST")
+    request.add_header("Content-Type", "application/json")
+    request.add_header("x-nowpayments-sig", signature or ipn_signature(body, secret))
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return int(exc.code)

@@ -39,7 +39,13 @@ from tests.pg import TestServer
 
 pytestmark = pytest.mark.anyio
 
-ACTORS = {"invoice-expirer", "renewal-scheduler", "mail-sender", "key-pool-recoverer"}
+ACTORS = {
+    "invoice-expirer",
+    "renewal-scheduler",
+    "mail-sender",
+    "key-pool-recoverer",
+    "payment-watcher",
+}
 KEY_STATUSES = {"active", "cooldown", "manual_review", "disabled"}
 
 # docs/design.md §4, metric name as exposed -> (type, label names): the one catalogue.
@@ -131,6 +137,7 @@ async def running_daemon(
             keys=components.stores.keys,
             channel=components.outbox_ready,
             environ={},
+            payments=components.stores.payments,
         )
         timeout = aiohttp.ClientTimeout(total=10)
         async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -451,6 +458,7 @@ class TestStatus:
         assert body["renewal_claims"] == {"claimed": 0, "retry": 0, "failed": 0}
         assert body["reasons"] == []
         assert body["provider_keys"] == {"active": 1, "disabled": 1}
+        assert body["payments"] == {"awaiting_activation": 0, "oldest_wait_seconds": 0.0}
         assert set(body["actors"]) == ACTORS
         for name, actor in body["actors"].items():
             assert actor["last_outcome"] == "ok", name
@@ -522,7 +530,9 @@ class TestRender:
                 "renewal-scheduler": actor,
                 "mail-sender": {**actor, "last_outcome": "error", "consecutive_failures": 4},
                 "key-pool-recoverer": {"ready": False},
+                "payment-watcher": actor,
             },
+            "payments": {"awaiting_activation": 2, "oldest_wait_seconds": 60.0},
         }
         table = render(status)
         lines = table.splitlines()
@@ -535,6 +545,7 @@ class TestRender:
         assert rows["mail-sender"][2] == "error"
         assert rows["mail-sender"][6] == "4"
         assert rows["key-pool-recoverer"][1:] == ["no", "-", "-", "-", "-", "-", "-"]
+        assert "awaiting_activation=2" in " ".join(rows["payments"])
         assert "host-1" in table
         assert "12.5" in table
         body_lines = [line for line in lines if line.split() and line.split()[0] in ACTORS]

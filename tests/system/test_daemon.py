@@ -41,7 +41,13 @@ from tests.system.proc import (
 
 pytestmark = pytest.mark.system
 
-ACTORS = ("invoice-expirer", "renewal-scheduler", "mail-sender", "key-pool-recoverer")
+ACTORS = (
+    "invoice-expirer",
+    "renewal-scheduler",
+    "mail-sender",
+    "key-pool-recoverer",
+    "payment-watcher",
+)
 INSTANCE = "system-test-1"
 GRACE_SECONDS = 5
 TS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")

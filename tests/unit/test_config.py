@@ -197,6 +197,7 @@ class TestRedaction:
             "key_pool",
             "actors",
             "health",
+            "ipn",
         }
 
 

@@ -8,6 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nproxyd import __version__
 from nproxyd.core.messages import MailReport, RenewalReport, Report
+from nproxyd.core.payments import AwaitingSummary
 from nproxyd.runtime.actor import TickOutcome
 from nproxyd.runtime.catalogue import BY_NAME, CATALOGUE, database_metrics, series_names
 from nproxyd.runtime.metrics import DatabaseSnapshot, Metrics
@@ -51,6 +52,7 @@ class TestCatalogue:
         """With a database read, /metrics has every catalogue family with its type and labels."""
         metrics = Metrics(["renewal-scheduler"])
         metrics.database_read(SNAPSHOT)
+        metrics.payments.set_awaiting(AwaitingSummary(count=1, oldest_seconds=30.0))
         metrics.tick_finished(outcome(RenewalReport(skipped_bad=1)), 1.0)
         found = exposed(metrics)
         assert set(found) == set(BY_NAME)
@@ -82,6 +84,17 @@ class TestDatabaseGauges:
         assert value(metrics, "nproxyd_outbox_oldest_pending_age_seconds") == 61.5
         assert value(metrics, "nproxyd_renewal_claims", state="retry") == 3
         assert value(metrics, "nproxyd_provider_keys", status="cooldown") == 0
+
+    def test_awaiting_gauges_are_absent_while_unknown(self) -> None:
+        """The awaiting-activation gauges show the last read, and nothing once a read failed."""
+        metrics = Metrics([])
+        metrics.payments.set_awaiting(AwaitingSummary(count=2, oldest_seconds=90.0))
+        assert value(metrics, "nproxyd_invoices_awaiting_activation") == 2
+        assert value(metrics, "nproxyd_invoice_activation_oldest_wait_seconds") == 90
+        metrics.payments.forget_awaiting()
+        found = exposed(metrics)
+        assert "nproxyd_invoices_awaiting_activation" not in found
+        assert "nproxyd_invoice_activation_oldest_wait_seconds" not in found
 
     def test_build_info_names_the_version(self) -> None:
         """nproxyd_build_info{version} is 1 for the running version."""

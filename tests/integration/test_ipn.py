@@ -1,0 +1,143 @@
+"""The IPN listener with the payment watcher and a real PostgreSQL, over real HTTP."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
+
+from nproxyd.actors.payment_watcher import PaymentWatcher, PaymentWatcherPorts
+from nproxyd.adapters.nowpayments_status import NowPaymentsIpnVerifier
+from nproxyd.adapters.status_simulated import SimulatedPaymentStatus
+from nproxyd.core.config import SimulatedPaymentConfig
+from nproxyd.runtime.ipn import MAX_BODY_BYTES, IpnServer
+from nproxyd.runtime.payment_metrics import PaymentMetrics
+from nproxyd.store.database import Database
+from nproxyd.store.payments import PaymentStore
+from tests.fakes.clock import FakeClock
+from tests.fakes.nowpayments import ipn_body, ipn_signature, status_answer
+from tests.integration.test_payment_watcher import T0, add_invoice, history, settings
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "ipn-secret-for-tests"
+
+
+class Listener:
+    def __init__(self, server: IpnServer, session: aiohttp.ClientSession) -> None:
+        self.server = server
+        self.session = session
+        self.url = f"http://127.0.0.1:{server.port}/ipn/nowpayments"
+
+    async def post(self, body: bytes, signature: str | None) -> int:
+        headers = {"Content-Type": "application/json"}
+        if signature is not None:
+            headers["x-nowpayments-sig"] = signature
+        async with self.session.post(self.url, data=body, headers=headers) as response:
+            return response.status
+
+    async def send(self, answer: dict[str, Any], secret: str = SECRET) -> int:
+        body = ipn_body(answer)
+        return await self.post(json.dumps(body).encode(), ipn_signature(body, secret))
+
+    def count(self, outcome: str) -> float:
+        value = self.server.metrics.ipn_requests.labels(outcome=outcome)._value.get()
+        return float(value)
+
+
+@pytest.fixture
+async def listener(db: Database) -> AsyncIterator[Listener]:
+    ports = PaymentWatcherPorts(
+        store=PaymentStore(db),
+        source=SimulatedPaymentStatus(SimulatedPaymentConfig()),
+        verifier=NowPaymentsIpnVerifier(SECRET),
+    )
+    watcher = PaymentWatcher(settings(), ports, FakeClock(T0))
+    server = IpnServer(watcher, "127.0.0.1:0", PaymentMetrics(CollectorRegistry()))
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield Listener(server, session)
+    finally:
+        await server.stop()
+
+
+class TestIpn:
+    async def test_a_signed_notification_is_recorded_like_a_poll(
+        self, db: Database, listener: Listener
+    ) -> None:
+        """200; the status, amounts and a history row with source ipn are stored."""
+        await add_invoice(db, "5001")
+
+        status = await listener.send(status_answer("5001", "finished", T0))
+
+        assert status == 200
+        row = await db.pool.fetchrow("SELECT * FROM nproxyd_invoice_payments")
+        assert row is not None
+        assert (row["invoice_id"], row["provider_status"]) == ("5001", "finished")
+        assert row["last_notified_at"] == T0 and row["next_check_at"] is None
+        assert await history(db, "5001") == [(None, "finished", "ipn")]
+        assert listener.count("ok") == 1
+        changes = listener.server.metrics.status_changes
+        assert changes.labels(status="finished", source="ipn")._value.get() == 1
+
+    async def test_a_forged_notification_is_refused_and_records_nothing(
+        self, db: Database, listener: Listener
+    ) -> None:
+        """401, no row anywhere, one warning that does not quote the body."""
+        await add_invoice(db, "5001")
+        answer = status_answer("5001", "finished", T0, order_description="marker-in-body")
+
+        with capture_logs() as logs:
+            forged = await listener.send(answer, secret="not-the-secret")
+            unsigned = await listener.post(json.dumps(ipn_body(answer)).encode(), None)
+
+        assert (forged, unsigned) == (401, 401)
+        assert await db.pool.fetchval("SELECT count(*) FROM nproxyd_invoice_payments") == 0
+        assert await db.pool.fetchval("SELECT count(*) FROM nproxyd_invoice_payment_history") == 0
+        warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+        assert [entry["event"] for entry in warnings] == ["ipn_rejected", "ipn_rejected"]
+        assert "marker-in-body" not in repr(logs)
+        assert listener.count("rejected") == 2
+
+    async def test_replays_and_older_notifications_change_nothing(
+        self, db: Database, listener: Listener
+    ) -> None:
+        """The same notification twice is one change; an older one never undoes a newer one."""
+        await add_invoice(db, "5001")
+        newer = status_answer("5001", "confirming", T0 + timedelta(minutes=10))
+        older = status_answer("5001", "waiting", T0)
+
+        answers = [await listener.send(newer), await listener.send(newer)]
+        answers.append(await listener.send(older))
+
+        assert answers == [200, 200, 200]
+        assert await history(db, "5001") == [(None, "confirming", "ipn")]
+        row = await db.pool.fetchrow("SELECT provider_status FROM nproxyd_invoice_payments")
+        assert row is not None
+        assert row["provider_status"] == "confirming"
+
+    async def test_an_unknown_payment_is_answered_200_and_logged(
+        self, db: Database, listener: Listener
+    ) -> None:
+        """A notification for a payment nproxyd does not know: 200, logged, nothing stored."""
+        with capture_logs() as logs:
+            status = await listener.send(status_answer("999", "finished", T0))
+        assert status == 200
+        assert any(e["event"] == "ipn_unknown_payment" for e in logs)
+        assert await db.pool.fetchval("SELECT count(*) FROM nproxyd_invoice_payments") == 0
+        assert listener.count("unknown_payment") == 1
+
+    async def test_bodies_over_64_kib_are_refused(self, db: Database, listener: Listener) -> None:
+        """413 for a body over the limit, signed or not; nothing recorded."""
+        await add_invoice(db, "5001")
+        big = status_answer("5001", "finished", T0, padding="x" * MAX_BODY_BYTES)
+        assert await listener.send(big) == 413
+        assert await db.pool.fetchval("SELECT count(*) FROM nproxyd_invoice_payments") == 0
+        assert listener.count("too_large") == 1

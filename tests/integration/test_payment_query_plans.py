@@ -1,0 +1,75 @@
+"""The payment watcher's periodic statements read through indexes when nothing is due.
+
+With 20,000 invoices that are paid and followed to the end, EXPLAIN must show no sequential
+scan on ``payment_invoices`` or nproxyd's payment table: a tick costs what is due, not what
+the tables hold.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from nproxyd.store.database import Database
+from tests.integration.test_query_plans import NOW, ROWS, explain
+
+pytestmark = pytest.mark.anyio
+
+WATCHED_TABLES = {"payment_invoices", "nproxyd_invoice_payments"}
+
+
+def sequential_scans(plan: Any) -> list[str]:
+    found = []
+    stack = [plan[0]["Plan"]]
+    while stack:
+        node = stack.pop()
+        if node["Node Type"] == "Seq Scan" and node.get("Relation Name") in WATCHED_TABLES:
+            found.append(node["Relation Name"])
+        stack.extend(node.get("Plans", []))
+    return found
+
+
+@pytest.fixture
+async def settled_db(db: Database) -> Database:
+    """20,000 paid invoices of the provider, each followed until `finished` and activated."""
+    pool = db.pool
+    await pool.execute("INSERT INTO users (id, email) VALUES ('u', 'u@example.com')")
+    await pool.execute(
+        "INSERT INTO payment_invoices (id, user_id, provider, provider_invoice_id, status,"
+        " currency, amount_crypto, amount_usd, updated_at)"
+        " SELECT 'i' || g, 'u', 'nowpayments', 'p' || g, 'paid', 'USDT', 1, 1,"
+        " $1::timestamptz - interval '1 day' FROM generate_series(1, $2::int) AS g",
+        NOW,
+        ROWS,
+    )
+    await pool.execute(
+        "INSERT INTO nproxyd_invoice_payments (invoice_id, provider, provider_payment_id,"
+        " provider_status, status_since, next_check_at)"
+        " SELECT id, provider, provider_invoice_id, 'finished', $1::timestamptz, NULL"
+        " FROM payment_invoices",
+        NOW,
+    )
+    await pool.execute("ANALYZE")
+    return db
+
+
+class TestIdlePaymentPlans:
+    @pytest.mark.parametrize(
+        ("name", "args"),
+        [
+            ("discover_payment_invoices", ("nowpayments", NOW, 72 * 3600.0)),
+            ("claim_due_payment_checks", (NOW, NOW, 200, 72 * 3600.0)),
+            ("settle_awaiting_payments", (NOW,)),
+            ("awaiting_payment_summary", (NOW,)),
+            ("list_awaiting_payments", ()),
+            ("track_notified_payment", ("nowpayments", "p42", NOW)),
+        ],
+    )
+    async def test_statement_reads_through_an_index(
+        self, settled_db: Database, name: str, args: tuple[Any, ...]
+    ) -> None:
+        """Each statement a tick, a scrape or an IPN runs avoids scanning the big tables."""
+        plan = await explain(settled_db, name, *args)
+        assert sequential_scans(plan) == [], json.dumps(plan, indent=1)

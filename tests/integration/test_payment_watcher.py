@@ -1,0 +1,472 @@
+"""The payment watcher against a real PostgreSQL: schedule, ordering, awaiting list, mail."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import anyio
+import pytest
+from structlog.testing import capture_logs
+
+from nproxyd.actors.payment_watcher import (
+    PaymentWatcher,
+    PaymentWatcherPorts,
+    PaymentWatcherSettings,
+)
+from nproxyd.adapters.nowpayments_status import NowPaymentsIpnVerifier, NowPaymentsStatus
+from nproxyd.adapters.status_simulated import SimulatedPaymentStatus
+from nproxyd.core.config import NowPaymentsConfig, SimulatedPaymentConfig
+from nproxyd.core.payments import PaymentRef, ProviderPayment
+from nproxyd.core.ports import PaymentStatusSource
+from nproxyd.store.database import Database
+from nproxyd.store.payments import PaymentStore
+from tests import seed
+from tests.fakes.clock import FakeClock
+from tests.fakes.nowpayments import FakeNowPayments, Mode, ipn_body, ipn_signature, status_answer
+
+pytestmark = pytest.mark.anyio
+
+T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+SECRET = "ipn-secret-for-tests"
+OPERATOR = "ops@example.com"
+
+
+def settings(**overrides: Any) -> PaymentWatcherSettings:
+    values: dict[str, Any] = {
+        "interval_seconds": 60.0,
+        "min_check_seconds": 60.0,
+        "max_check_seconds": 1800.0,
+        "grace_hours": 72.0,
+        "payment_provider": "nowpayments",
+        "provider_concurrency": 4,
+        "operator_email": "",
+        "from_address": "billing@nproxy.example",
+        "batch_size": 50,
+        "lease_seconds": 300.0,
+    }
+    return PaymentWatcherSettings(**{**values, **overrides})
+
+
+def watcher(
+    db: Database, source: PaymentStatusSource, *, verifier: bool = False, **overrides: Any
+) -> PaymentWatcher:
+    ports = PaymentWatcherPorts(
+        store=PaymentStore(db),
+        source=source,
+        verifier=NowPaymentsIpnVerifier(SECRET) if verifier else None,
+    )
+    return PaymentWatcher(settings(**overrides), ports, FakeClock(T0))
+
+
+async def add_invoice(
+    db: Database,
+    invoice_id: str,
+    *,
+    status: str = "pending",
+    created_at: datetime = T0,
+    updated_at: datetime | None = None,
+    provider: str = "nowpayments",
+    payment_id: str | None = None,
+) -> str:
+    user = await seed.user(db.pool, f"user_{invoice_id}")
+    await db.pool.execute(
+        "INSERT INTO payment_invoices (id, user_id, provider, provider_invoice_id, status,"
+        " currency, amount_crypto, amount_usd, created_at, updated_at)"
+        " VALUES ($1, $2, $3, $4, $5, 'USDT', 29, 29, $6::timestamptz,"
+        " coalesce($7::timestamptz, $6::timestamptz))",
+        invoice_id,
+        user,
+        provider,
+        payment_id or invoice_id,
+        status,
+        created_at,
+        updated_at,
+    )
+    return invoice_id
+
+
+async def watch_row(db: Database, invoice_id: str) -> Any:
+    return await db.pool.fetchrow(
+        "SELECT * FROM nproxyd_invoice_payments WHERE invoice_id = $1", invoice_id
+    )
+
+
+async def history(db: Database, invoice_id: str) -> list[tuple[Any, ...]]:
+    rows = await db.pool.fetch(
+        "SELECT from_status, to_status, source FROM nproxyd_invoice_payment_history"
+        " WHERE invoice_id = $1 ORDER BY at, id",
+        invoice_id,
+    )
+    return [tuple(row.values()) for row in rows]
+
+
+async def shared_snapshot(db: Database) -> list[Any]:
+    invoices = await db.pool.fetch("SELECT * FROM payment_invoices ORDER BY id")
+    subscriptions = await db.pool.fetch("SELECT * FROM subscriptions ORDER BY id")
+    return [dict(row) for row in [*invoices, *subscriptions]]
+
+
+def simulated(paid_after: float = 300.0, partial: float = 0.0) -> SimulatedPaymentStatus:
+    return SimulatedPaymentStatus(
+        SimulatedPaymentConfig(paid_after_seconds=paid_after, partial_fraction=partial)
+    )
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeNowPayments]:
+    async with FakeNowPayments(hang_seconds=2.0) as server:
+        yield server
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+def nowpayments(fake: FakeNowPayments, session: aiohttp.ClientSession) -> NowPaymentsStatus:
+    config = NowPaymentsConfig(api_base_url=fake.url, api_key=fake.api_key, timeout_seconds=0.5)
+    return NowPaymentsStatus(config, session=lambda: session)
+
+
+class TestSchedule:
+    async def test_invoice_is_followed_until_the_provider_reports_a_final_status(
+        self, db: Database
+    ) -> None:
+        """Checked at once, then only when due; after `finished` it is never checked again."""
+        await add_invoice(db, "inv1")
+        actor = watcher(db, simulated(paid_after=300))
+
+        first = await actor.tick(T0)
+        early = await actor.tick(T0 + timedelta(seconds=30))
+        due = await actor.tick(T0 + timedelta(seconds=60))
+        paid = await actor.tick(T0 + timedelta(hours=2))
+        after = await actor.tick(T0 + timedelta(days=1))
+
+        assert (first.discovered, first.checked, first.status_changes) == (1, 1, {"waiting": 1})
+        assert early.checked == 0
+        assert due.checked == 1
+        assert paid.status_changes == {"finished": 1}
+        assert after.checked == 0
+        row = await watch_row(db, "inv1")
+        assert row["provider_status"] == "finished"
+        assert row["next_check_at"] is None
+        assert row["actually_paid"] == Decimal(29)
+        assert await history(db, "inv1") == [
+            (None, "waiting", "poll"),
+            ("waiting", "finished", "poll"),
+        ]
+
+    async def test_quiet_invoices_are_checked_less_often_up_to_the_maximum(
+        self, db: Database
+    ) -> None:
+        """While the status stays the same, the wait doubles from 60 s and stops at 1800 s."""
+        await add_invoice(db, "slow")
+        actor = watcher(db, simulated(paid_after=10**6))
+        now = T0
+        waits = []
+        for _ in range(8):
+            await actor.tick(now)
+            next_check = (await watch_row(db, "slow"))["next_check_at"]
+            waits.append((next_check - now).total_seconds())
+            now = next_check
+        assert waits == [60, 120, 240, 480, 960, 1800, 1800, 1800]
+
+    async def test_ended_invoices_are_followed_only_within_the_grace(self, db: Database) -> None:
+        """Expired/canceled less than grace_hours ago are checked; older and paid ones never."""
+        await add_invoice(db, "recent", status="expired", updated_at=T0 - timedelta(hours=1))
+        await add_invoice(db, "canceled", status="canceled", updated_at=T0 - timedelta(hours=71))
+        await add_invoice(db, "old", status="expired", updated_at=T0 - timedelta(hours=73))
+        await add_invoice(db, "paid", status="paid")
+        await add_invoice(db, "other", provider="simulated")
+        actor = watcher(db, simulated(paid_after=10**6))
+
+        report = await actor.tick(T0)
+
+        assert report.checked == 2
+        tracked = await db.pool.fetch("SELECT invoice_id FROM nproxyd_invoice_payments")
+        assert sorted(row["invoice_id"] for row in tracked) == ["canceled", "recent"]
+
+    async def test_grace_passing_or_activation_retires_an_invoice(self, db: Database) -> None:
+        """A followed invoice whose grace passed, or that the admin set paid, is not checked."""
+        await add_invoice(db, "ending", status="expired", updated_at=T0 - timedelta(hours=71))
+        await add_invoice(db, "activated")
+        actor = watcher(db, simulated(paid_after=10**6))
+        await actor.tick(T0)
+        await db.pool.execute("UPDATE payment_invoices SET status = 'paid' WHERE id = 'activated'")
+
+        report = await actor.tick(T0 + timedelta(hours=2))
+
+        assert (report.checked, report.retired) == (0, 2)
+        assert (await watch_row(db, "ending"))["next_check_at"] is None
+        assert (await watch_row(db, "activated"))["next_check_at"] is None
+
+    async def test_the_watcher_never_writes_invoices_or_subscriptions(self, db: Database) -> None:
+        """Invariant 9: payment_invoices and subscriptions are byte-for-byte unchanged."""
+        await seed.plan(db.pool)
+        await seed.subscription(db.pool, "s1", period_start=T0, period_end=T0 + timedelta(30))
+        await add_invoice(db, "paid_at_provider")
+        await add_invoice(db, "partly", payment_id="partly")
+        before = await shared_snapshot(db)
+        actor = watcher(db, simulated(paid_after=0, partial=0.5), operator_email=OPERATOR)
+
+        await actor.tick(T0 + timedelta(hours=1))
+
+        assert await shared_snapshot(db) == before
+        statuses = await db.pool.fetch("SELECT provider_status FROM nproxyd_invoice_payments")
+        assert {row["provider_status"] for row in statuses} <= {"finished", "partially_paid"}
+
+
+class TestInstances:
+    async def test_batches_are_paged_inside_the_store_until_nothing_is_due(
+        self, db: Database
+    ) -> None:
+        """With batch_size 3, one tick checks all 10 due invoices, each once."""
+        for number in range(10):
+            await add_invoice(db, f"page{number}")
+        actor = watcher(db, simulated(paid_after=10**6), batch_size=3)
+
+        report = await actor.tick(T0)
+
+        assert report.checked == 10
+        rows = await db.pool.fetch("SELECT attempts FROM nproxyd_invoice_payments")
+        assert [row["attempts"] for row in rows] == [1] * 10
+
+    async def test_two_instances_never_check_one_invoice_twice_in_a_round(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """Concurrent ticks of two watchers split the due invoices: one request per invoice."""
+        ids = [str(5100 + number) for number in range(30)]
+        for payment_id in ids:
+            await add_invoice(db, payment_id)
+            fake.script_status(payment_id, status_answer(payment_id, "waiting", T0))
+        first = watcher(db, nowpayments(fake, session), batch_size=5)
+        second = watcher(db, nowpayments(fake, session), batch_size=5)
+        reports = []
+
+        async def tick(actor: PaymentWatcher) -> None:
+            reports.append(await actor.tick(T0))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(tick, first)
+            group.start_soon(tick, second)
+
+        assert [fake.status_calls(payment_id) for payment_id in ids] == [1] * 30
+        assert sum(report.checked for report in reports) == 30
+
+    async def test_a_batch_claimed_late_in_a_long_tick_gets_a_whole_lease(
+        self, db: Database
+    ) -> None:
+        """Leases add the time the tick has spent: the second batch is leased 200 s later."""
+        clock = FakeClock(T0)
+        leases: list[float] = []
+
+        class SlowSource:
+            """Takes 200 s per answer and notes the lease its invoice holds meanwhile."""
+
+            name = "slow"
+
+            async def payment_status(self, ref: PaymentRef, now: datetime) -> ProviderPayment:
+                row = await watch_row(db, ref.provider_payment_id)
+                leases.append((row["next_check_at"] - T0).total_seconds())
+                await clock.advance(200)
+                return ProviderPayment(payment_id=ref.provider_payment_id, status="waiting")
+
+        await add_invoice(db, "slow1")
+        await add_invoice(db, "slow2")
+        ports = PaymentWatcherPorts(store=PaymentStore(db), source=SlowSource())
+        actor = PaymentWatcher(settings(batch_size=1), ports, clock)
+
+        await actor.tick(T0)
+
+        assert leases == [300, 500]
+
+
+class TestAnswers:
+    async def test_an_older_answer_never_replaces_a_newer_one(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """A poll answer with an older updated_at than the stored one leaves the status alone."""
+        await add_invoice(db, "5001")
+        fake.script_status(
+            "5001",
+            status_answer("5001", "confirming", T0 + timedelta(minutes=10)),
+            status_answer("5001", "waiting", T0 + timedelta(minutes=5)),
+        )
+        actor = watcher(db, nowpayments(fake, session))
+
+        await actor.tick(T0)
+        stale = await actor.tick(T0 + timedelta(hours=1))
+
+        row = await watch_row(db, "5001")
+        assert stale.checked == 1 and stale.status_changes == {}
+        assert row["provider_status"] == "confirming"
+        assert row["provider_updated_at"] == T0 + timedelta(minutes=10)
+        assert await history(db, "5001") == [(None, "confirming", "poll")]
+
+    async def test_a_bad_answer_fails_only_its_own_invoice(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """NUL text, bad number, bad date or bad JSON: that invoice errs, the rest is recorded."""
+        good = status_answer("6000", "finished", T0)
+        answers: dict[str, dict[str, Any] | Mode] = {
+            "6000": good,
+            "6001": {**good, "payment_id": 6001, "payment_status": "fini\x00shed"},
+            "6002": {**good, "payment_id": 6002, "actually_paid": "lots"},
+            "6003": {**good, "payment_id": 6003, "updated_at": "yesterday"},
+            "6004": Mode.MALFORMED_JSON,
+        }
+        for payment_id, answer in answers.items():
+            await add_invoice(db, payment_id)
+            fake.script_status(payment_id, answer)
+        actor = watcher(db, nowpayments(fake, session))
+
+        report = await actor.tick(T0)
+
+        assert report.checks == {"ok": 1, "invalid": 4}
+        assert (await watch_row(db, "6000"))["provider_status"] == "finished"
+        for payment_id in ("6001", "6002", "6003", "6004"):
+            row = await watch_row(db, payment_id)
+            assert row["provider_status"] is None
+            assert row["last_outcome"] == "invalid"
+            assert row["next_check_at"] == T0 + timedelta(seconds=120)
+
+    async def test_refused_checks_wait_for_the_slow_cadence(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """404 and 403 are counted, logged with the invoice id, and retried after 1800 s."""
+        await add_invoice(db, "7001")
+        await add_invoice(db, "7002")
+        fake.script_status("7002", Mode.FORBIDDEN)
+        actor = watcher(db, nowpayments(fake, session))
+
+        with capture_logs() as logs:
+            report = await actor.tick(T0)
+
+        assert report.checks == {"permanent": 2}
+        refused = {e["invoice_id"] for e in logs if e["event"] == "payment_check_refused"}
+        assert refused == {"7001", "7002"}
+        row = await watch_row(db, "7001")
+        assert row["next_check_at"] == T0 + timedelta(seconds=1800)
+        assert row["attempts"] == 1 and "404" in row["last_error"]
+
+    async def test_rate_limit_holds_back_the_rest_of_the_tick(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """After a 429 no further call is made this tick; every check waits for Retry-After."""
+        for number in range(3):
+            await add_invoice(db, f"800{number}")
+            fake.script_status(f"800{number}", Mode.RATE_LIMITED)
+        actor = watcher(db, nowpayments(fake, session), provider_concurrency=1)
+
+        report = await actor.tick(T0)
+
+        assert report.checks == {"rate_limited": 3}
+        assert sum(fake.status_calls(f"800{n}") for n in range(3)) == 1
+        row = await watch_row(db, "8002")
+        assert row["next_check_at"] == T0 + timedelta(seconds=60)
+
+    async def test_unknown_status_is_recorded_as_is_and_logged(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """A status the provider invented is stored and logged, never a crash."""
+        await add_invoice(db, "9001")
+        fake.script_status("9001", status_answer("9001", "on_hold", T0))
+        actor = watcher(db, nowpayments(fake, session))
+
+        with capture_logs() as logs:
+            report = await actor.tick(T0)
+
+        assert report.status_changes == {"on_hold": 1}
+        assert (await watch_row(db, "9001"))["provider_status"] == "on_hold"
+        assert any(e["event"] == "payment_status_unknown" for e in logs)
+
+    async def test_a_programming_error_fails_the_tick(self, db: Database) -> None:
+        """Only the provider error family is a check failure; a TypeError fails the tick."""
+
+        class BrokenSource:
+            name = "broken"
+
+            async def payment_status(self, ref: PaymentRef, now: datetime) -> ProviderPayment:
+                raise TypeError("a bug")
+
+        await add_invoice(db, "bug")
+        actor = watcher(db, BrokenSource())
+
+        with pytest.raises(BaseException) as caught:
+            await actor.tick(T0)
+
+        assert (
+            caught.group_contains(TypeError)
+            if isinstance(caught.value, BaseExceptionGroup)
+            else isinstance(caught.value, TypeError)
+        )
+
+
+class TestAwaitingAndMail:
+    async def test_awaiting_lists_paid_invoices_until_the_admin_activates(
+        self, db: Database
+    ) -> None:
+        """Finished and partially paid invoices not yet paid are listed, oldest first."""
+        await seed.plan(db.pool)
+        await seed.subscription(db.pool, "s1", period_start=T0, period_end=T0 + timedelta(30))
+        await db.pool.execute(
+            "INSERT INTO payment_invoices (id, user_id, subscription_id, provider,"
+            " provider_invoice_id, status, currency, amount_crypto, amount_usd, created_at)"
+            " VALUES ('withsub', 'user_s1', 's1', 'nowpayments', 'withsub', 'pending', 'USDT',"
+            " 29, 29, $1)",
+            T0,
+        )
+        await add_invoice(db, "waits")
+        store = PaymentStore(db)
+        actor = watcher(db, simulated(paid_after=0))
+        await actor.tick(T0 + timedelta(minutes=1))
+
+        awaiting = await store.awaiting()
+        await db.pool.execute("UPDATE payment_invoices SET status = 'paid' WHERE id = 'withsub'")
+        report = await actor.tick(T0 + timedelta(minutes=2))
+
+        assert [(row.invoice_id, row.provider_status) for row in awaiting] == [
+            ("waits", "finished"),
+            ("withsub", "finished"),
+        ]
+        assert awaiting[1].plan_code == "plan_1" and awaiting[1].user_email == "user_s1@example.com"
+        assert (report.settled, report.awaiting_count) == (1, 1)
+        assert [row.invoice_id for row in await store.awaiting()] == ["waits"]
+
+    async def test_operator_is_mailed_once_per_invoice_and_status(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """partially_paid then finished: two mails; the same status again (IPN, poll): none."""
+        await add_invoice(db, "4242")
+        partial = status_answer("4242", "partially_paid", T0, actually_paid=10)
+        finished = status_answer("4242", "finished", T0 + timedelta(minutes=5))
+        fake.script_status("4242", partial, finished)
+        actor = watcher(db, nowpayments(fake, session), verifier=True, operator_email=OPERATOR)
+
+        await actor.tick(T0)
+        await actor.receive_ipn(*signed(partial))
+        await actor.tick(T0 + timedelta(hours=1))
+        replay = await actor.receive_ipn(*signed(finished))
+
+        mails = await db.pool.fetch(
+            "SELECT to_address, subject, body, dedupe_key FROM mail_outbox ORDER BY created_at"
+        )
+        assert [m["dedupe_key"] for m in mails] == [
+            "payment-status:4242:partially_paid",
+            "payment-status:4242:finished",
+        ]
+        assert all(m["to_address"] == OPERATOR for m in mails)
+        assert "user_4242@example.com" in mails[1]["body"] and "4242" in mails[1]["subject"]
+        assert "Paid: 10 usdttrc20" in mails[0]["body"]
+        assert replay.change is None
+
+
+def signed(answer: dict[str, Any]) -> tuple[bytes, str]:
+    body = ipn_body(answer)
+    return json.dumps(body).encode(), ipn_signature(body, SECRET)
