@@ -392,6 +392,8 @@ def nowpayments_budget(config: Config, clock: Clock) -> RequestBudget:
 
 
 def payment_status_source(config: Config, provider: PaymentProvider) -> PaymentStatusSource:
+    if isinstance(provider, DryRunProvider):
+        return provider
     if isinstance(provider, NowPaymentsProvider):
         return NowPaymentsStatus(
             config.payment.nowpayments, session=provider.session, budget=provider.budget

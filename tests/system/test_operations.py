@@ -374,6 +374,7 @@ class TestOnceDryRun:
             ("mail-sender", {"sent_count": 1, "mail_not_sent": 1}),
             ("invoice-expirer", {"expired_count": 1}),
             ("key-pool-recoverer", {"recovered_count": 1}),
+            ("payment-watcher", {"checked": 1, "provider_calls_skipped": 1}),
         ],
     )
     def test_dry_run_reports_the_tick_and_changes_nothing(
