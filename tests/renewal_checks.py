@@ -1,4 +1,4 @@
-"""Renewal test data and the invariants every renewal test checks (DESIGN.md §3, 1 and 2).
+"""Renewal test data and the invariants every renewal test checks (docs/design.md §3, 1 and 2).
 
 Invoices a test inserts itself (manual invoices of the web API) get ids starting with
 ``seed-``; every other invoice was created by the renewal scheduler.

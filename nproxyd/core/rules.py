@@ -48,7 +48,7 @@ def render_renewal_body(
     expires_at: datetime | None,
     app_base_url: str,
 ) -> str:
-    """The renewal email's body, one line each (DESIGN.md §2 step 5)."""
+    """The renewal email's body, one line each (docs/design.md §2 step 5)."""
     lines = [
         "Your current subscription period is ending soon.",
         f"Current access ends at {format_instant(period_end)}.",

@@ -1,4 +1,4 @@
-"""``python -m tests.bench [name ...]``: the benchmarks of DESIGN.md §6, run on demand.
+"""``python -m tests.bench [name ...]``: the benchmarks of docs/design.md §6, run on demand.
 
 Each benchmark gets fresh databases cloned from the migrated template of one throwaway
 PostgreSQL server (``tests.pg.TestServer``; ``NPROXYD_TEST_DSN`` points it at another server)

@@ -1,4 +1,4 @@
-"""Expiry benchmarks (DESIGN.md §6): batched expiry against one set-based UPDATE.
+"""Expiry benchmarks (docs/design.md §6): batched expiry against one set-based UPDATE.
 
 1,000,000 due pending invoices with random uuid ids, as the web API creates them, in two
 layouts: expiry times that grow with insertion order (``expiry_correlated``, plus 10,000 not

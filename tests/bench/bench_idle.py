@@ -1,4 +1,4 @@
-"""Idle benchmark (DESIGN.md §6): nothing due among a million subscriptions and invoices.
+"""Idle benchmark (docs/design.md §6): nothing due among a million subscriptions and invoices.
 
 One tick of each actor, built exactly as the daemon builds them (``nproxyd.app.build_actors``),
 timed as the median of 20 ticks. Then the real daemon (``python -m nproxyd run`` with the

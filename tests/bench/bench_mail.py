@@ -1,4 +1,4 @@
-"""Mail benchmark (DESIGN.md §6): the outbox through pooled SMTP connections.
+"""Mail benchmark (docs/design.md §6): the outbox through pooled SMTP connections.
 
 10,000 outbox mails are delivered by one ``MailSender.tick`` over ``SmtpTransport`` with
 ``max_connections = 4``; the reference sends the same 10,000 messages in sequence, one new

@@ -40,7 +40,7 @@ _names = itertools.count()
 
 @dataclass(frozen=True)
 class Figure:
-    """One printed line: a figure of DESIGN.md §6 against its reference and target."""
+    """One printed line: a figure of docs/design.md §6 against its reference and target."""
 
     name: str
     measured: str
@@ -263,7 +263,7 @@ async def seed_invoice_history(
     """One invoice per subscription ``s<n>``, created before its current cycle; none is due.
 
     Most are paid; some expired or canceled; some still pending with an expiry in the future
-    or none at all (DESIGN.md §2: those never expire).
+    or none at all (docs/design.md §2: those never expire).
     """
     await connection.execute(
         f"INSERT INTO payment_invoices (id, user_id, subscription_id, provider,"

@@ -324,7 +324,7 @@ class TestMetrics:
     async def test_every_contract_metric_is_exposed_with_its_type_and_labels(
         self, dsn: str, tmp_path: Path
     ) -> None:
-        """/metrics parses as Prometheus text and has every DESIGN.md §4 metric and label."""
+        """/metrics parses as Prometheus text and has every docs/design.md §4 metric and label."""
         async with running_daemon(make_config(dsn, tmp_path)) as running:
             await ready(running)
             families = await running.metrics()

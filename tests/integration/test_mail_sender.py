@@ -1,6 +1,6 @@
 """MailSender against a real PostgreSQL outbox and a real SMTP server (aiosmtpd).
 
-DESIGN.md §3 invariant 3: delivery is at least once and never lost, a row leaves ``pending``
+docs/design.md §3 invariant 3: delivery is at least once and never lost, a row leaves ``pending``
 only as ``sent`` or ``dead`` with its reason, its Message-ID is stable across retries, and
 instances never send the same row at the same time.
 """

@@ -1,4 +1,4 @@
-"""The renewal scheduler against a real PostgreSQL: DESIGN.md §2 renewal invoices, §3 1-6."""
+"""The renewal scheduler against a real PostgreSQL: docs/design.md §2 renewal invoices, §3 1-6."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The schema of DESIGN.md §4 and its migrations, on a real PostgreSQL."""
+"""The schema of docs/design.md §4 and its migrations, on a real PostgreSQL."""
 
 from __future__ import annotations
 

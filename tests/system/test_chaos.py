@@ -1,4 +1,4 @@
-"""Crashes and outages under the real daemon (DESIGN.md §6 reliability).
+"""Crashes and outages under the real daemon (docs/design.md §6 reliability).
 
 Two `nproxyd run` instances share one database; the payment provider fails 30 % of its calls,
 the SMTP server refuses a run of messages and goes down for a while, and instances are killed

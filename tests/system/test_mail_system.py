@@ -1,6 +1,6 @@
 """The real ``nproxyd`` process delivering mail: one-shot ticks, several processes, kill -9.
 
-DESIGN.md §3 invariant 3 and §4 (``once mail-sender``, ``mail dead``, ``mail retry``), against
+docs/design.md §3 invariant 3 and §4 (``once mail-sender``, ``mail dead``, ``mail retry``), against
 a real PostgreSQL and a real SMTP server (aiosmtpd) on 127.0.0.1.
 """
 

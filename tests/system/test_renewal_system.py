@@ -1,6 +1,6 @@
 """Renewal invoices through the real ``nproxyd`` process: once, several instances, kill -9.
 
-DESIGN.md §2 "Renewal invoices" and §3 invariants 1, 2 and 4, with ``nproxyd once
+docs/design.md §2 "Renewal invoices" and §3 invariants 1, 2 and 4, with ``nproxyd once
 renewal-scheduler`` run as a subprocess against a real PostgreSQL.
 """
 

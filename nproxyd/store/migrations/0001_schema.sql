@@ -1,4 +1,4 @@
--- The shared schema of nproxy (DESIGN.md §4) and nproxyd's own tables.
+-- The shared schema of nproxy (docs/design.md §4) and nproxyd's own tables.
 -- Every statement is idempotent: the web API may have created the shared tables already,
 -- in which case only what is missing is created and nothing is rewritten.
 
