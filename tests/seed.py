@@ -1,4 +1,4 @@
-"""Seed rows for tests and benchmarks, inserted with only the shared columns of docs/design.md §4."""
+"""Seed rows for tests and benchmarks, with only the shared columns of docs/design.md §4."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Renewal benchmarks (docs/design.md §6): provider-bound against the original worker; database-bound.
+"""Renewal benchmarks (docs/design.md §6): provider-bound against the original worker, DB-bound.
 
 The reference is the original worker's loop (``createUpcomingRenewalInvoices`` in
 /work/shared/seed/original-worker-renewal.diff), written here with asyncpg: one query for the
