@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -29,7 +28,8 @@ from tests.pgbouncer import PgBouncer
 pytestmark = pytest.mark.anyio
 
 PERIODIC = [
-    ("expire_pending_invoices", (NOW, datetime.min.replace(tzinfo=UTC), "", 10_000)),
+    ("expiry_survey", (NOW, 4)),
+    ("expire_pending_invoices", (NOW, "-infinity", "", 10_000)),
     ("claim_due_mail", (NOW, NOW, "x", 200)),
     ("outbox_counts", ()),
     ("recover_cooldown_keys", (NOW,)),
