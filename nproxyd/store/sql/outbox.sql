@@ -19,25 +19,26 @@ WHERE m.id = due.id
 RETURNING m.id, m.to_address, m.subject, m.body, m.message_id, m.attempts;
 
 -- record_mail_outcomes --
--- Record delivery outcomes of mail this holder still holds (a lease another instance took over is theirs); $1 ids, $2 statuses ('sent', 'pending' or 'dead'), $3 errors, $4 next attempt times, $5 whether each outcome uses up an attempt (false when the server was unavailable), $6 now, $7 holder.
+-- Record delivery outcomes of mail this holder still holds (a lease another instance took over is theirs); :statuses are 'sent', 'pending' or 'dead', :counts_attempt is false for an outcome that does not use up an attempt (the server was unavailable).
 UPDATE mail_outbox AS m
 SET status = t.status,
     attempts = m.attempts + CASE WHEN t.counts_attempt THEN 1 ELSE 0 END,
     last_error = t.error,
     next_attempt_at = t.next_attempt_at,
-    sent_at = CASE WHEN t.status = 'sent' THEN $6 ELSE m.sent_at END,
+    sent_at = CASE WHEN t.status = 'sent' THEN :now ELSE m.sent_at END,
     lease_until = NULL,
     leased_by = '',
-    updated_at = $6
-FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::boolean[])
+    updated_at = :now
+FROM unnest(:ids::text[], :statuses::text[], :errors::text[], :next_attempt_at::timestamptz[],
+        :counts_attempt::boolean[])
     AS t(id, status, error, next_attempt_at, counts_attempt)
-WHERE m.id = t.id AND m.status = 'pending' AND m.leased_by = $7;
+WHERE m.id = t.id AND m.status = 'pending' AND m.leased_by = :holder;
 
 -- enqueue_mail --
--- Queue one mail; $1 to, $2 subject, $3 body, $4 message id, $5 dedupe key (or NULL), $6 now. Returns its id, or nothing when the dedupe key exists.
+-- Queue one mail (:dedupe_key may be NULL). Returns its id, or nothing when the dedupe key exists.
 INSERT INTO mail_outbox
     (to_address, subject, body, message_id, dedupe_key, next_attempt_at, created_at, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $6, $6)
+VALUES (:to_address, :subject, :body, :message_id, :dedupe_key, :now, :now, :now)
 ON CONFLICT (dedupe_key) DO NOTHING
 RETURNING id;
 
