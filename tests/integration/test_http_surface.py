@@ -235,7 +235,10 @@ class LoopBreaker:
 
 
 async def ready(running: Running) -> tuple[int, Any]:
-    return await eventually(lambda: running.get("/readyz"), lambda answer: answer[0] == 200)
+    answer: tuple[int, Any] = await eventually(
+        lambda: running.get("/readyz"), lambda answer: answer[0] == 200
+    )
+    return answer
 
 
 class TestLivenessAndReadiness:
@@ -399,9 +402,10 @@ class TestMetrics:
             assert sample(families, "nproxyd_actor_tick_duration_seconds_count", actor=actor) >= 1
             last = sample(families, "nproxyd_actor_last_success_timestamp_seconds", actor=actor)
             assert abs(last - time.time()) < 60
-        statuses = dict(
-            await db.pool.fetch("SELECT id, status FROM payment_invoices WHERE user_id = $1", buyer)
+        rows = await db.pool.fetch(
+            "SELECT id, status FROM payment_invoices WHERE user_id = $1", buyer
         )
+        statuses = {row["id"]: row["status"] for row in rows}
         assert statuses == {"inv_due": "expired", "inv_later": "pending"}
 
     async def test_a_restarted_actor_is_counted_in_metrics_and_status(

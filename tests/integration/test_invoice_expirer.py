@@ -131,11 +131,10 @@ class TestPhysicalOrder:
 
         report = await InvoiceExpirer(store, interval_seconds=60, batch_size=100).tick(NOW)
 
-        counts = dict(
-            await db.pool.fetch(
-                "SELECT status, count(*) FROM payment_invoices GROUP BY status ORDER BY status"
-            )
+        rows = await db.pool.fetch(
+            "SELECT status, count(*) AS n FROM payment_invoices GROUP BY status ORDER BY status"
         )
+        counts = {row["status"]: row["n"] for row in rows}
         assert counts == {"expired": 1500, "pending": 1500}
         assert report.expired_count == 1500
         # Page ranges plus one final index batch: more statements than rows / batch size.

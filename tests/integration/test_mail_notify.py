@@ -36,8 +36,8 @@ class Inbox:
         self.received: list[str] = []
         self.arrived = anyio.Event()
 
-    def __call__(self, _c: object, _pid: int, _channel: str, payload: str) -> None:
-        self.received.append(payload)
+    def __call__(self, _c: object, _pid: int, _channel: str, payload: object) -> None:
+        self.received.append(str(payload))
         self.arrived.set()
 
     async def wait(self, count: int) -> None:
@@ -206,6 +206,9 @@ class RecordingLogger:
 
     def bind(self, **_: Any) -> RecordingLogger:
         return self
+
+    def debug(self, event: str, **kw: Any) -> None:
+        pass
 
     def info(self, event: str, **kw: Any) -> None:
         pass

@@ -24,7 +24,7 @@ from nproxyd.core.ports import InvoiceRequest, PaymentProvider, ProviderInvoice
 from nproxyd.core.rules import order_id
 from nproxyd.store.database import Database
 from nproxyd.store.rows import RenewalCandidate, StoredInvoice, UnreadableCandidate
-from nproxyd.store.sql import QUERIES
+from nproxyd.store.sql import bind
 from nproxyd.store.stores import RenewalStore
 from tests import seed
 from tests.fakes.nowpayments import FakeNowPayments, Mode
@@ -661,7 +661,7 @@ class TestBadRows:
         await seed.plan(db.pool, plan_id="plan_null", price=None)
         await seed.plan(db.pool, plan_id="plan_negative", price=Decimal("-5.00"))
         await seed.plan(db.pool, plan_id="plan_no_currency", currency="")
-        bad = {
+        bad: dict[str, dict[str, Any]] = {
             "bad_null_price": {"plan_id": "plan_null"},
             "bad_negative_price": {"plan_id": "plan_negative"},
             "bad_empty_currency": {"plan_id": "plan_no_currency"},
@@ -774,14 +774,18 @@ class TestCandidateQueryPlan:
         )
         await pool.execute("ANALYZE")
 
-        raw = await pool.fetchval(
-            "EXPLAIN (FORMAT JSON) " + QUERIES["renewal_candidates"],
-            NOW,
-            NOW + timedelta(hours=72),
-            datetime.min.replace(tzinfo=UTC),
-            "",
-            500,
+        text, *args = bind(
+            "renewal_candidates",
+            (),
+            {
+                "now": NOW,
+                "window_end": NOW + timedelta(hours=72),
+                "after_period_end": datetime.min.replace(tzinfo=UTC),
+                "after_id": "",
+                "size": 500,
+            },
         )
+        raw = await pool.fetchval("EXPLAIN (FORMAT JSON) " + text, *args)
         plan = json.loads(raw) if isinstance(raw, str) else raw
 
         nodes = plan_nodes(plan)

@@ -11,13 +11,13 @@ import pytest
 from nproxyd.core import config
 from nproxyd.core.config import (
     Config,
-    ConfigError,
     dsn_password,
     load,
     redact_text,
     redacted,
     secrets_of,
 )
+from nproxyd.core.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -206,7 +206,7 @@ def _parse_with_asyncpg(dsn: str) -> bool:
     from asyncpg import connect_utils  # noqa: PLC0415 - the driver, only to compare with
 
     try:
-        connect_utils._parse_connect_dsn_and_args(
+        connect_utils._parse_connect_dsn_and_args(  # type: ignore[attr-defined]
             dsn=dsn,
             host=None,
             port=None,
