@@ -238,11 +238,23 @@ class TestWorkedExample:
         assert channel.received() == []
         await assert_renewal_invariants(db.pool)
 
-    @pytest.mark.parametrize("status", ["expired", "pending", "paid", "canceled"])
-    async def test_invoice_in_the_cycle_blocks_creation(
-        self, db: Database, channel: Channel, status: str
+    @pytest.mark.parametrize(
+        ("status", "created_at", "created"),
+        [
+            ("expired", datetime(2026, 3, 9, 9, 0, tzinfo=UTC), 0),
+            ("pending", datetime(2026, 3, 9, 9, 0, tzinfo=UTC), 0),
+            ("paid", datetime(2026, 3, 9, 9, 0, tzinfo=UTC), 0),
+            ("canceled", datetime(2026, 3, 9, 9, 0, tzinfo=UTC), 0),
+            ("expired", PERIOD_START, 0),  # exactly at the cycle start is in the cycle
+            ("paid", PERIOD_START - timedelta(seconds=1), 1),  # the previous cycle's invoice
+        ],
+        ids=["expired", "pending", "paid", "canceled", "at-cycle-start", "previous-cycle"],
+    )
+    async def test_an_invoice_in_the_cycle_blocks_creation(
+        self, db: Database, channel: Channel, status: str, created_at: datetime, created: int
     ) -> None:
-        """Any invoice created in the cycle, whatever its status, means nothing is created."""
+        """An invoice created from the cycle start on, whatever its status, means nothing is
+        created (the provider is not asked); one created before it belongs to the last cycle."""
         await worked_example(db)
         await seed.invoice(
             db.pool,
@@ -250,49 +262,15 @@ class TestWorkedExample:
             user_id="user_sub_1",
             subscription_id="sub_1",
             status=status,
-            created_at=datetime(2026, 3, 9, 9, 0, tzinfo=UTC),
+            created_at=created_at,
         )
         provider = WrappedProvider(simulated())
         report = await make_scheduler(db, provider, channel).tick(NOW)
 
-        assert report.created_count == 0
-        assert provider.requests == []
-        assert await automatic_invoices(db.pool) == []
-        assert await count(db, "mail_outbox") == 0
-
-    async def test_invoice_at_cycle_start_blocks_creation(
-        self, db: Database, channel: Channel
-    ) -> None:
-        """An invoice created exactly at the cycle start counts as in the cycle."""
-        await worked_example(db)
-        await seed.invoice(
-            db.pool,
-            "seed-manual",
-            user_id="user_sub_1",
-            subscription_id="sub_1",
-            status="expired",
-            created_at=PERIOD_START,
-        )
-        report = await make_scheduler(db, simulated(), channel).tick(NOW)
-        assert report.created_count == 0
-        assert await automatic_invoices(db.pool) == []
-
-    async def test_invoice_of_the_previous_cycle_does_not_block(
-        self, db: Database, channel: Channel
-    ) -> None:
-        """An invoice created before the cycle start belongs to the last cycle: one is created."""
-        await worked_example(db)
-        await seed.invoice(
-            db.pool,
-            "seed-last-cycle",
-            user_id="user_sub_1",
-            subscription_id="sub_1",
-            status="paid",
-            created_at=PERIOD_START - timedelta(seconds=1),
-        )
-        report = await make_scheduler(db, simulated(), channel).tick(NOW)
-        assert report.created_count == 1
-        assert len(await automatic_invoices(db.pool)) == 1
+        assert report.created_count == created
+        assert len(provider.requests) == created
+        assert len(await automatic_invoices(db.pool)) == created
+        assert await count(db, "mail_outbox") == created
         await assert_renewal_invariants(db.pool)
 
     async def test_provider_is_called_only_for_a_claimed_slot(
