@@ -72,6 +72,7 @@ STORE_CALLS: dict[str, StoreCall] = {
 
 async def test_every_statement_takes_the_parameters_it_declares(db: Database) -> None:
     """PostgreSQL prepares each statement with exactly as many parameters as its block names."""
+    assert STATEMENTS
     async with db.pool.acquire() as connection:
         for name, statement in STATEMENTS.items():
             prepared = await connection.prepare(statement.text)
