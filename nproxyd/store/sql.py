@@ -19,7 +19,7 @@ written one of two ways, never both in one block:
 
 A ``:`` in a string literal, a quoted identifier, a comment, a dollar-quoted string or a
 ``::type`` cast is not a parameter. Each file is parsed once at import into
-:class:`Statement`\\ s; :meth:`Statement.bind` turns a call's arguments into the driver's
+:class:`Statement` objects; :meth:`Statement.bind` turns a call's arguments into the driver's
 positional list and raises :class:`ParameterMismatch` naming the statement when they disagree.
 """
 
@@ -76,13 +76,19 @@ class Statement:
         return args
 
 
+def _escape_prefix(sql: str, quote: int) -> bool:
+    """Whether the quote at ``quote`` opens an ``E'…'`` string (a lone E, not a word's end)."""
+    before = sql[quote - 2] if quote >= 2 else " "
+    return sql[quote - 1 : quote] in ("e", "E") and not (before.isalnum() or before in "_$")
+
+
 def _skip_quoted(sql: str, start: int) -> int:
     """The index after the literal, identifier, comment or dollar-quoted string at ``start``,
     or ``start`` when none begins there."""
     char = sql[start]
     if char in "'\"":
         # A doubled quote is an escaped quote; E'…' strings may also escape with a backslash.
-        escapes = char == "'" and start > 0 and sql[start - 1] in "eE"
+        escapes = char == "'" and _escape_prefix(sql, start)
         index = start + 1
         while index < len(sql):
             if escapes and sql[index] == "\\":

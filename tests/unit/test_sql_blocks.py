@@ -90,6 +90,11 @@ class TestNotParameters:
         """``:x::int`` is parameter ``x`` cast to int."""
         assert number_parameters("SELECT :x::int, ':y'") == ("SELECT $1::int, ':y'", ("x",), 0)
 
+    def test_a_backslash_escapes_a_quote_only_in_an_e_string(self) -> None:
+        """In ``E'…'`` a backslash escapes the quote; after a word ending in e it does not."""
+        assert number_parameters("SELECT E'\\':x', :y")[1] == ("y",)
+        assert number_parameters("SELECT type'a\\', :x")[1] == ("x",)
+
     def test_unterminated_literal_is_an_error(self) -> None:
         """A string literal that never ends is refused rather than silently swallowed."""
         with pytest.raises(ValueError, match="unterminated"):
