@@ -43,11 +43,18 @@ from nproxyd.core.clock import Clock, SystemClock
 from nproxyd.core.config import Config, secrets_of
 from nproxyd.core.errors import ConfigError
 from nproxyd.core.messages import OutboxReady
-from nproxyd.core.ports import IpnVerifier, MailTransport, PaymentProvider, PaymentStatusSource
+from nproxyd.core.ports import (
+    IpnVerifier,
+    MailTransport,
+    NotifySessions,
+    PaymentProvider,
+    PaymentStatusSource,
+)
 from nproxyd.runtime.actor import Actor
 from nproxyd.runtime.daemon import Daemon
 from nproxyd.store.database import Database, RolledBackDatabase, create_pool, driver_dsn_problem
 from nproxyd.store.embedded import start_embedded
+from nproxyd.store.listener import mail_due_sessions
 from nproxyd.store.migrate import migrate_pool
 from nproxyd.store.payments import PaymentStore
 from nproxyd.store.stores import HealthStore, InvoiceStore, KeyStore, OutboxStore, RenewalStore
@@ -354,25 +361,28 @@ async def run_daemon(config: Config) -> int:
             payments=components.stores.payments,
             ipn=ipn_sink(config, components.actors),
             health=components.stores.health,
-            outbox=components.stores.outbox,
             keys=components.stores.keys,
             channel=components.outbox_ready,
             startup=startup_facts(config, components),
-            listen_dsn=listen_dsn(config, components),
+            notify_sessions=notify_sessions(config, components),
             notify_wake=_waker(components.mail_due),
         )
         return await daemon.run()
 
 
-def listen_dsn(config: Config, components: Components) -> str | None:
-    """The DSN of the NOTIFY listener; None (with one warning) when it cannot have one."""
+def notify_sessions(config: Config, components: Components) -> NotifySessions | None:
+    """The NOTIFY listener's sessions; None (with one warning) when it cannot have one."""
     if components.session_dsn is None and enabled(config, "mail-sender"):
         structlog.get_logger().warning(
             "listener_disabled",
             reason="database.pooler = pgbouncer without database.direct_dsn",
             fallback="mail-sender sweep",
         )
-    return components.session_dsn
+    if components.session_dsn is None:
+        return None
+    return mail_due_sessions(
+        components.session_dsn, timeout_seconds=config.database.connect_timeout_seconds
+    )
 
 
 def _waker(channel: Outbox | None) -> Callable[[], object] | None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import Protocol
 
 import anyio
 import msgspec
@@ -13,32 +11,10 @@ import structlog
 
 from nproxyd.core.errors import BalanceProbeError
 from nproxyd.core.messages import KeyPoolReport
-from nproxyd.core.ports import BalanceProbe, ProviderKeyRef
-from nproxyd.store.rows import KeyRow, KeyTransition
+from nproxyd.core.ports import BalanceProbe, KeyPoolStore, ProviderKeyRef
+from nproxyd.core.records import KeyRow
 
 _MAX_PROBES_PER_TICK = 1000
-
-
-class KeyPoolStore(Protocol):
-    async def recover(self, now: datetime) -> list[str]: ...
-
-    async def claim_balance_due(
-        self, now: datetime, poll_seconds: float, limit: int
-    ) -> list[KeyRow]: ...
-
-    async def record_balances(
-        self, ids: Sequence[str], balances: Sequence[Decimal], now: datetime
-    ) -> None: ...
-
-    async def record_failures(
-        self,
-        ids: Sequence[str],
-        errors: Sequence[str],
-        now: datetime,
-        *,
-        cooldown_minutes: float,
-        failures_before_manual_review: int,
-    ) -> list[KeyTransition]: ...
 
 
 class KeyPoolSettings(msgspec.Struct, frozen=True, kw_only=True):

@@ -19,7 +19,6 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from email.message import Message
-from typing import Protocol
 
 import anyio
 import msgspec
@@ -36,20 +35,10 @@ from nproxyd.core.errors import (
 )
 from nproxyd.core.mail import compose_message
 from nproxyd.core.messages import MailReport
-from nproxyd.core.ports import MailTransport
+from nproxyd.core.ports import MailOutboxStore, MailTransport
+from nproxyd.core.records import MailOutcome, OutboxMail
 from nproxyd.core.rules import address_problem, backoff_seconds
 from nproxyd.core.text import storable
-from nproxyd.store.rows import MailOutcome, OutboxMail
-
-
-class OutboxPort(Protocol):
-    async def claim(
-        self, now: datetime, lease_until: datetime, holder: str, limit: int
-    ) -> list[OutboxMail]: ...
-
-    async def record(self, outcomes: Sequence[MailOutcome], now: datetime, holder: str) -> int: ...
-
-    async def extend(self, ids: Sequence[str], holder: str, lease_until: datetime) -> int: ...
 
 
 class MailSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -84,7 +73,7 @@ class MailSender:
 
     def __init__(
         self,
-        store: OutboxPort,
+        store: MailOutboxStore,
         transport: MailTransport,
         settings: MailSettings,
         *,

@@ -17,9 +17,7 @@ from __future__ import annotations
 import random
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Protocol
 
 import anyio
 import msgspec
@@ -32,7 +30,20 @@ from nproxyd.core.clock import Clock
 from nproxyd.core.config import Config
 from nproxyd.core.errors import ProviderPermanentError, StoreDataError
 from nproxyd.core.messages import OutboxReady, RenewalReport
-from nproxyd.core.ports import InvoiceRequest, PaymentProvider, ProviderInvoice
+from nproxyd.core.ports import (
+    InvoiceRequest,
+    PaymentProvider,
+    ProviderInvoice,
+    RenewalClaimStore,
+)
+from nproxyd.core.records import (
+    ClaimedSlot,
+    CompletedSlot,
+    ReleasedSlot,
+    RenewalCandidate,
+    StoredInvoice,
+    UnreadableCandidate,
+)
 from nproxyd.core.rules import (
     backoff_seconds,
     candidate_problem,
@@ -41,44 +52,11 @@ from nproxyd.core.rules import (
     render_renewal_body,
 )
 from nproxyd.core.text import storable
-from nproxyd.store.rows import (
-    KEYSET_START,
-    ClaimedSlot,
-    CompletedSlot,
-    ReleasedSlot,
-    RenewalCandidate,
-    StoredInvoice,
-    UnreadableCandidate,
-)
 
 _COMMIT_GROUP = 500
 _LOG_AGAIN_AFTER = timedelta(hours=1)  # a warning about one bad row, at most this often
 _MEMO_SIZE = 10_000  # rows remembered for that; the oldest are forgotten first
 Outcome = StoredInvoice | ReleasedSlot
-
-
-class RenewalStorePort(Protocol):
-    async def candidates(
-        self, now: datetime, window_end: datetime, after: tuple[datetime, str], limit: int
-    ) -> list[RenewalCandidate | UnreadableCandidate]: ...
-
-    async def claim(
-        self,
-        slots: Sequence[tuple[str, datetime, str]],
-        *,
-        holder: str,
-        token: str,
-        now: datetime,
-        lease_until: datetime,
-    ) -> list[ClaimedSlot]: ...
-
-    async def commit(
-        self, invoices: Sequence[StoredInvoice], *, provider: str, now: datetime
-    ) -> list[CompletedSlot]: ...
-
-    async def release(self, slots: Sequence[ReleasedSlot], now: datetime) -> int: ...
-
-    async def extend(self, token: str, lease_until: datetime) -> int: ...
 
 
 class RenewalSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -177,7 +155,7 @@ class RenewalScheduler:
 
     def __init__(
         self,
-        store: RenewalStorePort,
+        store: RenewalClaimStore,
         provider: PaymentProvider,
         settings: RenewalSettings,
         *,
@@ -231,20 +209,12 @@ class RenewalScheduler:
         return run.totals.report()
 
     async def _produce(self, work: MemoryObjectSendStream[Work], run: _Run) -> None:
-        """Read candidate batches by keyset, claim them, hand the won slots to the workers."""
+        """Claim each batch of due candidates, hand the won slots to the workers."""
         window_end = run.now + timedelta(hours=self.settings.lead_hours)
-        cursor = KEYSET_START
-        while True:
-            batch = await self.store.candidates(
-                run.now, window_end, cursor, self.settings.batch_size
-            )
+        async for batch in self.store.due_candidates(run.now, window_end, self.settings.batch_size):
             run.totals.candidates += len(batch)
-            if batch:
-                cursor = (batch[-1].current_period_end, batch[-1].subscription_id)
-                for pair in await self._claim(self._valid(batch, run), run):
-                    await work.send(pair)
-            if len(batch) < self.settings.batch_size:
-                return
+            for pair in await self._claim(self._valid(batch, run), run):
+                await work.send(pair)
 
     def _valid(
         self, batch: list[RenewalCandidate | UnreadableCandidate], run: _Run

@@ -18,7 +18,13 @@ from nproxyd.core.channels import Channel
 from nproxyd.core.clock import Clock
 from nproxyd.core.config import Config
 from nproxyd.core.errors import ConfigError, PortBusy, SupervisorGaveUp
-from nproxyd.core.ports import IpnSink, PaymentWatchStore
+from nproxyd.core.ports import (
+    HealthReadStore,
+    IpnSink,
+    KeyCountStore,
+    NotifySessions,
+    PaymentWatchStore,
+)
 from nproxyd.runtime.actor import Actor, ActorLoop
 from nproxyd.runtime.http import OpsServer
 from nproxyd.runtime.ipn import IpnServer
@@ -27,7 +33,6 @@ from nproxyd.runtime.metrics import Metrics
 from nproxyd.runtime.ops import HEALTH_CHECK_SECONDS, Monitor, OpsState
 from nproxyd.runtime.sdnotify import Notifier, watchdog_interval_seconds
 from nproxyd.runtime.supervisor import Supervisor
-from nproxyd.store.stores import HealthStore, KeyStore, OutboxStore
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Signals an operator or a log rotator may send that must never stop the daemon: each is
@@ -61,13 +66,12 @@ class Daemon:
         instance_id: str,
         actors: Mapping[str, Actor],
         wake: Mapping[str, anyio.abc.ObjectReceiveStream[Any]],
-        health: HealthStore,
-        outbox: OutboxStore,
-        keys: KeyStore,
+        health: HealthReadStore,
+        keys: KeyCountStore,
         channel: Channel[Any],
         environ: Mapping[str, str] | None = None,
         startup: Mapping[str, Any] | None = None,
-        listen_dsn: str | None = None,
+        notify_sessions: NotifySessions | None = None,
         notify_wake: Callable[[], object] | None = None,
         payments: PaymentWatchStore | None = None,
         ipn: IpnSink | None = None,
@@ -95,9 +99,9 @@ class Daemon:
         for name, loop in self.loops.items():
             self.supervisor.add(name, loop.run)
         self.listener: MailDueListener | None = None
-        if listen_dsn and notify_wake is not None and "mail-sender" in self.loops:
+        if notify_sessions and notify_wake is not None and "mail-sender" in self.loops:
             self.listener = MailDueListener(
-                listen_dsn,
+                notify_sessions,
                 wake=notify_wake,
                 clock=clock,
                 metrics=self.metrics,
@@ -111,7 +115,6 @@ class Daemon:
             supervisor=self.supervisor,
             monitor=self.monitor,
             health=health,
-            outbox=outbox,
             keys=keys,
             channel=channel,
             settings=config.health,

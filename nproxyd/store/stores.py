@@ -10,14 +10,10 @@ from datetime import datetime
 from decimal import Decimal
 
 from nproxyd.core.errors import LockUnavailable
-from nproxyd.core.rules import RENEWAL_SUBJECT
-from nproxyd.store.database import Database, affected
-from nproxyd.store.rows import (
+from nproxyd.core.records import (
     ClaimedSlot,
     CompletedSlot,
     DeadMail,
-    ExpiryBatch,
-    ExpirySurvey,
     HealthGauges,
     KeyRow,
     KeyTransition,
@@ -29,6 +25,13 @@ from nproxyd.store.rows import (
     RenewalCandidate,
     StoredInvoice,
     UnreadableCandidate,
+)
+from nproxyd.core.rules import RENEWAL_SUBJECT
+from nproxyd.store.database import Database, affected
+from nproxyd.store.rows import (
+    KEYSET_START,
+    ExpiryBatch,
+    ExpirySurvey,
     convert_candidates,
     convert_rows,
 )
@@ -112,6 +115,8 @@ class InvoiceStore:
 
 
 class KeyStore:
+    """Provider keys; implements :class:`nproxyd.core.ports.KeyPoolStore`."""
+
     def __init__(self, db: Database) -> None:
         self.db = db
 
@@ -158,8 +163,28 @@ class KeyStore:
 
 
 class RenewalStore:
+    """Renewal candidates, claims and grouped commits; implements
+    :class:`nproxyd.core.ports.RenewalClaimStore`."""
+
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    async def due_candidates(
+        self, now: datetime, window_end: datetime, size: int
+    ) -> AsyncIterator[list[RenewalCandidate | UnreadableCandidate]]:
+        """Every candidate due in ``(now, window_end]``, one keyset batch of ``size`` per query.
+
+        The caller may claim a batch before it asks for the next: the keyset continues after
+        the last row read, whatever was written since.
+        """
+        cursor = KEYSET_START
+        while True:
+            batch = await self.candidates(now, window_end, cursor, size)
+            if batch:
+                cursor = (batch[-1].current_period_end, batch[-1].subscription_id)
+                yield batch
+            if len(batch) < size:
+                return
 
     async def candidates(
         self, now: datetime, window_end: datetime, after: tuple[datetime, str], limit: int
@@ -211,6 +236,8 @@ class RenewalStore:
 
 
 class OutboxStore:
+    """The mail outbox; implements :class:`nproxyd.core.ports.MailOutboxStore`."""
+
     def __init__(self, db: Database) -> None:
         self.db = db
 
@@ -268,6 +295,8 @@ class OutboxStore:
 
 
 class HealthStore:
+    """Health gauges; implements :class:`nproxyd.core.ports.HealthReadStore`."""
+
     def __init__(self, db: Database) -> None:
         self.db = db
 

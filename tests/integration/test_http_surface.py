@@ -133,7 +133,6 @@ async def running_daemon(
             actors=actors,
             wake={"mail-sender": components.outbox_ready_receiver},
             health=components.stores.health,
-            outbox=components.stores.outbox,
             keys=components.stores.keys,
             channel=components.outbox_ready,
             environ={},

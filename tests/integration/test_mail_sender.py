@@ -26,8 +26,8 @@ from nproxyd.adapters.mail_smtp import SmtpTransport
 from nproxyd.core.clock import SystemClock
 from nproxyd.core.config import SmtpConfig
 from nproxyd.core.ports import MailTransport
+from nproxyd.core.records import MailOutcome, OutboxCounts, OutboxMail
 from nproxyd.store.database import Database
-from nproxyd.store.rows import MailOutcome, OutboxCounts, OutboxMail
 from nproxyd.store.stores import OutboxStore
 from tests.fakes.smtp import FakeSmtpServer
 

@@ -21,9 +21,9 @@ from nproxyd.core.clock import SystemClock
 from nproxyd.core.config import NowPaymentsConfig, SimulatedPaymentConfig
 from nproxyd.core.messages import OutboxReady
 from nproxyd.core.ports import InvoiceRequest, PaymentProvider, ProviderInvoice
+from nproxyd.core.records import RenewalCandidate, StoredInvoice, UnreadableCandidate
 from nproxyd.core.rules import order_id
 from nproxyd.store.database import Database
-from nproxyd.store.rows import RenewalCandidate, StoredInvoice, UnreadableCandidate
 from nproxyd.store.sql import QUERIES
 from nproxyd.store.stores import RenewalStore
 from tests import seed

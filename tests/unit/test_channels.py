@@ -13,8 +13,8 @@ import pytest
 from nproxyd.actors.mail_sender import MailSender, MailSettings
 from nproxyd.core.channels import Channel, Outbox
 from nproxyd.core.messages import OutboxReady
+from nproxyd.core.records import MailOutcome, OutboxMail
 from nproxyd.runtime.actor import ActorLoop
-from nproxyd.store.rows import MailOutcome, OutboxMail
 from tests.fakes.clock import FakeClock
 
 pytestmark = pytest.mark.anyio

@@ -51,7 +51,6 @@ def make_state(clock: FakeClock, *, interval: float = 3000) -> OpsState:
         supervisor=Supervisor(clock, max_restarts=5, restart_window_seconds=60),
         monitor=monitor,
         health=cast(Any, None),
-        outbox=cast(Any, None),
         keys=cast(Any, None),
         channel=cast(Any, None),
         settings=HealthConfig(provider_failing_seconds=1800, outbox_stuck_seconds=900),
