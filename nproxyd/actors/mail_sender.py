@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import aclosing
 from datetime import datetime, timedelta
 from email.message import Message
 
@@ -99,23 +100,35 @@ class MailSender:
         holder = self.settings.instance_id
         counts: Counter[str] = Counter()
         failures: Counter[str] = Counter()
-        while True:
-            batch = await self.store.claim(now, leases.deadline(), holder, self.settings.batch_size)
-            if not batch:
-                break
-            ids = [mail.id for mail in batch]
-
-            async def extend(until: datetime, ids: list[str] = ids) -> int:
-                return await self.store.extend(ids, holder, until)
-
-            outage = _Outage(now)
-            async with kept_alive(leases, extend, what="mail"):
-                outcomes = await self._deliver_all(batch, now, failures, outage)
-            await self._record(outcomes, now, counts)
-            counts["claimed"] += len(batch)
-            if outage.reason is not None or len(batch) < self.settings.batch_size:
-                break  # an unavailable server would refuse the next batch too
+        batches = self.store.due_mail(
+            now, self.settings.batch_size, holder=holder, lease_until=leases.deadline
+        )
+        async with aclosing(batches):
+            async for batch in batches:
+                counts["claimed"] += len(batch)
+                if not await self._send_batch(batch, leases, counts, failures):
+                    break  # an unavailable server would refuse the next batch too
         return self._report(counts, failures)
+
+    async def _send_batch(
+        self,
+        batch: list[OutboxMail],
+        leases: LeaseClock,
+        counts: Counter[str],
+        failures: Counter[str],
+    ) -> bool:
+        """Deliver and record one leased batch; False when the server was unavailable."""
+        ids = [mail.id for mail in batch]
+        holder = self.settings.instance_id
+
+        async def extend(until: datetime) -> int:
+            return await self.store.extend(ids, holder, until)
+
+        outage = _Outage(leases.now)
+        async with kept_alive(leases, extend, what="mail"):
+            outcomes = await self._deliver_all(batch, leases.now, failures, outage)
+        await self._record(outcomes, leases.now, counts)
+        return outage.reason is None
 
     def _report(self, counts: Counter[str], failures: Counter[str]) -> MailReport:
         if counts["sent"]:

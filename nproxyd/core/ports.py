@@ -10,7 +10,7 @@ store: a port that walks many rows yields batches.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from decimal import Decimal
@@ -213,9 +213,12 @@ class RenewalClaimStore(Protocol):
 class MailOutboxStore(Protocol):
     """What the mail sender reads and writes: leased batches of due mail and their outcomes."""
 
-    async def claim(
-        self, now: datetime, lease_until: datetime, holder: str, limit: int
-    ) -> list[OutboxMail]: ...
+    def due_mail(
+        self, now: datetime, size: int, *, holder: str, lease_until: Callable[[], datetime]
+    ) -> AsyncGenerator[list[OutboxMail], None]:
+        """Lease every mail due at ``now``, ``size`` at a time, each batch until
+        ``lease_until()``."""
+        ...
 
     async def record(self, outcomes: Sequence[MailOutcome], now: datetime, holder: str) -> int: ...
 

@@ -5,7 +5,7 @@ Business rules live in the actors, in pure functions, or in the set-based statem
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
 
@@ -246,6 +246,21 @@ class OutboxStore:
     ) -> list[OutboxMail]:
         rows = await self.db.fetch("claim_due_mail", now, lease_until, holder, limit)
         return convert_rows(rows, OutboxMail)
+
+    async def due_mail(
+        self, now: datetime, size: int, *, holder: str, lease_until: Callable[[], datetime]
+    ) -> AsyncGenerator[list[OutboxMail], None]:
+        """Lease the mail due at ``now``, ``size`` rows per statement, until none is left.
+
+        Each batch is leased to ``holder`` until ``lease_until()`` (asked per batch); the
+        caller records a batch before it asks for the next, and may stop early.
+        """
+        while True:
+            batch = await self.claim(now, lease_until(), holder, size)
+            if batch:
+                yield batch
+            if len(batch) < size:
+                return
 
     async def record(self, outcomes: Sequence[MailOutcome], now: datetime, holder: str) -> int:
         """Record ``outcomes`` in one statement; raises :class:`StoreDataError` on a bad value."""

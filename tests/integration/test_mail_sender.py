@@ -10,7 +10,7 @@ from __future__ import annotations
 import email
 import email.policy
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
@@ -416,15 +416,15 @@ class LedgerStore:
         self.ledger = ledger
         self.first = True
 
-    async def claim(
-        self, now: datetime, lease_until: datetime, holder: str, limit: int
-    ) -> list[OutboxMail]:
-        batch = await self.inner.claim(now, lease_until, holder, limit)
-        self.ledger.claimed(holder, batch)
-        if self.first and batch:
-            self.first = False
-            await self.ledger.first_batch_taken()
-        return batch
+    async def due_mail(
+        self, now: datetime, size: int, *, holder: str, lease_until: Callable[[], datetime]
+    ) -> AsyncGenerator[list[OutboxMail], None]:
+        async for batch in self.inner.due_mail(now, size, holder=holder, lease_until=lease_until):
+            self.ledger.claimed(holder, batch)
+            if self.first:
+                self.first = False
+                await self.ledger.first_batch_taken()
+            yield batch
 
     async def record(self, outcomes: Sequence[MailOutcome], now: datetime, holder: str) -> int:
         recorded = await self.inner.record(outcomes, now, holder)

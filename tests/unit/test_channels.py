@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from email.message import EmailMessage
@@ -49,6 +49,14 @@ class FakeOutbox:
         self.claims.append(self.clock.monotonic())
         batch, self.pending = self.pending[:limit], self.pending[limit:]
         return batch
+
+    async def due_mail(
+        self, now: datetime, size: int, *, holder: str, lease_until: Callable[[], datetime]
+    ) -> AsyncGenerator[list[OutboxMail], None]:
+        while batch := await self.claim(now, lease_until(), holder, size):
+            yield batch
+            if len(batch) < size:
+                return
 
     async def record(self, outcomes: Sequence[MailOutcome], now: datetime, holder: str) -> int:
         self.recorded.extend(outcomes)
