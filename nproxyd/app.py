@@ -11,7 +11,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
@@ -20,15 +20,15 @@ import platformdirs
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from nproxyd.actors.invoice_expirer import InvoiceExpirer
-from nproxyd.actors.key_pool_recoverer import KeyPoolRecoverer, KeyPoolSettings
-from nproxyd.actors.mail_sender import MailSender, MailSettings
+from nproxyd.actors.invoice_expirer import ExpirerPorts, ExpirerSettings, InvoiceExpirer
+from nproxyd.actors.key_pool_recoverer import KeyPoolPorts, KeyPoolRecoverer, KeyPoolSettings
+from nproxyd.actors.mail_sender import MailPorts, MailSender, MailSettings
 from nproxyd.actors.payment_watcher import (
     PaymentWatcher,
     PaymentWatcherPorts,
     PaymentWatcherSettings,
 )
-from nproxyd.actors.renewal_scheduler import RenewalScheduler, RenewalSettings
+from nproxyd.actors.renewal_scheduler import RenewalPorts, RenewalScheduler, RenewalSettings
 from nproxyd.adapters.balance_simulated import SimulatedBalanceProbe
 from nproxyd.adapters.dry_run import DryRunProvider, DryRunTransport
 from nproxyd.adapters.mail_maildir import MaildirTransport
@@ -172,6 +172,112 @@ def mail_concurrency(config: Config) -> int:
     return config.email.smtp.max_connections if config.email.transport == "smtp" else 4
 
 
+class Wiring(msgspec.Struct, frozen=True, kw_only=True):
+    """What the actors are built from."""
+
+    config: Config
+    clock: Clock
+    instance: str
+    stores: Stores
+    outbox: Outbox
+    provider: PaymentProvider
+    transport: MailTransport
+
+
+class ActorEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One actor of the daemon: the one place that names it, its configuration section
+    (``[actors.<section>]``, with its ``enabled`` flag), how it is built, and whether the
+    in-process ``OutboxReady`` channel wakes it."""
+
+    name: str
+    section: str
+    build: Callable[[Wiring], Actor]
+    woken_by_outbox_ready: bool = False
+
+    def enabled(self, config: Config) -> bool:
+        return bool(getattr(config.actors, self.section).enabled)
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def settings_from(kind: type[S], *sections: msgspec.Struct, **values: Any) -> S:
+    """An actor's settings, each field taken by its name from ``values`` or from the first
+    section having that key: settings use the configuration's own key names and defaults."""
+    fields: dict[str, Any] = {}
+    for name in kind.__struct_fields__:
+        if name in values:
+            fields[name] = values[name]
+            continue
+        section = next((s for s in sections if name in s.__struct_fields__), None)
+        if section is None:
+            raise TypeError(f"{kind.__name__}.{name} names no key of the given sections")
+        fields[name] = getattr(section, name)
+    return kind(**fields)
+
+
+def renewal_settings(config: Config, instance: str) -> RenewalSettings:
+    return settings_from(
+        RenewalSettings,
+        config.actors.renewal_scheduler,
+        config.billing,
+        config.urls,
+        config.email,
+        instance_id=instance,
+    )
+
+
+def mail_settings(config: Config, instance: str) -> MailSettings:
+    return settings_from(
+        MailSettings,
+        config.actors.mail_sender,
+        config.email,
+        instance_id=instance,
+        concurrency=mail_concurrency(config),
+    )
+
+
+def _invoice_expirer(w: Wiring) -> Actor:
+    settings = settings_from(ExpirerSettings, w.config.actors.invoice_expirer)
+    return InvoiceExpirer(settings, ExpirerPorts(store=w.stores.invoices), w.clock)
+
+
+def _renewal_scheduler(w: Wiring) -> Actor:
+    ports = RenewalPorts(store=w.stores.renewals, provider=w.provider, outbox=w.outbox)
+    return RenewalScheduler(renewal_settings(w.config, w.instance), ports, w.clock)
+
+
+def _mail_sender(w: Wiring) -> Actor:
+    ports = MailPorts(store=w.stores.outbox, transport=w.transport)
+    return MailSender(mail_settings(w.config, w.instance), ports, w.clock)
+
+
+def _key_pool_recoverer(w: Wiring) -> Actor:
+    settings = settings_from(KeyPoolSettings, w.config.actors.key_pool_recoverer, w.config.key_pool)
+    ports = KeyPoolPorts(store=w.stores.keys, probe=SimulatedBalanceProbe())
+    return KeyPoolRecoverer(settings, ports, w.clock)
+
+
+def _payment_watcher(w: Wiring) -> Actor:
+    return build_payment_watcher(w.config, w.clock, w.stores, w.outbox, w.provider)
+
+
+# The actor registry: ``run``, ``once``, the command line's choices and /status use it.
+REGISTRY: tuple[ActorEntry, ...] = (
+    ActorEntry(name=InvoiceExpirer.name, section="invoice_expirer", build=_invoice_expirer),
+    ActorEntry(name=RenewalScheduler.name, section="renewal_scheduler", build=_renewal_scheduler),
+    ActorEntry(
+        name=MailSender.name,
+        section="mail_sender",
+        build=_mail_sender,
+        woken_by_outbox_ready=True,
+    ),
+    ActorEntry(name=KeyPoolRecoverer.name, section="key_pool_recoverer", build=_key_pool_recoverer),
+    ActorEntry(name=PaymentWatcher.name, section="payment_watcher", build=_payment_watcher),
+)
+ACTOR_NAMES: tuple[str, ...] = tuple(entry.name for entry in REGISTRY)
+
+
 def build_actors(
     config: Config,
     *,
@@ -182,43 +288,21 @@ def build_actors(
     provider: PaymentProvider,
     transport: MailTransport,
 ) -> dict[str, Actor]:
-    actors_config = config.actors
-    expirer = InvoiceExpirer(
-        stores.invoices,
-        interval_seconds=actors_config.invoice_expirer.interval_seconds,
-        batch_size=actors_config.invoice_expirer.batch_size,
-    )
-    renewal = RenewalScheduler(
-        stores.renewals,
-        provider,
-        RenewalSettings.from_config(config, instance),
+    """Every actor of :data:`REGISTRY`, built for ``config``."""
+    wiring = Wiring(
+        config=config,
         clock=clock,
+        instance=instance,
+        stores=stores,
         outbox=outbox,
+        provider=provider,
+        transport=transport,
     )
-    mail = MailSender(
-        stores.outbox,
-        transport,
-        MailSettings.from_config(config, instance, mail_concurrency(config)),
-        clock=clock,
-    )
-    keys = KeyPoolRecoverer(
-        stores.keys,
-        SimulatedBalanceProbe(),
-        KeyPoolSettings(
-            interval_seconds=actors_config.key_pool_recoverer.interval_seconds,
-            cooldown_minutes=config.key_pool.cooldown_minutes,
-            failures_before_manual_review=config.key_pool.failures_before_manual_review,
-            balance_poll_seconds=config.key_pool.balance_poll_seconds,
-            probe_concurrency=config.key_pool.balance_probe_concurrency,
-        ),
-    )
-    watcher = build_payment_watcher(config, clock, stores, outbox, provider)
-    return {actor.name: actor for actor in (expirer, renewal, mail, keys, watcher)}
+    return {entry.name: entry.build(wiring) for entry in REGISTRY}
 
 
 def enabled(config: Config, name: str) -> bool:
-    section = getattr(config.actors, name.replace("-", "_"))
-    return bool(section.enabled)
+    return next(entry for entry in REGISTRY if entry.name == name).enabled(config)
 
 
 @asynccontextmanager
@@ -351,13 +435,17 @@ async def run_daemon(config: Config) -> int:
     """``nproxyd run``: build everything, supervise the actors, serve HTTP until a signal."""
     clock = SystemClock()
     async with open_components(config, clock) as components:
-        names = [name for name in components.actors if enabled(config, name)]
+        names = [entry.name for entry in REGISTRY if entry.enabled(config)]
         daemon = Daemon(
             config=config,
             clock=clock,
             instance_id=components.instance_id,
             actors={name: components.actors[name] for name in names},
-            wake={"mail-sender": components.outbox_ready_receiver},
+            wake={
+                entry.name: components.outbox_ready_receiver
+                for entry in REGISTRY
+                if entry.woken_by_outbox_ready
+            },
             payments=components.stores.payments,
             ipn=ipn_sink(config, components.actors),
             health=components.stores.health,
@@ -417,16 +505,11 @@ def ipn_verifier(config: Config) -> IpnVerifier | None:
 
 
 def payment_watcher_settings(config: Config) -> PaymentWatcherSettings:
-    section = config.actors.payment_watcher
-    return PaymentWatcherSettings(
-        interval_seconds=section.interval_seconds,
-        min_check_seconds=section.min_check_seconds,
-        max_check_seconds=section.max_check_seconds,
-        grace_hours=section.grace_hours,
-        payment_provider=config.billing.payment_provider,
-        provider_concurrency=config.billing.provider_concurrency,
-        operator_email=config.billing.operator_email,
-        from_address=config.email.from_address,
+    return settings_from(
+        PaymentWatcherSettings,
+        config.actors.payment_watcher,
+        config.billing,
+        config.email,
         batch_size=PAYMENT_CHECK_BATCH,
         lease_seconds=PAYMENT_CHECK_LEASE_SECONDS,
     )

@@ -27,7 +27,6 @@ import structlog
 
 from nproxyd.actors.leases import LeaseClock, kept_alive
 from nproxyd.core.clock import Clock
-from nproxyd.core.config import Config
 from nproxyd.core.errors import (
     MailPermanentError,
     MailTransientError,
@@ -43,30 +42,22 @@ from nproxyd.core.text import storable
 
 
 class MailSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """``[actors.mail_sender]``, the sender address, the instance and the delivery workers."""
+
     interval_seconds: float
     batch_size: int
     lease_seconds: float
     max_attempts: int
-    concurrency: int
+    retry_base_seconds: float
+    retry_max_seconds: float
     from_address: str
     instance_id: str
-    retry_base_seconds: float = 30.0
-    retry_cap_seconds: float = 3600.0
+    concurrency: int  # workers per batch: the transport's connections
 
-    @classmethod
-    def from_config(cls, config: Config, instance_id: str, concurrency: int) -> MailSettings:
-        section = config.actors.mail_sender
-        return cls(
-            interval_seconds=section.interval_seconds,
-            batch_size=section.batch_size,
-            lease_seconds=section.lease_seconds,
-            max_attempts=section.max_attempts,
-            concurrency=concurrency,
-            from_address=config.email.from_address,
-            instance_id=instance_id,
-            retry_base_seconds=section.retry_base_seconds,
-            retry_cap_seconds=section.retry_max_seconds,
-        )
+
+class MailPorts(msgspec.Struct, frozen=True, kw_only=True):
+    store: MailOutboxStore
+    transport: MailTransport
 
 
 class MailSender:
@@ -74,16 +65,15 @@ class MailSender:
 
     def __init__(
         self,
-        store: MailOutboxStore,
-        transport: MailTransport,
         settings: MailSettings,
-        *,
+        ports: MailPorts,
         clock: Clock,
+        *,
         rng: random.Random | None = None,
     ) -> None:
-        self.store = store
-        self.transport = transport
         self.settings = settings
+        self.store = ports.store
+        self.transport = ports.transport
         self.clock = clock
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self.interval_seconds = settings.interval_seconds
@@ -215,7 +205,7 @@ class MailSender:
         return backoff_seconds(
             self._outage_streak + 1,
             base_seconds=self.settings.retry_base_seconds,
-            cap_seconds=self.settings.retry_cap_seconds,
+            cap_seconds=self.settings.retry_max_seconds,
             rng=self.rng,
         )
 
@@ -262,7 +252,7 @@ class MailSender:
         delay = backoff_seconds(
             attempts,
             base_seconds=self.settings.retry_base_seconds,
-            cap_seconds=self.settings.retry_cap_seconds,
+            cap_seconds=self.settings.retry_max_seconds,
             rng=self.rng,
         )
         self.log.warning(

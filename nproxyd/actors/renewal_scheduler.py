@@ -27,7 +27,6 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from nproxyd.actors.leases import LeaseClock, kept_alive
 from nproxyd.core.channels import Outbox
 from nproxyd.core.clock import Clock
-from nproxyd.core.config import Config
 from nproxyd.core.errors import ProviderPermanentError, StoreDataError
 from nproxyd.core.messages import OutboxReady, RenewalReport
 from nproxyd.core.ports import (
@@ -60,33 +59,25 @@ Outcome = StoredInvoice | ReleasedSlot
 
 
 class RenewalSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """``[actors.renewal_scheduler]``, ``[billing]``, the app's URL, the sender, the instance."""
+
     interval_seconds: float
-    lead_hours: float
     batch_size: int
+    renewal_lead_time_hours: float
     provider_concurrency: int
     claim_lease_seconds: float
     failed_retry_hours: float
+    retry_base_seconds: float
+    retry_max_seconds: float
     app_base_url: str
     from_address: str
     instance_id: str
-    retry_base_seconds: float = 60.0
-    retry_cap_seconds: float = 3600.0
 
-    @classmethod
-    def from_config(cls, config: Config, instance_id: str) -> RenewalSettings:
-        return cls(
-            interval_seconds=config.actors.renewal_scheduler.interval_seconds,
-            lead_hours=config.billing.renewal_lead_time_hours,
-            batch_size=config.actors.renewal_scheduler.batch_size,
-            provider_concurrency=config.billing.provider_concurrency,
-            claim_lease_seconds=config.billing.claim_lease_seconds,
-            failed_retry_hours=config.billing.failed_retry_hours,
-            app_base_url=config.urls.app_base_url,
-            from_address=config.email.from_address,
-            instance_id=instance_id,
-            retry_base_seconds=config.billing.retry_base_seconds,
-            retry_cap_seconds=config.billing.retry_max_seconds,
-        )
+
+class RenewalPorts(msgspec.Struct, frozen=True, kw_only=True):
+    store: RenewalClaimStore
+    provider: PaymentProvider
+    outbox: Outbox
 
 
 class _Totals:
@@ -155,19 +146,17 @@ class RenewalScheduler:
 
     def __init__(
         self,
-        store: RenewalClaimStore,
-        provider: PaymentProvider,
         settings: RenewalSettings,
-        *,
+        ports: RenewalPorts,
         clock: Clock,
-        outbox: Outbox,
+        *,
         rng: random.Random | None = None,
     ) -> None:
-        self.store = store
-        self.provider = provider
         self.settings = settings
+        self.store = ports.store
+        self.provider = ports.provider
+        self.outbox = ports.outbox
         self.clock = clock
-        self.outbox = outbox
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self.interval_seconds = settings.interval_seconds
         self.log = structlog.get_logger().bind(actor=self.name)
@@ -210,7 +199,7 @@ class RenewalScheduler:
 
     async def _produce(self, work: MemoryObjectSendStream[Work], run: _Run) -> None:
         """Claim each batch of due candidates, hand the won slots to the workers."""
-        window_end = run.now + timedelta(hours=self.settings.lead_hours)
+        window_end = run.now + timedelta(hours=self.settings.renewal_lead_time_hours)
         async for batch in self.store.due_candidates(run.now, window_end, self.settings.batch_size):
             run.totals.candidates += len(batch)
             for pair in await self._claim(self._valid(batch, run), run):
@@ -355,7 +344,7 @@ class RenewalScheduler:
         delay = backoff_seconds(
             slot.attempts,
             base_seconds=self.settings.retry_base_seconds,
-            cap_seconds=self.settings.retry_cap_seconds,
+            cap_seconds=self.settings.retry_max_seconds,
             rng=self.rng,
         )
         self.log.warning(

@@ -24,7 +24,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from nproxyd import app, cli
-from nproxyd.actors.invoice_expirer import InvoiceExpirer
+from nproxyd.actors.invoice_expirer import ExpirerPorts, ExpirerSettings, InvoiceExpirer
 from nproxyd.core.clock import SystemClock, parse_instant
 from nproxyd.core.config import Config, load
 from nproxyd.core.errors import StoreError, SupervisorGaveUp
@@ -265,7 +265,11 @@ class TestLivenessAndReadiness:
         """An actor whose store keeps raising makes /readyz 503 and is the one marked not ok."""
         config = make_config(dsn, tmp_path, actors__invoice_expirer__interval_seconds="0.2")
         store = RaisingExpiryStore()
-        broken = InvoiceExpirer(store, interval_seconds=0.2, batch_size=100)
+        broken = InvoiceExpirer(
+            ExpirerSettings(interval_seconds=0.2, batch_size=100),
+            ExpirerPorts(store=store),
+            SystemClock(),
+        )
         async with running_daemon(config, replace={"invoice-expirer": broken}) as running:
             status_doc = await eventually(
                 lambda: running.get("/status"),

@@ -20,7 +20,7 @@ import anyio
 import asyncpg
 import pytest
 
-from nproxyd.actors.mail_sender import MailSender, MailSettings
+from nproxyd.actors.mail_sender import MailPorts, MailSender, MailSettings
 from nproxyd.adapters.mail_maildir import MaildirTransport
 from nproxyd.adapters.mail_smtp import SmtpTransport
 from nproxyd.core.clock import SystemClock
@@ -54,6 +54,8 @@ def settings(**overrides: Any) -> MailSettings:
         "concurrency": 3,
         "from_address": FROM,
         "instance_id": "sender-a",
+        "retry_base_seconds": 30.0,
+        "retry_max_seconds": 3600.0,
     }
     values.update(overrides)
     return MailSettings(**values)
@@ -133,10 +135,9 @@ def make_sender(
         transport = SmtpTransport(smtp_config(server, max_connections))
         transports.append(transport)
         sender = MailSender(
-            OutboxStore(db),
-            transport,
             settings(concurrency=max_connections, **overrides),
-            clock=SystemClock(),
+            MailPorts(store=OutboxStore(db), transport=transport),
+            SystemClock(),
         )
         return sender, transport
 
@@ -450,10 +451,9 @@ class TestSeveralSenders:
             store = LedgerStore(OutboxStore(db), ledger)
             senders.append(
                 MailSender(
-                    store,
-                    transport,
                     settings(instance_id=instance, batch_size=25),
-                    clock=SystemClock(),
+                    MailPorts(store=store, transport=transport),
+                    SystemClock(),
                 )
             )
         reports = {}
@@ -490,10 +490,9 @@ class TestSeveralSenders:
             transports.append(transport)
             senders.append(
                 MailSender(
-                    OutboxStore(db),
-                    transport,
                     settings(instance_id=instance, lease_seconds=1.0, batch_size=40, concurrency=2),
-                    clock=SystemClock(),
+                    MailPorts(store=OutboxStore(db), transport=transport),
+                    SystemClock(),
                 )
             )
         first, second = senders
@@ -553,7 +552,7 @@ class TestMaildir:
             mail_ids.append(mail_id)
         transport = MaildirTransport(tmp_path / "Maildir")
         transports.append(transport)
-        sender = MailSender(store, transport, settings(), clock=SystemClock())
+        sender = MailSender(settings(), MailPorts(store=store, transport=transport), SystemClock())
 
         report = await sender.tick(now)
 

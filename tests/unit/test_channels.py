@@ -10,7 +10,7 @@ from email.message import EmailMessage
 import anyio
 import pytest
 
-from nproxyd.actors.mail_sender import MailSender, MailSettings
+from nproxyd.actors.mail_sender import MailPorts, MailSender, MailSettings
 from nproxyd.core.channels import Channel, Outbox
 from nproxyd.core.messages import OutboxReady
 from nproxyd.core.records import MailOutcome, OutboxMail
@@ -87,8 +87,10 @@ def mail_sender(clock: FakeClock, outbox: FakeOutbox, transport: RecordingTransp
         concurrency=2,
         from_address="billing@nproxy.localhost",
         instance_id="test",
+        retry_base_seconds=30.0,
+        retry_max_seconds=3600.0,
     )
-    return MailSender(outbox, transport, settings, clock=clock)
+    return MailSender(settings, MailPorts(store=outbox, transport=transport), clock)
 
 
 @asynccontextmanager
