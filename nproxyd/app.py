@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,8 +50,15 @@ from nproxyd.core.ports import (
     PaymentProvider,
     PaymentStatusSource,
 )
-from nproxyd.runtime.actor import Actor
-from nproxyd.runtime.daemon import Daemon
+from nproxyd.runtime.actor import Actor, ActorLoop
+from nproxyd.runtime.daemon import Daemon, DaemonParts
+from nproxyd.runtime.http import OpsServer
+from nproxyd.runtime.ipn import IpnServer
+from nproxyd.runtime.listener import MailDueListener
+from nproxyd.runtime.metrics import Metrics
+from nproxyd.runtime.ops import Monitor, OpsQueries
+from nproxyd.runtime.sdnotify import Notifier
+from nproxyd.runtime.supervisor import Supervisor
 from nproxyd.store.database import Database, RolledBackDatabase, create_pool, driver_dsn_problem
 from nproxyd.store.embedded import start_embedded
 from nproxyd.store.listener import mail_due_sessions
@@ -435,27 +442,129 @@ async def run_daemon(config: Config) -> int:
     """``nproxyd run``: build everything, supervise the actors, serve HTTP until a signal."""
     clock = SystemClock()
     async with open_components(config, clock) as components:
-        names = [entry.name for entry in REGISTRY if entry.enabled(config)]
-        daemon = Daemon(
-            config=config,
-            clock=clock,
-            instance_id=components.instance_id,
-            actors={name: components.actors[name] for name in names},
-            wake={
-                entry.name: components.outbox_ready_receiver
-                for entry in REGISTRY
-                if entry.woken_by_outbox_ready
-            },
-            payments=components.stores.payments,
-            ipn=ipn_sink(config, components.actors),
-            health=components.stores.health,
-            keys=components.stores.keys,
-            channel=components.outbox_ready,
-            startup=startup_facts(config, components),
-            notify_sessions=notify_sessions(config, components),
-            notify_wake=_waker(components.mail_due),
+        return await build_daemon(components).run()
+
+
+def build_daemon(
+    components: Components,
+    *,
+    replace: Mapping[str, Actor] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Daemon:
+    """The daemon of ``nproxyd run``: the enabled actors (some swapped for ``replace``, a test
+    seam) in supervised loops, the listener, the HTTP surfaces, sd_notify."""
+    config, clock = components.config, components.clock
+    actors = {**components.actors, **(replace or {})}
+    enabled_actors = {e.name: actors[e.name] for e in REGISTRY if e.enabled(config)}
+    metrics = Metrics(list(enabled_actors))
+    for channel in (components.outbox_ready, components.mail_due):
+        if channel is not None:
+            channel.on_drop = metrics.messages_dropped.inc
+    monitor = Monitor(clock, metrics)
+    loops = _loops(components, enabled_actors, monitor)
+    supervisor = _supervisor(config, clock, metrics)
+    for name, loop in loops.items():
+        supervisor.add(name, loop.run)
+    listener = _listener(components, metrics, loops)
+    if listener is not None:
+        supervisor.add(listener.name, listener.run)
+    queries = _queries(components, loops, supervisor, monitor, listener)
+    parts = DaemonParts(
+        instance_id=components.instance_id,
+        metrics=metrics,
+        loops=loops,
+        supervisor=supervisor,
+        queries=queries,
+        server=OpsServer(queries, config.http.listen),
+        notifier=Notifier.from_environ(os.environ if environ is None else environ),
+        ipn_server=_ipn_server(config, components.actors, metrics),
+        shutdown_grace_seconds=config.daemon.shutdown_grace_seconds,
+        environ=os.environ if environ is None else environ,
+        startup=startup_facts(config, components),
+    )
+    return Daemon(parts, clock=clock)
+
+
+def _loops(
+    components: Components, actors: Mapping[str, Actor], monitor: Monitor
+) -> dict[str, ActorLoop]:
+    woken = {entry.name for entry in REGISTRY if entry.woken_by_outbox_ready}
+    return {
+        name: ActorLoop(
+            actor,
+            components.clock,
+            monitor,
+            wake=components.outbox_ready_receiver if name in woken else None,
         )
-        return await daemon.run()
+        for name, actor in actors.items()
+    }
+
+
+def _supervisor(config: Config, clock: Clock, metrics: Metrics) -> Supervisor:
+    return Supervisor(
+        clock,
+        max_restarts=config.daemon.max_restarts,
+        restart_window_seconds=config.daemon.restart_window_seconds,
+        on_restart=lambda name: metrics.restarts.labels(actor=name).inc(),
+    )
+
+
+def _listener(
+    components: Components, metrics: Metrics, loops: Mapping[str, ActorLoop]
+) -> MailDueListener | None:
+    """The NOTIFY listener waking the mail sender, when it runs here and can have a session."""
+    config = components.config
+    if MailSender.name not in loops or components.mail_due is None:
+        return None
+    sessions = notify_sessions(config, components)
+    if sessions is None:
+        return None
+    return MailDueListener(
+        sessions,
+        wake=_waker(components.mail_due),
+        clock=components.clock,
+        metrics=metrics,
+        connect_timeout_seconds=config.database.connect_timeout_seconds,
+    )
+
+
+def _queries(
+    components: Components,
+    loops: dict[str, ActorLoop],
+    supervisor: Supervisor,
+    monitor: Monitor,
+    listener: MailDueListener | None,
+) -> OpsQueries:
+    config = components.config
+    return OpsQueries(
+        clock=components.clock,
+        instance_id=components.instance_id,
+        loops=loops,
+        supervisor=supervisor,
+        monitor=monitor,
+        health=components.stores.health,
+        keys=components.stores.keys,
+        channel=components.outbox_ready,
+        settings=config.health,
+        retry_windows=retry_windows(config),
+        listener=listener,
+        payments=components.stores.payments,
+    )
+
+
+def _ipn_server(config: Config, actors: Mapping[str, Actor], metrics: Metrics) -> IpnServer | None:
+    sink = ipn_sink(config, dict(actors))
+    return IpnServer(sink, config.ipn.listen, metrics.payments) if sink is not None else None
+
+
+def retry_windows(config: Config) -> dict[str, float]:
+    """How long a failing work item of each retrying actor can wait for its next attempt."""
+    actors = config.actors
+    return {
+        RenewalScheduler.name: config.billing.retry_max_seconds
+        + actors.renewal_scheduler.interval_seconds,
+        MailSender.name: actors.mail_sender.retry_max_seconds + actors.mail_sender.interval_seconds,
+    }
 
 
 def notify_sessions(config: Config, components: Components) -> NotifySessions | None:
@@ -473,9 +582,7 @@ def notify_sessions(config: Config, components: Components) -> NotifySessions | 
     )
 
 
-def _waker(channel: Outbox | None) -> Callable[[], object] | None:
-    if channel is None:
-        return None
+def _waker(channel: Outbox) -> Callable[[], object]:
     return lambda: channel.offer(OutboxReady(count=0))
 
 

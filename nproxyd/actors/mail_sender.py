@@ -25,7 +25,7 @@ import anyio
 import msgspec
 import structlog
 
-from nproxyd.actors.leases import LeaseClock, kept_alive
+from nproxyd.actors.leases import LeaseDeadlines, kept_alive
 from nproxyd.core.clock import Clock
 from nproxyd.core.errors import (
     MailPermanentError,
@@ -86,7 +86,7 @@ class MailSender:
 
     async def tick(self, now: datetime) -> MailReport:
         """Deliver everything due at ``now`` once."""
-        leases = LeaseClock(self.clock, now, self.settings.lease_seconds)
+        leases = LeaseDeadlines(self.clock, now, self.settings.lease_seconds)
         holder = self.settings.instance_id
         counts: Counter[str] = Counter()
         failures: Counter[str] = Counter()
@@ -103,7 +103,7 @@ class MailSender:
     async def _send_batch(
         self,
         batch: list[OutboxMail],
-        leases: LeaseClock,
+        leases: LeaseDeadlines,
         counts: Counter[str],
         failures: Counter[str],
     ) -> bool:

@@ -24,7 +24,7 @@ import msgspec
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from nproxyd.actors.leases import LeaseClock, kept_alive
+from nproxyd.actors.leases import LeaseDeadlines, kept_alive
 from nproxyd.core.channels import Outbox
 from nproxyd.core.clock import Clock
 from nproxyd.core.errors import ProviderPermanentError, StoreDataError
@@ -131,7 +131,7 @@ class LogMemo:
 class _Run:
     """What one tick's producer, provider workers and committer share."""
 
-    def __init__(self, token: str, leases: LeaseClock, totals: _Totals) -> None:
+    def __init__(self, token: str, leases: LeaseDeadlines, totals: _Totals) -> None:
         self.token = token
         self.leases = leases
         self.now = leases.now
@@ -168,7 +168,7 @@ class RenewalScheduler:
         The next batch is read and claimed while the provider calls of the previous one run,
         so a batch boundary never leaves the provider idle.
         """
-        leases = LeaseClock(self.clock, now, self.settings.claim_lease_seconds)
+        leases = LeaseDeadlines(self.clock, now, self.settings.claim_lease_seconds)
         run = _Run(uuid.uuid4().hex, leases, _Totals())
         size = self.settings.batch_size
 

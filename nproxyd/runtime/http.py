@@ -10,7 +10,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from nproxyd.core.errors import ConfigError
-from nproxyd.runtime.ops import OpsState
+from nproxyd.runtime.ops import OpsQueries
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -35,7 +35,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 class OpsServer:
-    def __init__(self, state: OpsState, listen: str) -> None:
+    def __init__(self, state: OpsQueries, listen: str) -> None:
         self.state = state
         self.host, self.port = parse_listen(listen)
         self.runner: web.AppRunner | None = None

@@ -1,6 +1,6 @@
 """What the operations surface reports: readiness, status and metrics of a running daemon.
 
-Readiness is judged by :meth:`OpsState.check`, which the daemon runs on its own every
+Readiness is judged by :meth:`OpsQueries.check`, which the daemon runs on its own every
 :data:`HEALTH_CHECK_SECONDS` (and each request runs afresh). The reasons it can give are
 documented in docs/operations.md ("Readiness reasons").
 """
@@ -87,7 +87,7 @@ class Reason(msgspec.Struct, frozen=True, kw_only=True):
     actor: str | None = None
 
 
-class OpsState:
+class OpsQueries:
     """Collects what /readyz, /status and /metrics answer."""
 
     def __init__(

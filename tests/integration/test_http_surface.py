@@ -122,22 +122,10 @@ class Running:
 async def running_daemon(
     config: Config, *, replace: Mapping[str, Actor] | None = None
 ) -> AsyncIterator[Running]:
-    """Compose like ``app.run_daemon`` (optionally swapping actors) and run ``Daemon.run``."""
+    """Build the daemon with ``app.build_daemon`` (optionally swapping actors), run it."""
     clock = SystemClock()
     async with app.open_components(config, clock) as components:
-        actors: dict[str, Actor] = {**components.actors, **(replace or {})}
-        daemon = Daemon(
-            config=config,
-            clock=clock,
-            instance_id=components.instance_id,
-            actors=actors,
-            wake={"mail-sender": components.outbox_ready_receiver},
-            health=components.stores.health,
-            keys=components.stores.keys,
-            channel=components.outbox_ready,
-            environ={},
-            payments=components.stores.payments,
-        )
+        daemon = app.build_daemon(components, replace=replace, environ={})
         timeout = aiohttp.ClientTimeout(total=10)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             handle = Running(daemon, session)
@@ -795,7 +783,7 @@ class TestHonestHealth:
         """Wake-ups offered to a full channel are dropped and counted in messages_dropped_total."""
         async with running_daemon(make_config(dsn, tmp_path)) as running:
             await ready(running)
-            channel = running.daemon.state.channel
+            channel = running.daemon.queries.channel
             for _ in range(200):
                 channel.offer(OutboxReady(count=1))
             dropped = channel.dropped
