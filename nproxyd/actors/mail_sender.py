@@ -115,9 +115,14 @@ class MailSender:
             return await self.store.extend(ids, holder, until)
 
         outage = _Outage(leases.now)
+        bugs: list[Exception] = []
         async with kept_alive(leases, extend, what="mail"):
-            outcomes = await self._deliver_all(batch, leases.now, failures, outage)
+            outcomes = await self._deliver_all(batch, leases.now, failures, outage, bugs)
         await self._record(outcomes, leases.now, counts)
+        if bugs:
+            # A bug fails the tick, after what was delivered is recorded: a delivered mail is
+            # never sent again because of a neighbour. Rows left keep their lease and attempts.
+            raise bugs[0] if len(bugs) == 1 else ExceptionGroup("mail delivery bugs", bugs)
         return outage.reason is None
 
     def _report(self, counts: Counter[str], failures: Counter[str]) -> MailReport:
@@ -137,18 +142,32 @@ class MailSender:
     # -- delivery --------------------------------------------------------------------------
 
     async def _deliver_all(
-        self, batch: list[OutboxMail], now: datetime, failures: Counter[str], outage: _Outage
+        self,
+        batch: list[OutboxMail],
+        now: datetime,
+        failures: Counter[str],
+        outage: _Outage,
+        bugs: list[Exception],
     ) -> list[MailOutcome]:
-        """Deliver a batch with ``concurrency`` workers sharing one queue of rows."""
+        """Deliver a batch with ``concurrency`` workers sharing one queue of rows.
+
+        A programming error (anything but the mail error family) stops every worker taking
+        rows and lands in ``bugs``; the outcomes so far are returned for recording.
+        """
         outcomes: list[MailOutcome] = []
         queue = iter(batch)
 
         async def worker() -> None:
             for mail in queue:  # each worker takes the next row; no row is taken twice
+                if bugs:
+                    return
                 if outage.reason is not None:
                     outcomes.append(self._defer(mail, outage))
-                else:
+                    continue
+                try:
                     outcomes.append(await self._deliver(mail, now, failures, outage))
+                except Exception as exc:
+                    bugs.append(exc)
 
         async with anyio.create_task_group() as group:
             for number in range(min(self.settings.concurrency, len(batch))):
@@ -175,10 +194,6 @@ class MailSender:
             failures["permanent"] += 1
             return self._dead(mail, now, _reason(exc))
         except MailTransientError as exc:
-            failures["transient"] += 1
-            return self._retry(mail, now, _reason(exc))
-        except Exception as exc:  # a bug must not lose the outcomes of the rest of the batch
-            self.log.exception("mail_delivery_error", mail_id=mail.id)
             failures["transient"] += 1
             return self._retry(mail, now, _reason(exc))
         self.log.debug("mail_delivered", mail_id=mail.id, message_id=mail.message_id)

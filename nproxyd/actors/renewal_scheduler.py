@@ -27,7 +27,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from nproxyd.actors.leases import LeaseDeadlines, kept_alive
 from nproxyd.core.channels import Outbox
 from nproxyd.core.clock import Clock
-from nproxyd.core.errors import ProviderPermanentError, StoreDataError
+from nproxyd.core.errors import ProviderError, ProviderPermanentError, StoreDataError
 from nproxyd.core.messages import OutboxReady, RenewalReport
 from nproxyd.core.ports import (
     InvoiceRequest,
@@ -267,7 +267,7 @@ class RenewalScheduler:
         except ProviderPermanentError as exc:
             run.totals.permanent += 1
             return self._failed(slot, run.token, run.now, exc.message)
-        except Exception as exc:
+        except ProviderError as exc:  # anything else is a bug: it fails the tick
             run.totals.transient += 1
             return self._retry(candidate, slot, run.token, run.now, exc)
 

@@ -613,3 +613,50 @@ class TestLeaseFencing:
         row = await outbox_row(db, taken.id)
         assert (row["status"], row["leased_by"]) == ("pending", "fast")
         assert await store.record([outcome], later, "fast") == 1
+
+
+class BuggyTransport:
+    """The real SMTP transport, except that sending to ``bug@example.test`` hits a bug once
+    ``others`` other mails were delivered (so the bug lands amid a batch, whatever its order)."""
+
+    def __init__(self, inner: SmtpTransport, others: int) -> None:
+        self.inner = inner
+        self.others = others
+        self.delivered = 0
+        self.all_delivered = anyio.Event()
+
+    async def send(self, message: EmailMessage, recipient: str) -> None:
+        if recipient == "bug@example.test":
+            with anyio.fail_after(10):
+                await self.all_delivered.wait()
+            raise TypeError("a bug in the transport")
+        await self.inner.send(message, recipient)
+        self.delivered += 1
+        if self.delivered == self.others:
+            self.all_delivered.set()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class TestProgrammingErrors:
+    async def test_a_bug_fails_the_tick_after_recording_what_was_delivered(
+        self, db: Database, server: FakeSmtpServer, transports: list[MailTransport]
+    ) -> None:
+        """A non-mail error in one send fails the tick; the mails its neighbours delivered are
+        recorded sent first (never sent again), and the row at fault keeps its attempts."""
+        now = SystemClock().now()
+        good = await insert_mail(db, 3, now)
+        [bad] = await insert_mail(db, 1, now, start=10, to="bug@example.test")
+        transport = SmtpTransport(smtp_config(server, 4))
+        transports.append(transport)
+        ports = MailPorts(store=OutboxStore(db), transport=BuggyTransport(transport, others=3))
+        sender = MailSender(settings(concurrency=4), ports, SystemClock())
+
+        with pytest.raises(TypeError, match="a bug in the transport"):
+            await sender.tick(now)
+
+        rows = {mail_id: await outbox_row(db, mail_id) for mail_id in [*good, bad]}
+        assert [rows[mail_id]["status"] for mail_id in good] == ["sent"] * 3
+        assert sorted(received_ids(server).values()) == [1, 1, 1]
+        assert (rows[bad]["status"], rows[bad]["attempts"]) == ("pending", 0)

@@ -431,6 +431,29 @@ class TestProviderFailures:
         assert await count(db, "mail_outbox") == 0
         assert channel.received() == []
 
+    async def test_a_programming_error_fails_the_tick_and_schedules_no_retry(
+        self, db: Database, channel: Channel
+    ) -> None:
+        """Only the provider error family is a failed call: a TypeError fails the tick and the
+        claim is left to its lease (no retry recorded with the bug as its reason)."""
+        await worked_example(db)
+
+        async def bug(request: InvoiceRequest) -> None:
+            raise TypeError("a bug")
+
+        provider = WrappedProvider(simulated(), before=bug)
+        with pytest.raises(BaseException) as caught:
+            await make_scheduler(db, provider, channel).tick(NOW)
+
+        assert (
+            caught.group_contains(TypeError)
+            if isinstance(caught.value, BaseExceptionGroup)
+            else isinstance(caught.value, TypeError)
+        )
+        [claim] = await claims(db)
+        assert (claim["state"], claim["last_error"]) == ("claimed", None)
+        assert await count(db, "payment_invoices") == 0
+
     async def test_retry_waits_for_its_time_then_creates_one(
         self, db: Database, channel: Channel
     ) -> None:
