@@ -167,7 +167,7 @@ class Daemon:
             if self.supervisor.healthy:
                 ready, body = await self.queries.readiness()
                 reasons = sorted({reason["reason"] for reason in body["reasons"]})
-                self.notifier.send("WATCHDOG=1", f"STATUS={self._summary(ready, reasons)}")
+                self.notifier.watchdog(self._summary(ready, reasons))
             await self.clock.sleep(interval)
 
     def _summary(self, ready: bool, reasons: list[str] | None = None) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import anyio
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -65,12 +64,6 @@ class OpsServer:
         if addresses:
             self.port = int(addresses[0][1])
         self.log.info("http_listening", host=self.host, port=self.port)
-
-    async def serve(self, shutdown: anyio.Event) -> None:
-        """Run until shutdown (a supervised child); the socket was bound by start()."""
-        if self.runner is None:
-            await self.start()
-        await shutdown.wait()
 
     async def stop(self) -> None:
         if self.runner is not None:

@@ -20,6 +20,7 @@ from nproxyd.core.messages import (
     ExpirerReport,
     KeyPoolReport,
     MailReport,
+    PaymentWatcherReport,
     RenewalReport,
     Report,
 )
@@ -211,6 +212,8 @@ class Metrics:
                 self.mail_failures.labels(kind=kind).inc(count)
         elif isinstance(report, KeyPoolReport):
             self.keys_recovered.inc(report.recovered_count)
+        elif isinstance(report, PaymentWatcherReport):
+            self.payments.count_report(report)
 
     def _count_renewal(self, report: RenewalReport) -> None:
         self.renewals_created.inc(report.created_count)

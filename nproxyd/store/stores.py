@@ -154,9 +154,6 @@ class KeyStore:
         )
         return convert_rows(rows, KeyTransition)
 
-    async def record_successes(self, ids: Sequence[str], now: datetime) -> int:
-        return affected(await self.db.execute("record_key_successes", list(ids), now))
-
     async def counts(self) -> dict[str, int]:
         rows = await self.db.fetch("provider_key_counts")
         return {row["status"]: row["count"] for row in rows}

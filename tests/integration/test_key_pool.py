@@ -100,12 +100,6 @@ class TestFailureAccounting:
         )
         assert (await key_rows(db))["k"]["cooldown_until"] == NOW + timedelta(minutes=10)
 
-    async def test_success_resets_the_failure_count(self, db: Database) -> None:
-        """A successful use sets consecutive_failures back to 0."""
-        await seed.key(db.pool, "k", failures=2)
-        assert await KeyStore(db).record_successes(["k"], NOW) == 1
-        assert (await key_rows(db))["k"]["consecutive_failures"] == 0
-
 
 class TestBalancePolling:
     async def test_balances_are_stored_and_failures_counted(self, db: Database) -> None:
