@@ -285,26 +285,8 @@ REGISTRY: tuple[ActorEntry, ...] = (
 ACTOR_NAMES: tuple[str, ...] = tuple(entry.name for entry in REGISTRY)
 
 
-def build_actors(
-    config: Config,
-    *,
-    clock: Clock,
-    stores: Stores,
-    instance: str,
-    outbox: Outbox,
-    provider: PaymentProvider,
-    transport: MailTransport,
-) -> dict[str, Actor]:
-    """Every actor of :data:`REGISTRY`, built for ``config``."""
-    wiring = Wiring(
-        config=config,
-        clock=clock,
-        instance=instance,
-        stores=stores,
-        outbox=outbox,
-        provider=provider,
-        transport=transport,
-    )
+def build_actors(wiring: Wiring) -> dict[str, Actor]:
+    """Every actor of :data:`REGISTRY`, built from ``wiring``."""
     return {entry.name: entry.build(wiring) for entry in REGISTRY}
 
 
@@ -316,36 +298,22 @@ def enabled(config: Config, name: str) -> bool:
 async def open_components(
     config: Config, clock: Clock, *, auto_migrate: bool | None = None, dry_run: bool = False
 ) -> AsyncIterator[Components]:
-    """Build every component; closes what it opened on exit.
-
-    ``dry_run``: no migration, every statement rolled back, no provider call, no mail sent.
-    """
+    """Build every component, closing what it opened on exit. ``dry_run``: no migration, every
+    statement rolled back, no provider call, no mail sent."""
     migrate_now = config.database.auto_migrate if auto_migrate is None else auto_migrate
     async with AsyncExitStack() as stack:
-        applied: list[list[int]] = []
         dsn = await resolve_dsn(config)
-        db = await open_database(
-            config, auto_migrate=migrate_now and not dry_run, dsn=dsn, on_migrated=applied.append
-        )
-        if dry_run:
-            db = await _rolled_back(db)
-        stack.push_async_callback(db.close)
+        db, applied = await _database(stack, config, dsn, migrate=migrate_now, dry_run=dry_run)
         stores = Stores.for_database(db)
         provider, transport = _adapters(config, clock, dry_run=dry_run)
         stack.push_async_callback(provider.aclose)
         stack.push_async_callback(transport.aclose)
-        sender: MemoryObjectSendStream[OutboxReady]
-        sender, receiver = anyio.create_memory_object_stream[OutboxReady](OUTBOX_READY_BUFFER)
-        stack.enter_context(sender)
-        stack.enter_context(receiver)
-        instance = instance_id(config)
-        outbox = Outbox(sender)
-        mail_due = Outbox(stack.enter_context(sender.clone()))
-        actors = build_actors(
-            config,
+        outbox, mail_due, receiver = _outbox_ready_channels(stack)
+        wiring = Wiring(
+            config=config,
             clock=clock,
+            instance=instance_id(config),
             stores=stores,
-            instance=instance,
             outbox=outbox,
             provider=provider,
             transport=transport,
@@ -353,19 +321,45 @@ async def open_components(
         yield Components(
             config=config,
             clock=clock,
-            instance_id=instance,
+            instance_id=wiring.instance,
             db=db,
             stores=stores,
             outbox_ready=outbox,
             outbox_ready_receiver=receiver,
-            actors=actors,
+            actors=build_actors(wiring),
             provider=provider,
             transport=transport,
             dry_run=dry_run,
-            migrations_applied=applied[0] if applied else None,
+            migrations_applied=applied,
             session_dsn=session_dsn(config, dsn),
             mail_due=mail_due,
         )
+
+
+async def _database(
+    stack: AsyncExitStack, config: Config, dsn: str, *, migrate: bool, dry_run: bool
+) -> tuple[Database, list[int] | None]:
+    """The pool (closed with ``stack``) and the migrations this start applied (None: not run)."""
+    applied: list[list[int]] = []
+    db = await open_database(
+        config, auto_migrate=migrate and not dry_run, dsn=dsn, on_migrated=applied.append
+    )
+    db = await _rolled_back(db) if dry_run else db
+    stack.push_async_callback(db.close)
+    return db, applied[0] if applied else None
+
+
+def _outbox_ready_channels(
+    stack: AsyncExitStack,
+) -> tuple[Outbox, Outbox, MemoryObjectReceiveStream[OutboxReady]]:
+    """The in-process ``OutboxReady`` channel: the actors' sender, the NOTIFY listener's
+    sender, and the mail sender's receiver (closed with ``stack``)."""
+    sender: MemoryObjectSendStream[OutboxReady]
+    sender, receiver = anyio.create_memory_object_stream[OutboxReady](OUTBOX_READY_BUFFER)
+    stack.enter_context(sender)
+    stack.enter_context(receiver)
+    mail_due = Outbox(stack.enter_context(sender.clone()))
+    return Outbox(sender), mail_due, receiver
 
 
 def dsn_host(dsn: str) -> str:

@@ -55,7 +55,7 @@ from nproxyd.core.text import storable
 _COMMIT_GROUP = 500
 _LOG_AGAIN_AFTER = timedelta(hours=1)  # a warning about one bad row, at most this often
 _MEMO_SIZE = 10_000  # rows remembered for that; the oldest are forgotten first
-Outcome = StoredInvoice | ReleasedSlot
+SlotResult = StoredInvoice | ReleasedSlot  # what a provider call left for its claimed slot
 
 
 class RenewalSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -176,7 +176,7 @@ class RenewalScheduler:
             return await self.store.extend(run.token, until)
 
         work_send, work_receive = anyio.create_memory_object_stream[Work](size)
-        result_send, result_receive = anyio.create_memory_object_stream[Outcome](size)
+        result_send, result_receive = anyio.create_memory_object_stream[SlotResult](size)
         async with (
             kept_alive(leases, extend, what="renewal-claims"),
             anyio.create_task_group() as tg,
@@ -252,14 +252,16 @@ class RenewalScheduler:
     async def _worker(
         self,
         work: MemoryObjectReceiveStream[Work],
-        results: MemoryObjectSendStream[Outcome],
+        results: MemoryObjectSendStream[SlotResult],
         run: _Run,
     ) -> None:
         async with work, results:
             async for candidate, slot in work:
                 await results.send(await self._request(candidate, slot, run))
 
-    async def _request(self, candidate: RenewalCandidate, slot: ClaimedSlot, run: _Run) -> Outcome:
+    async def _request(
+        self, candidate: RenewalCandidate, slot: ClaimedSlot, run: _Run
+    ) -> SlotResult:
         try:
             request = self._request_for(candidate, slot)
             answer = await self.provider.create_invoice(request, run.now)
@@ -370,7 +372,9 @@ class RenewalScheduler:
             error=storable(error),
         )
 
-    async def _commit_loop(self, receiver: MemoryObjectReceiveStream[Outcome], run: _Run) -> None:
+    async def _commit_loop(
+        self, receiver: MemoryObjectReceiveStream[SlotResult], run: _Run
+    ) -> None:
         async with receiver:
             async for first in receiver:
                 group = [first]
@@ -381,7 +385,7 @@ class RenewalScheduler:
                         break
                 await self._commit(group, run.now, run.totals)
 
-    async def _commit(self, group: list[Outcome], now: datetime, totals: _Totals) -> None:
+    async def _commit(self, group: list[SlotResult], now: datetime, totals: _Totals) -> None:
         invoices = [item for item in group if isinstance(item, StoredInvoice)]
         released = [item for item in group if isinstance(item, ReleasedSlot)]
         if invoices:

@@ -46,6 +46,14 @@ def _port_busy(exc: ConfigError) -> PortBusy | None:
     return None
 
 
+async def _start(server: OpsServer | IpnServer) -> None:
+    """Bind ``server``'s socket; a busy port is a temporary failure (exit 75)."""
+    try:
+        await server.start()
+    except ConfigError as exc:
+        raise _port_busy(exc) or exc from None
+
+
 class DaemonParts(msgspec.Struct, frozen=True, kw_only=True):
     """What a daemon runs, built by the composition root (``nproxyd.app.build_daemon``)."""
 
@@ -81,36 +89,11 @@ class Daemon:
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT; raises SupervisorGaveUp when the actors keep crashing."""
-        try:
-            await self.server.start()
-        except ConfigError as exc:
-            raise _port_busy(exc) or exc from None
-        gave_up: SupervisorGaveUp | None = None
+        await _start(self.server)
         try:
             if self.ipn_server is not None:
-                try:
-                    await self.ipn_server.start()
-                except ConfigError as exc:
-                    raise _port_busy(exc) or exc from None
-            async with anyio.create_task_group() as group:
-                group.start_soon(self._signals, group.cancel_scope, name="signals")
-                group.start_soon(self._watchdog, name="sd-watchdog")
-                group.start_soon(self._grace, group.cancel_scope, name="shutdown-grace")
-                group.start_soon(self._health, name="health-check")
-                self.log.info(
-                    "daemon_started",
-                    version=__version__,
-                    instance_id=self.instance_id,
-                    actors=sorted(self.loops),
-                    http_port=self.server.port,
-                    **self.startup,
-                )
-                self.notifier.ready(f"running {len(self.loops)} actors")
-                try:
-                    await self.supervisor.run(self.shutdown)
-                except SupervisorGaveUp as exc:
-                    gave_up = exc
-                group.cancel_scope.cancel()
+                await _start(self.ipn_server)
+            gave_up = await self._supervise()
         finally:
             self.notifier.stopping("stopping")
             with anyio.CancelScope(shield=True):
@@ -121,6 +104,30 @@ class Daemon:
         if gave_up is not None:
             raise gave_up
         return 0
+
+    async def _supervise(self) -> SupervisorGaveUp | None:
+        """Run the supervisor with the daemon's own tasks beside it, until it returns."""
+        gave_up: SupervisorGaveUp | None = None
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._signals, group.cancel_scope, name="signals")
+            group.start_soon(self._watchdog, name="sd-watchdog")
+            group.start_soon(self._grace, group.cancel_scope, name="shutdown-grace")
+            group.start_soon(self._health, name="health-check")
+            self.log.info(
+                "daemon_started",
+                version=__version__,
+                instance_id=self.instance_id,
+                actors=sorted(self.loops),
+                http_port=self.server.port,
+                **self.startup,
+            )
+            self.notifier.ready(f"running {len(self.loops)} actors")
+            try:
+                await self.supervisor.run(self.shutdown)
+            except SupervisorGaveUp as exc:
+                gave_up = exc
+            group.cancel_scope.cancel()
+        return gave_up
 
     async def _signals(self, scope: anyio.CancelScope) -> None:
         try:

@@ -100,6 +100,15 @@ class Metrics:
     def __init__(self, actors: list[str]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._add_actor_metrics(r)
+        self._add_work_metrics(r)
+        self._skip_reasons: set[str] = set()
+        self._add_failure_metrics(r)
+        self._prime(actors)
+        self._add_wakeup_metrics()
+        self.payments = PaymentMetrics(r)
+
+    def _add_actor_metrics(self, r: CollectorRegistry) -> None:
         self.ticks = Counter(
             "nproxyd_actor_ticks",
             _help("nproxyd_actor_ticks_total"),
@@ -125,6 +134,8 @@ class Metrics:
             ["actor"],
             registry=r,
         )
+
+    def _add_work_metrics(self, r: CollectorRegistry) -> None:
         self.invoices_expired = Counter(
             "nproxyd_invoices_expired", "Pending invoices marked expired.", registry=r
         )
@@ -150,11 +161,6 @@ class Metrics:
         self.messages_dropped = Counter(
             "nproxyd_messages_dropped", "Actor messages dropped on a full channel.", registry=r
         )
-        self._skip_reasons: set[str] = set()
-        self._add_failure_metrics(r)
-        self._prime(actors)
-        self._add_wakeup_metrics()
-        self.payments = PaymentMetrics(r)
 
     def _add_failure_metrics(self, r: CollectorRegistry) -> None:
         self.renewal_failures = Counter(
