@@ -563,7 +563,7 @@ def retry_windows(config: Config) -> dict[str, float]:
 
 def notify_sessions(config: Config, components: Components) -> NotifySessions | None:
     """The NOTIFY listener's sessions; None (with one warning) when it cannot have one."""
-    if components.session_dsn is None and enabled(config, "mail-sender"):
+    if components.session_dsn is None and enabled(config, MailSender.name):
         structlog.get_logger().warning(
             "listener_disabled",
             reason="database.pooler = pgbouncer without database.direct_dsn",
