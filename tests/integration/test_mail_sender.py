@@ -12,7 +12,7 @@ import email.policy
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from datetime import datetime, timedelta
-from email.message import EmailMessage
+from email.message import EmailMessage, Message
 from pathlib import Path
 from typing import Any
 
@@ -625,7 +625,7 @@ class BuggyTransport:
         self.delivered = 0
         self.all_delivered = anyio.Event()
 
-    async def send(self, message: EmailMessage, recipient: str) -> None:
+    async def send(self, message: Message, recipient: str) -> None:
         if recipient == "bug@example.test":
             with anyio.fail_after(10):
                 await self.all_delivered.wait()

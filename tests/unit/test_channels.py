@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from email.message import EmailMessage
+from email.message import Message
 
 import anyio
 import pytest
@@ -71,7 +71,7 @@ class RecordingTransport:
         self.clock = clock
         self.sent: list[tuple[str, float]] = []
 
-    async def send(self, message: EmailMessage, recipient: str) -> None:
+    async def send(self, message: Message, recipient: str) -> None:
         self.sent.append((recipient, self.clock.monotonic()))
 
     async def aclose(self) -> None:
