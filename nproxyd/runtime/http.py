@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import anyio
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from nproxyd.core.errors import ConfigError
-from nproxyd.runtime.ops import OpsState
+from nproxyd.runtime.ops import OpsQueries
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -35,7 +34,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 class OpsServer:
-    def __init__(self, state: OpsState, listen: str) -> None:
+    def __init__(self, state: OpsQueries, listen: str) -> None:
         self.state = state
         self.host, self.port = parse_listen(listen)
         self.runner: web.AppRunner | None = None
@@ -65,12 +64,6 @@ class OpsServer:
         if addresses:
             self.port = int(addresses[0][1])
         self.log.info("http_listening", host=self.host, port=self.port)
-
-    async def serve(self, shutdown: anyio.Event) -> None:
-        """Run until shutdown (a supervised child); the socket was bound by start()."""
-        if self.runner is None:
-            await self.start()
-        await shutdown.wait()
 
     async def stop(self) -> None:
         if self.runner is not None:

@@ -5,19 +5,15 @@ Business rules live in the actors, in pure functions, or in the set-based statem
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
 
 from nproxyd.core.errors import LockUnavailable
-from nproxyd.core.rules import RENEWAL_SUBJECT
-from nproxyd.store.database import Database, affected
-from nproxyd.store.rows import (
+from nproxyd.core.records import (
     ClaimedSlot,
     CompletedSlot,
     DeadMail,
-    ExpiryBatch,
-    ExpirySurvey,
     HealthGauges,
     KeyRow,
     KeyTransition,
@@ -29,6 +25,13 @@ from nproxyd.store.rows import (
     RenewalCandidate,
     StoredInvoice,
     UnreadableCandidate,
+)
+from nproxyd.core.rules import RENEWAL_SUBJECT
+from nproxyd.store.database import Database, affected
+from nproxyd.store.rows import (
+    KEYSET_START,
+    ExpiryBatch,
+    ExpirySurvey,
     convert_candidates,
     convert_rows,
 )
@@ -112,6 +115,8 @@ class InvoiceStore:
 
 
 class KeyStore:
+    """Provider keys; implements :class:`nproxyd.core.ports.KeyPoolStore`."""
+
     def __init__(self, db: Database) -> None:
         self.db = db
 
@@ -149,17 +154,34 @@ class KeyStore:
         )
         return convert_rows(rows, KeyTransition)
 
-    async def record_successes(self, ids: Sequence[str], now: datetime) -> int:
-        return affected(await self.db.execute("record_key_successes", list(ids), now))
-
     async def counts(self) -> dict[str, int]:
         rows = await self.db.fetch("provider_key_counts")
         return {row["status"]: row["count"] for row in rows}
 
 
 class RenewalStore:
+    """Renewal candidates, claims and grouped commits; implements
+    :class:`nproxyd.core.ports.RenewalClaimStore`."""
+
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    async def due_candidates(
+        self, now: datetime, window_end: datetime, size: int
+    ) -> AsyncIterator[list[RenewalCandidate | UnreadableCandidate]]:
+        """Every candidate due in ``(now, window_end]``, one keyset batch of ``size`` per query.
+
+        The caller may claim a batch before it asks for the next: the keyset continues after
+        the last row read, whatever was written since.
+        """
+        cursor = KEYSET_START
+        while True:
+            batch = await self.candidates(now, window_end, cursor, size)
+            if batch:
+                cursor = (batch[-1].current_period_end, batch[-1].subscription_id)
+                yield batch
+            if len(batch) < size:
+                return
 
     async def candidates(
         self, now: datetime, window_end: datetime, after: tuple[datetime, str], limit: int
@@ -237,6 +259,8 @@ class RenewalStore:
 
 
 class OutboxStore:
+    """The mail outbox; implements :class:`nproxyd.core.ports.MailOutboxStore`."""
+
     def __init__(self, db: Database) -> None:
         self.db = db
 
@@ -245,6 +269,21 @@ class OutboxStore:
     ) -> list[OutboxMail]:
         rows = await self.db.fetch("claim_due_mail", now, lease_until, holder, limit)
         return convert_rows(rows, OutboxMail)
+
+    async def due_mail(
+        self, now: datetime, size: int, *, holder: str, lease_until: Callable[[], datetime]
+    ) -> AsyncGenerator[list[OutboxMail], None]:
+        """Lease the mail due at ``now``, ``size`` rows per statement, until none is left.
+
+        Each batch is leased to ``holder`` until ``lease_until()`` (asked per batch); the
+        caller records a batch before it asks for the next, and may stop early.
+        """
+        while True:
+            batch = await self.claim(now, lease_until(), holder, size)
+            if batch:
+                yield batch
+            if len(batch) < size:
+                return
 
     async def record(self, outcomes: Sequence[MailOutcome], now: datetime, holder: str) -> int:
         """Record ``outcomes`` in one statement; raises :class:`StoreDataError` on a bad value."""
@@ -300,6 +339,8 @@ class OutboxStore:
 
 
 class HealthStore:
+    """Health gauges; implements :class:`nproxyd.core.ports.HealthReadStore`."""
+
     def __init__(self, db: Database) -> None:
         self.db = db
 

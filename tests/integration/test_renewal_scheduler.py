@@ -13,7 +13,7 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from nproxyd.actors.renewal_scheduler import RenewalScheduler, RenewalSettings
+from nproxyd.actors.renewal_scheduler import RenewalPorts, RenewalScheduler, RenewalSettings
 from nproxyd.adapters.payment_nowpayments import NowPaymentsProvider
 from nproxyd.adapters.payment_simulated import SimulatedPaymentProvider
 from nproxyd.core.channels import Outbox
@@ -21,9 +21,9 @@ from nproxyd.core.clock import SystemClock
 from nproxyd.core.config import NowPaymentsConfig, SimulatedPaymentConfig
 from nproxyd.core.messages import OutboxReady
 from nproxyd.core.ports import InvoiceRequest, PaymentProvider, ProviderInvoice
+from nproxyd.core.records import RenewalCandidate, StoredInvoice, UnreadableCandidate
 from nproxyd.core.rules import order_id
 from nproxyd.store.database import Database
-from nproxyd.store.rows import RenewalCandidate, StoredInvoice, UnreadableCandidate
 from nproxyd.store.sql import bind
 from nproxyd.store.stores import RenewalStore
 from tests import seed
@@ -134,7 +134,7 @@ def make_scheduler(
 ) -> RenewalScheduler:
     values: dict[str, Any] = {
         "interval_seconds": 300.0,
-        "lead_hours": 72.0,
+        "renewal_lead_time_hours": 72.0,
         "batch_size": 500,
         "provider_concurrency": 8,
         "claim_lease_seconds": 120.0,
@@ -142,16 +142,12 @@ def make_scheduler(
         "app_base_url": APP_BASE_URL,
         "from_address": "nproxy billing <billing@nproxy.example>",
         "instance_id": "test-instance",
+        "retry_base_seconds": 60.0,
+        "retry_max_seconds": 3600.0,
     }
     values.update(overrides)
-    return RenewalScheduler(
-        store or RenewalStore(db),
-        provider,
-        RenewalSettings(**values),
-        clock=SystemClock(),
-        outbox=channel.outbox,
-        rng=random.Random(11),
-    )
+    ports = RenewalPorts(store=store or RenewalStore(db), provider=provider, outbox=channel.outbox)
+    return RenewalScheduler(RenewalSettings(**values), ports, SystemClock(), rng=random.Random(11))
 
 
 def expected_body(address: str | None, expires_at: str | None) -> str:
@@ -341,7 +337,7 @@ class TestCandidates:
         await seed.subscription(
             db.pool, "later", period_start=PERIOD_START, period_end=NOW + timedelta(hours=71)
         )
-        await make_scheduler(db, simulated(), channel, lead_hours=24.0).tick(NOW)
+        await make_scheduler(db, simulated(), channel, renewal_lead_time_hours=24.0).tick(NOW)
         invoiced = {row["subscription_id"] for row in await automatic_invoices(db.pool)}
         assert invoiced == {"soon"}
 
@@ -412,6 +408,29 @@ class TestProviderFailures:
         assert await count(db, "payment_invoices") == 0
         assert await count(db, "mail_outbox") == 0
         assert channel.received() == []
+
+    async def test_a_programming_error_fails_the_tick_and_schedules_no_retry(
+        self, db: Database, channel: Channel
+    ) -> None:
+        """Only the provider error family is a failed call: a TypeError fails the tick and the
+        claim is left to its lease (no retry recorded with the bug as its reason)."""
+        await worked_example(db)
+
+        async def bug(request: InvoiceRequest) -> None:
+            raise TypeError("a bug")
+
+        provider = WrappedProvider(simulated(), before=bug)
+        with pytest.raises(BaseException) as caught:
+            await make_scheduler(db, provider, channel).tick(NOW)
+
+        assert (
+            caught.group_contains(TypeError)
+            if isinstance(caught.value, BaseExceptionGroup)
+            else isinstance(caught.value, TypeError)
+        )
+        [claim] = await claims(db)
+        assert (claim["state"], claim["last_error"]) == ("claimed", None)
+        assert await count(db, "payment_invoices") == 0
 
     async def test_retry_waits_for_its_time_then_creates_one(
         self, db: Database, channel: Channel

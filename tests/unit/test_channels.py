@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from email.message import Message
@@ -11,11 +11,11 @@ from email.message import Message
 import anyio
 import pytest
 
-from nproxyd.actors.mail_sender import MailSender, MailSettings
+from nproxyd.actors.mail_sender import MailPorts, MailSender, MailSettings
 from nproxyd.core.channels import Channel, Outbox
 from nproxyd.core.messages import OutboxReady
+from nproxyd.core.records import MailOutcome, OutboxMail
 from nproxyd.runtime.actor import ActorLoop
-from nproxyd.store.rows import MailOutcome, OutboxMail
 from tests.fakes.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -51,6 +51,14 @@ class FakeOutbox:
         batch, self.pending = self.pending[:limit], self.pending[limit:]
         return batch
 
+    async def due_mail(
+        self, now: datetime, size: int, *, holder: str, lease_until: Callable[[], datetime]
+    ) -> AsyncGenerator[list[OutboxMail], None]:
+        while batch := await self.claim(now, lease_until(), holder, size):
+            yield batch
+            if len(batch) < size:
+                return
+
     async def record(self, outcomes: Sequence[MailOutcome], now: datetime, holder: str) -> int:
         self.recorded.extend(outcomes)
         return len(outcomes)
@@ -80,8 +88,10 @@ def mail_sender(clock: FakeClock, outbox: FakeOutbox, transport: RecordingTransp
         concurrency=2,
         from_address="billing@nproxy.localhost",
         instance_id="test",
+        retry_base_seconds=30.0,
+        retry_max_seconds=3600.0,
     )
-    return MailSender(outbox, transport, settings, clock=clock)
+    return MailSender(settings, MailPorts(store=outbox, transport=transport), clock)
 
 
 @asynccontextmanager

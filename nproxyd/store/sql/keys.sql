@@ -46,12 +46,6 @@ FROM unnest(:ids::text[], :errors::text[]) AS t(id, error)
 WHERE k.id = t.id AND k.status IN ('active', 'cooldown')
 RETURNING k.id, k.status;
 
--- record_key_successes --
--- A successful use resets the failure count; $1 ids, $2 now.
-UPDATE provider_keys
-SET consecutive_failures = 0, last_error = NULL, updated_at = $2
-WHERE id = ANY($1::text[]) AND consecutive_failures <> 0;
-
 -- provider_key_counts --
 -- Keys by status.
 SELECT status, count(*) AS count FROM provider_keys GROUP BY status;
