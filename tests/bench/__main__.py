@@ -25,6 +25,7 @@ from tests.bench import (
     bench_mail_latency,
     bench_renewal,
     bench_soak,
+    bench_startup,
 )
 from tests.bench.common import Figure, duration
 from tests.pg import TestServer
@@ -39,6 +40,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "mail": bench_mail.run,
     "idle": bench_idle.run,
     "mail_latency_external": bench_mail_latency.run,
+    "startup": bench_startup.run,
 }
 # On demand only, by name: it runs for NPROXYD_SOAK_MINUTES (default 20).
 SLOW_BENCHMARKS: dict[str, Benchmark] = {"soak": bench_soak.run}
