@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -16,7 +17,6 @@ from urllib.parse import urlsplit
 
 import anyio
 import msgspec
-import platformdirs
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -31,16 +31,10 @@ from nproxyd.actors.payment_watcher import (
 from nproxyd.actors.renewal_scheduler import RenewalPorts, RenewalScheduler, RenewalSettings
 from nproxyd.adapters.balance_simulated import SimulatedBalanceProbe
 from nproxyd.adapters.dry_run import DryRunProvider, DryRunTransport
-from nproxyd.adapters.mail_maildir import MaildirTransport
-from nproxyd.adapters.mail_smtp import SmtpTransport
-from nproxyd.adapters.nowpayments_status import NowPaymentsIpnVerifier, NowPaymentsStatus
-from nproxyd.adapters.payment_nowpayments import NowPaymentsProvider
-from nproxyd.adapters.payment_simulated import SimulatedPaymentProvider
-from nproxyd.adapters.status_simulated import SimulatedPaymentStatus
 from nproxyd.core.budget import RequestBudget
 from nproxyd.core.channels import Outbox
 from nproxyd.core.clock import Clock, SystemClock
-from nproxyd.core.config import Config, secrets_of
+from nproxyd.core.config import Config, secrets_of, state_directory
 from nproxyd.core.errors import ConfigError
 from nproxyd.core.messages import OutboxReady
 from nproxyd.core.ports import (
@@ -108,7 +102,7 @@ class Components(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def state_dir(config: Config) -> Path:
-    return Path(config.daemon.state_dir or platformdirs.user_state_dir("nproxyd"))
+    return state_directory(config)
 
 
 def instance_id(config: Config) -> str:
@@ -160,17 +154,30 @@ def session_dsn(config: Config, dsn: str) -> str | None:
     return dsn if config.database.pooler == "none" else None
 
 
+# The adapters are imported when built, only the configured ones: a process using the
+# simulated provider and the maildir never loads the HTTP client's retry layer or the SMTP
+# client (docs/benchmarks.md "Start-up").
+
+
 def payment_provider(config: Config, clock: Clock) -> PaymentProvider:
     if config.billing.payment_provider == "nowpayments":  # its API key: core.config.validate
+        from nproxyd.adapters.payment_nowpayments import NowPaymentsProvider  # noqa: PLC0415
+
         return NowPaymentsProvider(
             config.payment.nowpayments, budget=nowpayments_budget(config, clock)
         )
+    from nproxyd.adapters.payment_simulated import SimulatedPaymentProvider  # noqa: PLC0415
+
     return SimulatedPaymentProvider(config.payment.simulated, clock.sleep)
 
 
 def mail_transport(config: Config) -> MailTransport:
     if config.email.transport == "smtp":
+        from nproxyd.adapters.mail_smtp import SmtpTransport  # noqa: PLC0415
+
         return SmtpTransport(config.email.smtp)
+    from nproxyd.adapters.mail_maildir import MaildirTransport  # noqa: PLC0415
+
     path = config.email.maildir.path or str(state_dir(config) / "maildir")
     return MaildirTransport(Path(path))
 
@@ -593,16 +600,25 @@ def nowpayments_budget(config: Config, clock: Clock) -> RequestBudget:
 def payment_status_source(config: Config, provider: PaymentProvider) -> PaymentStatusSource:
     if isinstance(provider, DryRunProvider):
         return provider
-    if isinstance(provider, NowPaymentsProvider):
+    nowpayments = sys.modules.get("nproxyd.adapters.payment_nowpayments")  # built it: loaded
+    if nowpayments is not None and isinstance(provider, nowpayments.NowPaymentsProvider):
+        from nproxyd.adapters.nowpayments_status import NowPaymentsStatus  # noqa: PLC0415
+
         return NowPaymentsStatus(
             config.payment.nowpayments, session=provider.session, budget=provider.budget
         )
+    from nproxyd.adapters.status_simulated import SimulatedPaymentStatus  # noqa: PLC0415
+
     return SimulatedPaymentStatus(config.payment.simulated)
 
 
 def ipn_verifier(config: Config) -> IpnVerifier | None:
     secret = config.payment.nowpayments.ipn_secret
-    return NowPaymentsIpnVerifier(secret) if secret else None
+    if not secret:
+        return None
+    from nproxyd.adapters.nowpayments_status import NowPaymentsIpnVerifier  # noqa: PLC0415
+
+    return NowPaymentsIpnVerifier(secret)
 
 
 def payment_watcher_settings(config: Config) -> PaymentWatcherSettings:

@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime, timedelta
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, overload
 
-import anyio
 import msgspec
-import structlog
 
-from nproxyd import __version__, app
 from nproxyd.core.clock import Clock, SystemClock, parse_instant
-from nproxyd.core.config import Config, load, redact_text, redacted, secrets_of
+from nproxyd.core.config import (
+    Config,
+    load,
+    redact_text,
+    redacted,
+    secrets_of,
+    state_directory,
+)
 from nproxyd.core.errors import (
     ConfigError,
     NproxydError,
@@ -26,8 +30,14 @@ from nproxyd.core.errors import (
     UsageError,
 )
 from nproxyd.core.text import is_storable
-from nproxyd.runtime import logs
-from nproxyd.runtime.daemon import ignore_noted_signals
+from nproxyd.store.embedded_process import start_early
+
+if TYPE_CHECKING:
+    from nproxyd import app
+
+# Start-up (docs/benchmarks.md "Start-up"): this module imports only the configuration's
+# modules; the daemon (``nproxyd.app`` and the drivers under it) is imported once the
+# configuration is read, after ``nproxyd run`` began starting the embedded server.
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # anything else that went wrong (a database error, a bug): one line on stderr
@@ -47,7 +57,6 @@ EXIT_CODES: tuple[tuple[type[NproxydError], int, str], ...] = (
     (SupervisorGaveUp, EXIT_SOFTWARE, ""),
     (NproxydError, EXIT_FAILURE, ""),
 )
-ACTORS = app.ACTOR_NAMES
 MAX_FUTURE = timedelta(minutes=5)
 MAX_DISTANCE = timedelta(days=100 * 366)  # any --now: within a century of the real clock
 MAX_LIMIT = 100_000
@@ -60,6 +69,54 @@ that. --now more than 5 minutes ahead of the real clock is refused unless --allo
 given (rows would be stamped in the future)."""
 
 
+def __getattr__(name: str) -> Any:
+    if name == "ACTORS":  # the actor names, from the registry
+        from nproxyd import app  # noqa: PLC0415
+
+        return app.ACTOR_NAMES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _ActorNames(Sequence[str]):
+    """The choices of ``once ACTOR``: the registry's names, read when the parser uses them."""
+
+    @staticmethod
+    def _names() -> tuple[str, ...]:
+        from nproxyd import app  # noqa: PLC0415
+
+        return app.ACTOR_NAMES
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._names()
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed distribution's version, looked up only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **_: Any) -> None:
+        help_text = "show program's version number and exit"
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help_text)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> NoReturn:
+        from nproxyd import __version__  # noqa: PLC0415
+
+        sys.stdout.write(f"nproxyd {__version__}\n")
+        parser.exit()
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
@@ -69,7 +126,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nproxyd", description="The background daemon of nproxy.")
     parser.add_argument("-c", "--config", help="TOML config file (else $NPROXYD_CONFIG)")
-    parser.add_argument("--version", action="version", version=f"nproxyd {__version__}")
+    parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     commands.add_parser("run", help="run the daemon in the foreground")
     commands.add_parser("migrate", help="apply schema migrations")
@@ -77,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     once = commands.add_parser(
         "once", help="run one tick of one actor (writes; see --dry-run)", description=ONCE_HELP
     )
-    once.add_argument("actor", choices=ACTORS)
+    # The choices are set after add_argument, which would otherwise read them at once.
+    once.add_argument("actor").choices = _ActorNames()
     once.add_argument("--now", type=_instant, help="ISO-8601 time of the tick")
     once.add_argument(
         "--dry-run",
@@ -145,6 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         config = load(args.config or os.environ.get("NPROXYD_CONFIG"), os.environ)
+        if args.command == "run" and not config.database.dsn:
+            start_early(state_directory(config))
+        from nproxyd import app  # noqa: PLC0415
+
         app.preflight(config)
     except ConfigError as exc:
         print(f"nproxyd: config error: {exc}", file=sys.stderr)
@@ -182,6 +244,11 @@ def project_error(exc: BaseException) -> NproxydError | None:
 
 
 def _dispatch(args: argparse.Namespace, config: Config) -> int:
+    import anyio  # noqa: PLC0415
+
+    from nproxyd import app  # noqa: PLC0415
+    from nproxyd.runtime import logs  # noqa: PLC0415
+
     secrets = secrets_of(config)
     one_shot = args.command != "run"
     logs.configure(
@@ -211,11 +278,17 @@ def _print_json(value: Any) -> None:
 
 
 async def cmd_check_config(_: argparse.Namespace, config: Config) -> int:
+    from nproxyd import app  # noqa: PLC0415
+
     _print_json(redacted(app.effective(config)))
     return EXIT_OK
 
 
 async def cmd_migrate(_: argparse.Namespace, config: Config) -> int:
+    import structlog  # noqa: PLC0415
+
+    from nproxyd import app  # noqa: PLC0415
+
     db = await app.open_database(config, auto_migrate=True)
     await db.close()
     structlog.get_logger().info("migrations_applied")
@@ -223,6 +296,8 @@ async def cmd_migrate(_: argparse.Namespace, config: Config) -> int:
 
 
 async def cmd_once(args: argparse.Namespace, config: Config) -> int:
+    from nproxyd import app  # noqa: PLC0415
+
     clock: Clock = SystemClock()
     async with app.open_components(config, clock, dry_run=args.dry_run) as components:
         actor = components.actors[args.actor]
@@ -246,6 +321,8 @@ def dry_run_summary(components: app.Components) -> dict[str, Any]:
 
 
 async def cmd_mail_dead(args: argparse.Namespace, config: Config) -> int:
+    from nproxyd import app  # noqa: PLC0415
+
     db = await app.open_database(config, auto_migrate=config.database.auto_migrate)
     try:
         rows = await app.Stores.for_database(db).outbox.dead(args.limit)
@@ -259,6 +336,10 @@ async def cmd_mail_dead(args: argparse.Namespace, config: Config) -> int:
 
 
 async def cmd_mail_retry(args: argparse.Namespace, config: Config) -> int:
+    import structlog  # noqa: PLC0415
+
+    from nproxyd import app  # noqa: PLC0415
+
     db = await app.open_database(config, auto_migrate=config.database.auto_migrate)
     try:
         ids = None if args.all_dead else list(args.ids)
@@ -285,6 +366,9 @@ async def cmd_mail(args: argparse.Namespace, config: Config) -> int:
 
 
 async def cmd_run(_: argparse.Namespace, config: Config) -> int:
+    from nproxyd import app  # noqa: PLC0415
+    from nproxyd.runtime.daemon import ignore_noted_signals  # noqa: PLC0415
+
     ignore_noted_signals()  # SIGHUP/SIGUSR1/SIGUSR2 never stop the daemon, also while starting
     return await app.run_daemon(config)
 
@@ -314,6 +398,7 @@ def _add_payments_parser(commands: Any) -> None:
 
 
 async def cmd_payments(args: argparse.Namespace, config: Config) -> int:
+    from nproxyd import app  # noqa: PLC0415
     from nproxyd.runtime.payments_view import render_awaiting, render_show  # noqa: PLC0415
 
     db = await app.open_database(config, auto_migrate=config.database.auto_migrate)

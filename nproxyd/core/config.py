@@ -620,3 +620,10 @@ def check_payment_watch(config: Config) -> None:
         raise ConfigError("ipn.listen", "needs billing.payment_provider = nowpayments")
     if not config.payment.nowpayments.ipn_secret:
         raise ConfigError("ipn.listen", "needs payment.nowpayments.ipn_secret (or ipn_secret_file)")
+
+
+def state_directory(config: Config) -> Path:
+    """``daemon.state_dir``, or the user's state directory for nproxyd when it is empty."""
+    import platformdirs  # noqa: PLC0415 - only when the default is needed
+
+    return Path(config.daemon.state_dir or platformdirs.user_state_dir("nproxyd"))

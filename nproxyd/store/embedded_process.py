@@ -1,0 +1,137 @@
+"""Starting the embedded server's process: the part of :mod:`nproxyd.store.embedded` that needs
+only the standard library and pgserver, so ``nproxyd run`` can begin it in a thread before the
+rest of the daemon is imported (docs/benchmarks.md "Start-up").
+
+pgserver keeps one server per data directory and counts the processes using it, so a second
+nproxyd process with the same state directory reuses the running server, and the last one to
+exit stops it. Processes sharing a state directory serialise on a lock file while one of them
+starts the server and creates the database.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+# pgserver's list of the processes using the server; the last one to exit stops it.
+HANDLE_PIDS = ".handle_pids.json"
+LOCK_FILE = "postgres.lock"
+DATA_DIRECTORY = "postgres"
+
+
+@dataclass(frozen=True)
+class Started:
+    """A started (or reused) server, with the state directory's lock still held."""
+
+    admin_uri: str
+    lock: int  # the lock file's descriptor: released once the database exists
+    dropped_handles: list[int]
+
+
+class StartFailed(Exception):
+    """pgserver could not start the server (the lock was released); the cause is chained."""
+
+
+def forget_dead_handles(pgdata: Path) -> list[int]:
+    """Drop processes that no longer exist from pgserver's handle list; returns the dropped.
+
+    A process killed without running its exit handlers (``kill -9``) stays in the list, and
+    then no later process is ever the last one, so the server would never be stopped again.
+    Called under the state directory's lock, before this process adds itself.
+    """
+    path = pgdata / HANDLE_PIDS
+    try:
+        pids = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(pids, list):
+        return []
+    alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid)]
+    dropped = [pid for pid in pids if pid not in alive]
+    if dropped:
+        path.write_text(json.dumps(alive))
+    return dropped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _start(pgdata: Path) -> tuple[str, list[int]]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        logging.getLogger("pgserver").setLevel(logging.WARNING)
+        import pgserver  # noqa: PLC0415 - heavy import, only when embedded
+
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        dropped = forget_dead_handles(pgdata)
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
+        uri: str = server.get_uri()
+    return uri, dropped
+
+
+def lock(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    return descriptor
+
+
+def unlock(descriptor: int) -> None:
+    fcntl.flock(descriptor, fcntl.LOCK_UN)
+    os.close(descriptor)
+
+
+def start(state_dir: Path) -> Started:
+    """Take the state directory's lock and start (or reuse) its server; blocks."""
+    descriptor = lock(state_dir / LOCK_FILE)
+    try:
+        uri, dropped = _start(state_dir / DATA_DIRECTORY)
+    except Exception as exc:
+        unlock(descriptor)
+        raise StartFailed(str(exc)) from exc
+    except BaseException:
+        unlock(descriptor)
+        raise
+    return Started(admin_uri=uri, lock=descriptor, dropped_handles=dropped)
+
+
+_early: dict[Path, Future[Started]] = {}
+
+
+def start_early(state_dir: Path) -> None:
+    """Begin :func:`start` in a thread now; :func:`take_early` hands its outcome over.
+
+    ``nproxyd run`` calls it right after reading its configuration, so the server's start
+    (mostly waiting for ``pg_ctl``) overlaps the import of the rest of the daemon.
+    """
+    if state_dir in _early:
+        return
+    future: Future[Started] = Future()
+    _early[state_dir] = future
+
+    def run() -> None:
+        try:
+            future.set_result(start(state_dir))
+        except BaseException as exc:  # handed to whoever takes the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="embedded-postgres-start", daemon=True).start()
+
+
+def take_early(state_dir: Path) -> Future[Started] | None:
+    """The start begun by :func:`start_early` for ``state_dir``, once; None without one."""
+    return _early.pop(state_dir, None)
