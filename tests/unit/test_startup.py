@@ -1,0 +1,117 @@
+"""Start-up: what each stage imports, and the embedded server's start begun early.
+
+Each import check runs in a fresh interpreter, since this one has imported everything.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nproxyd import app
+from nproxyd.adapters.nowpayments_status import NowPaymentsStatus
+from nproxyd.adapters.payment_nowpayments import NowPaymentsProvider
+from nproxyd.adapters.status_simulated import SimulatedPaymentStatus
+from nproxyd.core.clock import SystemClock
+from nproxyd.core.config import load
+from nproxyd.core.errors import DatabaseUnavailable
+from nproxyd.store.embedded import start_embedded
+from nproxyd.store.embedded_process import LOCK_FILE, start_early, take_early
+
+DRIVERS = ("asyncpg", "aiohttp", "aiosmtplib", "structlog", "prometheus_client", "tenacity")
+UNUSED_ADAPTERS = (
+    "nproxyd.adapters.payment_nowpayments",
+    "nproxyd.adapters.nowpayments_status",
+    "nproxyd.adapters.mail_smtp",
+    "aiosmtplib",
+    "tenacity",
+)
+
+
+def loaded_after(code: str, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` (modules) a fresh interpreter has loaded after running ``code``."""
+    report = f"print(json.dumps([n for n in {names!r} if n in sys.modules]))"
+    probe = f"{code}\nimport json, sys\n{report}"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=os.environ
+    )
+    loaded: list[str] = json.loads(result.stdout)
+    return loaded
+
+
+class TestImports:
+    def test_the_command_line_imports_no_driver_before_reading_its_configuration(self) -> None:
+        """``import nproxyd.cli`` loads neither the daemon nor any driver (they follow the
+        configuration, after ``run`` began starting the embedded server)."""
+        assert loaded_after("import nproxyd.cli", ("nproxyd.app", "pgserver", *DRIVERS)) == []
+
+    def test_the_composition_root_imports_no_adapter(self) -> None:
+        """``import nproxyd.app`` loads no payment or mail adapter and no SMTP client."""
+        assert loaded_after("import nproxyd.app", UNUSED_ADAPTERS) == []
+
+    def test_the_simulated_provider_and_the_maildir_load_only_their_own_adapters(self) -> None:
+        """Building the default adapters loads neither NOWPayments nor the SMTP client."""
+        code = (
+            "from nproxyd import app\n"
+            "from nproxyd.core.clock import SystemClock\n"
+            "from nproxyd.core.config import load\n"
+            "config = load(None, {'NPROXYD__DAEMON__STATE_DIR': '/nonexistent'})\n"
+            "provider = app.payment_provider(config, SystemClock())\n"
+            "app.mail_transport(config)\n"
+            "app.payment_status_source(config, provider)\n"
+        )
+        assert loaded_after(code, UNUSED_ADAPTERS) == []
+
+    def test_version_and_help_print_without_loading_the_daemon(self) -> None:
+        """``--version`` prints the version on stdout; neither it nor the parser loads the
+        daemon until the ``once`` choices are needed."""
+        code = (
+            "import contextlib, io\n"
+            "from nproxyd import cli\n"
+            "out = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+            "    cli.build_parser().parse_args(['--version'])\n"
+            "assert out.getvalue().startswith('nproxyd '), out.getvalue()\n"
+        )
+        assert loaded_after(code, ("nproxyd.app", *DRIVERS)) == []
+
+
+class TestPaymentStatusSource:
+    def test_a_nowpayments_provider_is_asked_through_its_own_session(self) -> None:
+        """A NOWPayments provider gets the NOWPayments status source, any other the simulated."""
+        config = load(
+            None,
+            {
+                "NPROXYD__BILLING__PAYMENT_PROVIDER": "nowpayments",
+                "NPROXYD__PAYMENT__NOWPAYMENTS__API_KEY": "key",
+            },
+        )
+        provider = NowPaymentsProvider(config.payment.nowpayments)
+        assert isinstance(app.payment_status_source(config, provider), NowPaymentsStatus)
+        simulated = app.payment_provider(load(None, {}), SystemClock())
+        assert isinstance(app.payment_status_source(config, simulated), SimulatedPaymentStatus)
+
+
+class TestEarlyStart:
+    @pytest.mark.anyio
+    async def test_an_early_start_that_fails_is_reported_once_and_frees_the_lock(
+        self, tmp_path: Path
+    ) -> None:
+        """A start begun early and failing raises the same DatabaseUnavailable as a start
+        begun late, is taken once, and leaves the state directory's lock free."""
+        (tmp_path / "postgres").write_text("not a data directory")
+        start_early(tmp_path)
+        with pytest.raises(DatabaseUnavailable, match="embedded PostgreSQL failed to start"):
+            await start_embedded(tmp_path)
+        assert take_early(tmp_path) is None
+        descriptor = os.open(tmp_path / LOCK_FILE, os.O_RDWR)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if still held
+        finally:
+            os.close(descriptor)
