@@ -57,6 +57,9 @@ EXIT_CODES: tuple[tuple[type[NproxydError], int, str], ...] = (
     (SupervisorGaveUp, EXIT_SOFTWARE, ""),
     (NproxydError, EXIT_FAILURE, ""),
 )
+# The commands that always open the database: with the embedded server, its start begins in
+# a thread as soon as the configuration is read, while the rest of nproxyd is imported.
+OPENS_DATABASE = frozenset({"run", "migrate", "once", "mail", "payments"})
 MAX_FUTURE = timedelta(minutes=5)
 MAX_DISTANCE = timedelta(days=100 * 366)  # any --now: within a century of the real clock
 MAX_LIMIT = 100_000
@@ -203,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         config = load(args.config or os.environ.get("NPROXYD_CONFIG"), os.environ)
-        if args.command == "run" and not config.database.dsn:
+        if args.command in OPENS_DATABASE and not config.database.dsn:
             start_early(state_directory(config))
         from nproxyd import app  # noqa: PLC0415
 

@@ -16,7 +16,13 @@ import structlog
 
 from nproxyd.core.errors import DatabaseUnavailable
 from nproxyd.store.database import map_errors
-from nproxyd.store.embedded_process import StartFailed, start, take_early, unlock
+from nproxyd.store.embedded_process import (
+    StartFailed,
+    release_held_logs,
+    start,
+    take_early,
+    unlock,
+)
 
 DATABASE_NAME = "nproxyd"
 
@@ -32,7 +38,10 @@ async def start_embedded(state_dir: Path) -> str:
         if early is None:
             started = await anyio.to_thread.run_sync(start, state_dir)
         else:
-            started = await anyio.to_thread.run_sync(early.result)
+            try:
+                started = await anyio.to_thread.run_sync(early.result)
+            finally:
+                release_held_logs()
     except StartFailed as exc:
         raise DatabaseUnavailable(f"embedded PostgreSQL failed to start: {exc}") from exc.__cause__
     admin_uri = started.admin_uri

@@ -112,14 +112,50 @@ def start(state_dir: Path) -> Started:
 _early: dict[Path, Future[Started]] = {}
 
 
+class _Held(logging.Handler):
+    """pgserver's log records of an early start, kept until logging is configured."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+_held = _Held()
+
+
+def _hold_pgserver_logs() -> None:
+    logger = logging.getLogger("pgserver")
+    logger.addHandler(_held)
+    logger.propagate = False
+
+
+def release_held_logs() -> None:
+    """Log what pgserver logged during an early start, now that logging is configured; its
+    later records go the usual way."""
+    logger = logging.getLogger("pgserver")
+    if _held not in logger.handlers:
+        return
+    logger.removeHandler(_held)
+    logger.propagate = True
+    records, _held.records = _held.records, []
+    for record in records:
+        logger.handle(record)
+
+
 def start_early(state_dir: Path) -> None:
     """Begin :func:`start` in a thread now; :func:`take_early` hands its outcome over.
 
-    ``nproxyd run`` calls it right after reading its configuration, so the server's start
-    (mostly waiting for ``pg_ctl``) overlaps the import of the rest of the daemon.
+    The commands that open the database call it right after reading the configuration, so
+    the server's start (mostly waiting for ``pg_ctl``) overlaps the import of the rest of
+    nproxyd. pgserver's log records wait for :func:`release_held_logs` (logging is not
+    configured yet).
     """
     if state_dir in _early:
         return
+    _hold_pgserver_logs()
     future: Future[Started] = Future()
     _early[state_dir] = future
 

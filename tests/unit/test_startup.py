@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -115,3 +116,18 @@ class TestEarlyStart:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if still held
         finally:
             os.close(descriptor)
+
+    @pytest.mark.anyio
+    async def test_pgserver_records_of_an_early_start_wait_for_configured_logging(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """What pgserver logs while an early start runs (before logging is configured) is
+        logged when the start is taken, through the configured handlers, not before."""
+        (tmp_path / "postgres").write_text("not a data directory")
+        start_early(tmp_path)
+        logging.getLogger("pgserver").error("server log follows")
+        assert "server log follows" not in caplog.text
+        with pytest.raises(DatabaseUnavailable):
+            await start_embedded(tmp_path)
+        assert "server log follows" in caplog.text
+        assert logging.getLogger("pgserver").propagate is True
