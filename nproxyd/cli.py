@@ -30,6 +30,7 @@ from nproxyd.core.errors import (
     UsageError,
 )
 from nproxyd.core.text import is_storable
+from nproxyd.runtime.signals import ignore_noted_signals
 from nproxyd.store.embedded_process import start_early
 
 if TYPE_CHECKING:
@@ -197,6 +198,8 @@ def _mail_id(text: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        ignore_noted_signals()  # SIGHUP/SIGUSR1/SIGUSR2 never stop the daemon, also while starting
     if args.command == "mail" and args.mail_command == "retry" and bool(args.ids) == args.all_dead:
         print("nproxyd: error: give mail ids or --all-dead (not both)", file=sys.stderr)
         return EXIT_USAGE
@@ -370,9 +373,7 @@ async def cmd_mail(args: argparse.Namespace, config: Config) -> int:
 
 async def cmd_run(_: argparse.Namespace, config: Config) -> int:
     from nproxyd import app  # noqa: PLC0415
-    from nproxyd.runtime.daemon import ignore_noted_signals  # noqa: PLC0415
 
-    ignore_noted_signals()  # SIGHUP/SIGUSR1/SIGUSR2 never stop the daemon, also while starting
     return await app.run_daemon(config)
 
 

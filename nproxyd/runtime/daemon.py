@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import signal
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,20 +20,8 @@ from nproxyd.runtime.ipn import IpnServer
 from nproxyd.runtime.metrics import Metrics
 from nproxyd.runtime.ops import HEALTH_CHECK_SECONDS, OpsQueries
 from nproxyd.runtime.sdnotify import Notifier, watchdog_interval_seconds
+from nproxyd.runtime.signals import NOTED_SIGNALS, STOP_SIGNALS, ignore_noted_signals
 from nproxyd.runtime.supervisor import Supervisor
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# Signals an operator or a log rotator may send that must never stop the daemon: each is
-# logged (`signal_received`) and otherwise ignored; nproxyd reads its configuration only at
-# start (docs/operations.md "Signals").
-NOTED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-
-
-def ignore_noted_signals() -> None:
-    """Ignore :data:`NOTED_SIGNALS` outside the daemon's signal task (start-up, shutdown)."""
-    if threading.current_thread() is threading.main_thread():
-        for signum in NOTED_SIGNALS:
-            signal.signal(signum, signal.SIG_IGN)
 
 
 def _port_busy(exc: ConfigError) -> PortBusy | None:

@@ -131,3 +131,20 @@ class TestEarlyStart:
             await start_embedded(tmp_path)
         assert "server log follows" in caplog.text
         assert logging.getLogger("pgserver").propagate is True
+
+
+class TestSignals:
+    def test_run_ignores_the_noted_signals_before_reading_its_configuration(self) -> None:
+        """``nproxyd run`` ignores SIGHUP/SIGUSR1/SIGUSR2 from the moment the command is known,
+        so none of them can stop it while it starts (here: even when the configuration then
+        turns out to be wrong)."""
+        code = (
+            "import os, signal\n"
+            "from nproxyd import cli\n"
+            "os.environ['NPROXYD__DAEMON__MAX_RESTARTS'] = 'many'\n"
+            "assert cli.main(['run']) == cli.EXIT_CONFIG\n"
+            "ignored = [signal.getsignal(s) == signal.SIG_IGN for s in "
+            "(signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)]\n"
+            "assert all(ignored), ignored\n"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True, env=os.environ)
