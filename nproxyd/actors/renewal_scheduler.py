@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 import uuid
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
 import anyio
@@ -46,7 +47,8 @@ from nproxyd.core.records import (
 from nproxyd.core.rules import (
     backoff_seconds,
     candidate_problem,
-    new_message_id,
+    message_id,
+    message_id_domain,
     order_id,
     render_renewal_body,
 )
@@ -139,6 +141,7 @@ class _Run:
 
 
 Work = tuple[RenewalCandidate, ClaimedSlot]
+Batch = list[RenewalCandidate | UnreadableCandidate]
 
 
 class RenewalScheduler:
@@ -161,6 +164,8 @@ class RenewalScheduler:
         self.interval_seconds = settings.interval_seconds
         self.log = structlog.get_logger().bind(actor=self.name)
         self.skip_memo = LogMemo()
+        # A renewal mail's Message-ID is its invoice's uuid in the sender's domain.
+        self.message_domain = message_id_domain(settings.from_address)
 
     async def tick(self, now: datetime) -> RenewalReport:
         """A pipeline: read and claim batches -> provider workers -> grouped commits.
@@ -170,6 +175,11 @@ class RenewalScheduler:
         """
         leases = LeaseDeadlines(self.clock, now, self.settings.claim_lease_seconds)
         run = _Run(uuid.uuid4().hex, leases, _Totals())
+        window_end = now + timedelta(hours=self.settings.renewal_lead_time_hours)
+        batches = aiter(self.store.due_candidates(now, window_end, self.settings.batch_size))
+        first: Batch = await anext(batches, [])
+        if not first:  # nothing due: no pipeline, no lease keeper, no provider workers
+            return run.totals.report()
         size = self.settings.batch_size
 
         async def extend(until: datetime) -> int:
@@ -192,18 +202,25 @@ class RenewalScheduler:
                         name=f"renewal-provider-{number}",
                     )
                 async with work_send:
-                    await self._produce(work_send, run)
+                    await self._produce(work_send, run, first, batches)
         if run.totals.created:
             self.log.info("renewal_invoices_created", created_count=run.totals.created)
         return run.totals.report()
 
-    async def _produce(self, work: MemoryObjectSendStream[Work], run: _Run) -> None:
+    async def _produce(
+        self,
+        work: MemoryObjectSendStream[Work],
+        run: _Run,
+        first: Batch,
+        rest: AsyncIterator[Batch],
+    ) -> None:
         """Claim each batch of due candidates, hand the won slots to the workers."""
-        window_end = run.now + timedelta(hours=self.settings.renewal_lead_time_hours)
-        async for batch in self.store.due_candidates(run.now, window_end, self.settings.batch_size):
+        batch = first
+        while batch:
             run.totals.candidates += len(batch)
             for pair in await self._claim(self._valid(batch, run), run):
                 await work.send(pair)
+            batch = await anext(rest, [])
 
     def _valid(
         self, batch: list[RenewalCandidate | UnreadableCandidate], run: _Run
@@ -299,6 +316,7 @@ class RenewalScheduler:
         assert candidate.monthly_price_usd is not None and candidate.billing_currency
         assert candidate.email is not None
         amount = candidate.monthly_price_usd
+        ident = uuid.uuid4()  # the invoice's id, and unique enough for its mail's Message-ID
         body = render_renewal_body(
             period_end=candidate.current_period_end,
             amount=amount,
@@ -311,7 +329,7 @@ class RenewalScheduler:
             subscription_id=slot.subscription_id,
             cycle_start=slot.cycle_start,
             token=token,
-            invoice_id=str(uuid.uuid4()),
+            invoice_id=str(ident),
             user_id=candidate.user_id,
             provider_invoice_id=answer.provider_invoice_id,
             currency=candidate.billing_currency,
@@ -320,7 +338,7 @@ class RenewalScheduler:
             expires_at=answer.expires_at,
             to_address=candidate.email,
             body=body,
-            message_id=new_message_id(self.settings.from_address),
+            message_id=message_id(ident, self.message_domain),
         )
 
     def _failed(self, slot: ClaimedSlot, token: str, now: datetime, reason: str) -> ReleasedSlot:

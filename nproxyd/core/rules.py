@@ -62,11 +62,20 @@ def render_renewal_body(
     return "\n".join(lines)
 
 
+def message_id_domain(from_address: str) -> str:
+    """The domain of the Message-IDs nproxyd makes: the sender's."""
+    _, address = parseaddr(from_address)
+    return address.rpartition("@")[2] or "nproxyd.invalid"
+
+
+def message_id(unique: uuid.UUID, domain: str) -> str:
+    """An RFC 5322 Message-ID made of a unique uuid in ``domain``."""
+    return f"<{unique.hex}@{domain}>"
+
+
 def new_message_id(from_address: str) -> str:
     """A unique RFC 5322 Message-ID in the sender's domain."""
-    _, address = parseaddr(from_address)
-    domain = address.rpartition("@")[2] or "nproxyd.invalid"
-    return f"<{uuid.uuid4().hex}@{domain}>"
+    return message_id(uuid.uuid4(), message_id_domain(from_address))
 
 
 def order_id(subscription_id: str, cycle_start: datetime) -> str:

@@ -24,6 +24,7 @@ from tests.bench import (
     bench_mail,
     bench_mail_latency,
     bench_renewal,
+    bench_renewal_limits,
     bench_soak,
     bench_startup,
 )
@@ -41,6 +42,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     "idle": bench_idle.run,
     "mail_latency_external": bench_mail_latency.run,
     "startup": bench_startup.run,
+    "renewal_vs_set_based": bench_renewal_limits.vs_set_based,
+    "renewal_idle_window": bench_renewal_limits.idle_window,
 }
 # On demand only, by name: it runs for NPROXYD_SOAK_MINUTES (default 20).
 SLOW_BENCHMARKS: dict[str, Benchmark] = {"soak": bench_soak.run}
