@@ -1,0 +1,216 @@
+"""The mail exchange of one SMTP connection, pipelined (RFC 2920) when the server offers it.
+
+aiosmtplib opens the connection (TCP, implicit TLS or STARTTLS, AUTH, EHLO); the transport it
+leaves is then driven by :class:`Pipe`, an ``asyncio.Protocol`` that writes a whole group of
+commands at once and parses every reply that comes back, however the bytes are split.
+
+With PIPELINING one message costs two writes: ``MAIL``, ``RCPT`` and ``DATA`` together, then
+the body and its ``.``; ``DATA`` ends the group (RFC 2920 §3.1), so the body goes only after
+its ``354``. Without PIPELINING each command waits for its reply (lock-step).
+
+Each reply must arrive within ``timeout`` seconds of the previous one (the per-command timeout
+aiosmtplib applies), checked by one timer per exchange that re-arms itself only when replies
+did arrive. Replies keep their raw bytes: the caller makes them storable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import NamedTuple
+
+# aiosmtplib's limits: one reply line, and one whole (multi-line) reply.
+MAX_LINE_LENGTH = 8192
+MAX_REPLY_LENGTH = MAX_LINE_LENGTH * 4
+GARBLED = -1  # the code of a reply that is not SMTP: the stream is out of step
+
+_LINE_ENDINGS = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
+_LEADING_PERIOD = re.compile(rb"(?m)^\.")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+
+MAIL_OK = 250
+RCPT_OK = (250, 251)
+DATA_OK = 354
+
+
+class Reply(NamedTuple):
+    code: int
+    text: bytes  # its lines without their codes, joined with "\n", as the server sent them
+
+
+class ReplyError(Exception):
+    """The server answered a command of this message with a refusal (or garbage)."""
+
+    def __init__(self, reply: Reply, *, resettable: bool = True) -> None:
+        super().__init__(reply.code)
+        self.reply = reply
+        self.resettable = resettable  # False when the server still waits for a body
+
+
+class Dropped(Exception):
+    """The connection went away (or was never usable) before every reply arrived."""
+
+
+class ReplyTimeout(Exception):
+    """The server sent no reply within the timeout."""
+
+
+def command(verb: bytes, argument: bytes, *options: bytes) -> bytes:
+    """One command line; a control character (CR, LF, NUL ...) in it is refused locally."""
+    line = b" ".join((verb + b" " + argument, *options))
+    if _CONTROL.search(line):
+        raise ValueError("an SMTP command argument contains a control character")
+    return line + b"\r\n"
+
+
+def data_block(message: bytes) -> bytes:
+    """The message as DATA sends it: CRLF line ends, leading periods doubled, ``.`` last."""
+    message = _LINE_ENDINGS.sub(b"\r\n", message)
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    return _LEADING_PERIOD.sub(b"..", message) + b".\r\n"
+
+
+class Pipe(asyncio.Protocol):
+    """Writes groups of commands and collects their replies; see the module docstring."""
+
+    def __init__(self, transport: asyncio.Transport, timeout: float | None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = transport
+        self._timeout = timeout
+        self._buffer = bytearray()
+        self._replies: list[Reply] = []
+        self._expected = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._failure: Exception | None = None
+        self._last_reply = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        transport.set_protocol(self)
+
+    @property
+    def usable(self) -> bool:
+        """Open, in step, and holding no reply nobody asked for."""
+        transport = self._transport
+        return (
+            self._failure is None
+            and transport is not None
+            and not transport.is_closing()
+            and not self._buffer
+            and (self._waiter is None or self._waiter.done())
+        )
+
+    @property
+    def replies(self) -> list[Reply]:
+        """The replies of the last exchange that arrived (all of them, unless it failed)."""
+        return self._replies
+
+    async def exchange(self, data: bytes, count: int) -> list[Reply]:
+        """Write ``data`` at once and wait for its ``count`` replies."""
+        transport = self._transport
+        if self._failure is not None or transport is None or transport.is_closing():
+            raise Dropped("the connection is closed")
+        self._replies = []
+        self._expected = count
+        waiter = self._waiter = self._loop.create_future()
+        transport.write(data)
+        if self._timeout is not None:
+            self._last_reply = self._loop.time()
+            self._timer = self._loop.call_at(self._last_reply + self._timeout, self._expire)
+        try:
+            await waiter
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        return self._replies
+
+    def close(self) -> None:
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+        self._fail(Dropped("the connection was closed"))
+
+    async def quit(self) -> None:
+        """QUIT politely (its reply awaited within the timeout), then close."""
+        try:
+            await self.exchange(b"QUIT\r\n", 1)
+        except (Dropped, ReplyTimeout, OSError):
+            pass
+        finally:
+            self.close()
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._failure is not None:
+            return
+        self._buffer += data
+        while self._failure is None and self._parse_one():
+            pass
+        if len(self._buffer) > MAX_REPLY_LENGTH:
+            self._garbled(b"Response too long")
+
+    def eof_received(self) -> bool:
+        self._fail(Dropped("the server closed the connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._fail(Dropped("connection lost" + (f": {exc}" if exc else "")))
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _parse_one(self) -> bool:
+        """Take one complete reply off the buffer; False when none is complete yet."""
+        buffer = self._buffer
+        offset = 0
+        lines: list[bytes] = []
+        while True:
+            end = buffer.find(b"\n", offset)
+            if end == -1:
+                if len(buffer) - offset > MAX_LINE_LENGTH:
+                    self._garbled(b"Response too long")
+                return False
+            line = bytes(buffer[offset : end + 1])
+            if len(line) > MAX_LINE_LENGTH:
+                self._garbled(b"Response too long")
+                return False
+            if not line[:3].isdigit():
+                self._garbled(b"Malformed SMTP response line: " + line.strip())
+                return False
+            offset = end + 1
+            lines.append(line[4:].strip(b" \t\r\n"))
+            if line[3:4] != b"-":
+                del buffer[:offset]
+                self._received(Reply(int(line[:3]), b"\n".join(lines)))
+                return True
+
+    def _received(self, reply: Reply) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():  # unasked (a 421 before closing): out of step
+            self._fail(Dropped(f"unexpected reply {reply.code} between commands"))
+            return
+        self._replies.append(reply)
+        if self._timer is not None:
+            self._last_reply = self._loop.time()
+        if len(self._replies) >= self._expected:
+            waiter.set_result(None)
+
+    def _garbled(self, text: bytes) -> None:
+        self._buffer.clear()
+        self._fail(ReplyError(Reply(GARBLED, text)))
+
+    def _fail(self, exc: Exception) -> None:
+        if self._failure is None:
+            self._failure = exc
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def _expire(self) -> None:
+        deadline = self._last_reply + (self._timeout or 0.0)
+        if deadline > self._loop.time():  # replies came meanwhile: the next one has until then
+            self._timer = self._loop.call_at(deadline, self._expire)
+            return
+        self._timer = None
+        self._fail(ReplyTimeout("timed out waiting for the server's reply"))

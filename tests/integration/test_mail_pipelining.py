@@ -1,0 +1,246 @@
+"""RFC 2920 PIPELINING in the SMTP transport: one write for the envelope, the same answers.
+
+Every refusal position of the pipelined group (MAIL, RCPT, DATA, end of data) is classified as
+in lock-step, each with the same server once with and once without PIPELINING; a drop or a
+non-UTF-8 reply in the middle of a group is handled as a drop or a cleaned reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from email.message import Message
+
+import pytest
+
+from nproxyd.adapters.mail_smtp import SmtpTransport
+from nproxyd.core.clock import SystemClock
+from nproxyd.core.config import SmtpConfig
+from nproxyd.core.errors import (
+    MailError,
+    MailPermanentError,
+    MailTransientError,
+    MailUnavailableError,
+)
+from nproxyd.core.mail import compose_message
+from nproxyd.core.text import is_storable
+from tests.fakes.raw_smtp import RawSmtpServer
+
+pytestmark = pytest.mark.anyio
+
+FROM = "nproxy billing <billing@nproxy.localhost>"
+REFUSED = "refused@example.test"
+GOOD = "good@example.test"
+
+
+def compose(to: str, number: int = 0) -> Message:
+    return compose_message(
+        from_address=FROM,
+        to_address=to,
+        subject="Hello",
+        body="Body\n.leading period\n",
+        message_id=f"<pipe-{number}@nproxy.localhost>",
+        date=SystemClock().now(),
+    )
+
+
+@pytest.fixture(params=[True, False], ids=["pipelining", "lock-step"])
+def server(request: pytest.FixtureRequest) -> Iterator[RawSmtpServer]:
+    with RawSmtpServer(pipelining=request.param) as running:
+        yield running
+
+
+@pytest.fixture
+def pipelining_server() -> Iterator[RawSmtpServer]:
+    with RawSmtpServer(pipelining=True) as running:
+        yield running
+
+
+def transport_for(server: RawSmtpServer, timeout: float = 5.0) -> SmtpTransport:
+    return SmtpTransport(SmtpConfig(host=server.host, port=server.port, timeout_seconds=timeout))
+
+
+def envelope_groups(server: RawSmtpServer) -> list[list[bytes]]:
+    """The groups of commands that arrived together, by verb, without EHLO and QUIT."""
+    verbs = [[line[:4].upper() for line in group] for group in server.command_groups]
+    return [group for group in verbs if group not in ([b"EHLO"], [b"QUIT"])]
+
+
+class TestWrites:
+    async def test_pipelining_sends_the_envelope_in_one_write(
+        self, pipelining_server: RawSmtpServer
+    ) -> None:
+        """A server offering PIPELINING gets MAIL, RCPT and DATA together, for every message."""
+        transport = transport_for(pipelining_server)
+        for number in range(3):
+            await transport.send(compose(GOOD, number), GOOD)
+        await transport.aclose()
+
+        assert envelope_groups(pipelining_server) == [[b"MAIL", b"RCPT", b"DATA"]] * 3
+        assert len(pipelining_server.messages) == 3
+        assert transport.connections_opened == 1
+
+    async def test_without_pipelining_each_command_waits_for_its_reply(self) -> None:
+        """A server not offering PIPELINING gets one command at a time (lock-step)."""
+        with RawSmtpServer(pipelining=False) as server:
+            transport = transport_for(server)
+            for number in range(2):
+                await transport.send(compose(GOOD, number), GOOD)
+            await transport.aclose()
+
+            assert envelope_groups(server) == [[b"MAIL"], [b"RCPT"], [b"DATA"]] * 2
+            assert len(server.messages) == 2
+
+    async def test_body_arrives_intact_with_periods_stuffed(
+        self, pipelining_server: RawSmtpServer
+    ) -> None:
+        """The body goes after 354 with its leading periods doubled on the wire, intact after."""
+        transport = transport_for(pipelining_server)
+        await transport.send(compose(GOOD), GOOD)
+        await transport.aclose()
+
+        (message,) = pipelining_server.messages
+        assert b"\r\n.leading period\r\n" in message.raw
+        assert message.rcpt_tos == (GOOD,)
+
+
+class TestRefusalPositions:
+    @pytest.mark.parametrize(
+        ("where", "reply", "expected"),
+        [
+            ("mail", b"550 5.7.1 sender refused", MailPermanentError),
+            ("mail", b"451 4.3.0 sender later", MailTransientError),
+            ("rcpt", b"550 5.1.1 no such user", MailPermanentError),
+            ("rcpt", b"452 4.2.2 mailbox full", MailTransientError),
+            ("data", b"554 5.5.1 no data for you", MailPermanentError),
+            ("data", b"451 4.3.0 data later", MailTransientError),
+            ("data_end", b"554 5.7.1 content refused", MailPermanentError),
+            ("data_end", b"451 4.3.0 queue full", MailTransientError),
+        ],
+    )
+    async def test_refusal_is_classified_and_the_connection_reused(
+        self, server: RawSmtpServer, where: str, reply: bytes, expected: type[MailError]
+    ) -> None:
+        """A 5xx at any position is permanent, a 4xx transient; the next mail goes on the same
+        connection after RSET."""
+        if where == "mail":
+            server.answer_mail(reply)
+        elif where == "rcpt":
+            server.answer_rcpt(REFUSED, reply)
+        elif where == "data":
+            server.answer_data(reply)
+        else:
+            server.answer_data_end(REFUSED, reply)
+        transport = transport_for(server)
+
+        with pytest.raises(MailError) as caught:
+            await transport.send(compose(REFUSED), REFUSED)
+        server.answer_mail(b"250 2.1.0 OK")
+        server.answer_data(b"354 go ahead")
+        await transport.send(compose(GOOD, 1), GOOD)
+        await transport.aclose()
+
+        assert type(caught.value) is expected
+        assert reply[:3].decode() in caught.value.message
+        assert [message.rcpt_tos for message in server.messages] == [(GOOD,)]
+        assert transport.connections_opened == 1
+
+    async def test_non_utf8_reply_in_a_group_is_cleaned_from_its_bytes(
+        self, pipelining_server: RawSmtpServer
+    ) -> None:
+        """A Latin-1 refusal of RCPT inside the pipelined group is permanent, one U+FFFD a byte."""
+        pipelining_server.answer_rcpt(REFUSED, b"550-5.1.1 Empf\xe4nger\r\n550 5.1.1 unbekannt\xff")
+        transport = transport_for(pipelining_server)
+
+        with pytest.raises(MailPermanentError) as caught:
+            await transport.send(compose(REFUSED), REFUSED)
+        await transport.aclose()
+
+        assert is_storable(caught.value.message)
+        assert "Empf\ufffdnger\n5.1.1 unbekannt\ufffd" in caught.value.message
+
+    async def test_drop_mid_group_on_a_fresh_connection_is_unavailable(
+        self, pipelining_server: RawSmtpServer
+    ) -> None:
+        """A connection dropped instead of the RCPT reply says nothing about the mail."""
+        pipelining_server.drop_at("rcpt")
+        transport = transport_for(pipelining_server)
+
+        with pytest.raises(MailUnavailableError):
+            await transport.send(compose(GOOD), GOOD)
+        await transport.aclose()
+
+        assert pipelining_server.messages == []
+
+    async def test_drop_mid_group_on_a_pooled_connection_is_retried_once(
+        self, pipelining_server: RawSmtpServer
+    ) -> None:
+        """A pooled connection dropped mid-group is retried once on a fresh one: delivered once."""
+        transport = transport_for(pipelining_server)
+        await transport.send(compose(GOOD, 0), GOOD)
+        pipelining_server.drop_at("data")
+
+        await transport.send(compose(GOOD, 1), GOOD)
+        await transport.aclose()
+
+        assert pipelining_server.message_ids() == {
+            "<pipe-0@nproxy.localhost>": 1,
+            "<pipe-1@nproxy.localhost>": 1,
+        }
+        assert transport.connections_opened == 2
+
+    async def test_refusal_before_a_drop_is_the_answer(
+        self, pipelining_server: RawSmtpServer
+    ) -> None:
+        """A RCPT 550 that arrived before the connection dropped is the mail's permanent answer."""
+        pipelining_server.answer_rcpt(REFUSED, b"550 5.1.1 no such user")
+        pipelining_server.drop_at("data")  # the server answers DATA by hanging up
+        transport = transport_for(pipelining_server)
+
+        with pytest.raises(MailPermanentError, match="550"):
+            await transport.send(compose(REFUSED), REFUSED)
+        await transport.aclose()
+
+    @pytest.mark.parametrize(
+        ("stage", "expected"),
+        [("mail", MailUnavailableError), ("data", MailTransientError)],
+    )
+    async def test_silence_in_a_group(
+        self, pipelining_server: RawSmtpServer, stage: str, expected: type[MailError]
+    ) -> None:
+        """Silence before the recipient was accepted is unavailability, after it transient."""
+        pipelining_server.stall_at(stage)  # type: ignore[arg-type]
+        transport = transport_for(pipelining_server, timeout=0.5)
+
+        with pytest.raises(MailError) as caught:
+            await transport.send(compose(GOOD), GOOD)
+        await transport.aclose()
+
+        assert type(caught.value) is expected
+
+
+class TestReplyFraming:
+    async def test_trickled_pipelined_replies(self, pipelining_server: RawSmtpServer) -> None:
+        """Replies split byte by byte still pair with their commands: both mails go once."""
+        pipelining_server.trickle(0.001)
+        transport = transport_for(pipelining_server)
+        await transport.send(compose(GOOD, 0), GOOD)
+        await transport.send(compose(GOOD, 1), GOOD)
+        await transport.aclose()
+
+        assert len(pipelining_server.messages) == 2
+        assert transport.connections_opened == 1
+
+    async def test_garbled_reply_closes_the_connection(
+        self, pipelining_server: RawSmtpServer
+    ) -> None:
+        """A reply that is not SMTP is transient and its connection is never reused."""
+        pipelining_server.answer_rcpt(REFUSED, b"hello, this is not SMTP")
+        transport = transport_for(pipelining_server)
+
+        with pytest.raises(MailTransientError):
+            await transport.send(compose(REFUSED), REFUSED)
+        await transport.send(compose(GOOD, 1), GOOD)
+        await transport.aclose()
+
+        assert transport.connections_opened == 2
+        assert len(pipelining_server.messages) == 1
