@@ -20,6 +20,10 @@ RETURNING m.id, m.to_address, m.subject, m.body, m.message_id, m.attempts;
 
 -- record_mail_outcomes --
 -- Record delivery outcomes of mail this holder still holds (a lease another instance took over is theirs); $1 ids, $2 statuses ('sent', 'pending' or 'dead'), $3 errors, $4 next attempt times, $5 whether each outcome uses up an attempt (false when the server was unavailable), $6 now, $7 holder.
+-- The batch reaches mail_outbox through its primary key, whatever the statistics say about
+-- leased_by: the holder and status checks are join conditions against the batch (OFFSET 0 keeps
+-- the planner from folding them back into a filter it would guess matches ~1 row, which made it
+-- scan the table once per outcome); docs/design.md §6.
 UPDATE mail_outbox AS m
 SET status = t.status,
     attempts = m.attempts + CASE WHEN t.counts_attempt THEN 1 ELSE 0 END,
@@ -29,9 +33,13 @@ SET status = t.status,
     lease_until = NULL,
     leased_by = '',
     updated_at = $6
-FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::boolean[])
-    AS t(id, status, error, next_attempt_at, counts_attempt)
-WHERE m.id = t.id AND m.status = 'pending' AND m.leased_by = $7;
+FROM (
+    SELECT outcome.*, $7::text AS holder, 'pending'::text AS held_status
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::boolean[])
+        AS outcome(id, status, error, next_attempt_at, counts_attempt)
+    OFFSET 0
+) AS t
+WHERE m.id = t.id AND m.status = t.held_status AND m.leased_by = t.holder;
 
 -- enqueue_mail --
 -- Queue one mail; $1 to, $2 subject, $3 body, $4 message id, $5 dedupe key (or NULL), $6 now. Returns its id, or nothing when the dedupe key exists.
