@@ -22,6 +22,7 @@ from tests.bench import (
     bench_idle,
     bench_mail,
     bench_mail_latency,
+    bench_mail_smtp_source,
     bench_renewal,
     bench_soak,
 )
@@ -38,6 +39,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "mail": bench_mail.run,
     "idle": bench_idle.run,
     "mail_latency_external": bench_mail_latency.run,
+    "mail_vs_smtp_source": bench_mail_smtp_source.run,
 }
 # On demand only, by name: it runs for NPROXYD_SOAK_MINUTES (default 20).
 SLOW_BENCHMARKS: dict[str, Benchmark] = {"soak": bench_soak.run}
