@@ -8,9 +8,10 @@ With PIPELINING one message costs two writes: ``MAIL``, ``RCPT`` and ``DATA`` to
 the body and its ``.``; ``DATA`` ends the group (RFC 2920 §3.1), so the body goes only after
 its ``354``. Without PIPELINING each command waits for its reply (lock-step).
 
-Each reply must arrive within ``timeout`` seconds of the previous one (the per-command timeout
-aiosmtplib applies), checked by one timer per exchange that re-arms itself only when replies
-did arrive. Replies keep their raw bytes: the caller makes them storable.
+Each reply must arrive within ``timeout`` seconds of the previous one, or of the write that
+asked for it (the per-command timeout aiosmtplib applies), checked by one watchdog timer per
+connection that re-arms itself only when it fires. Replies keep their raw bytes: the caller
+makes them storable.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ MAX_LINE_LENGTH = 8192
 MAX_REPLY_LENGTH = MAX_LINE_LENGTH * 4
 GARBLED = -1  # the code of a reply that is not SMTP: the stream is out of step
 
-_LINE_ENDINGS = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
-_LEADING_PERIOD = re.compile(rb"(?m)^\.")
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 MAIL_OK = 250
@@ -64,11 +63,16 @@ def command(verb: bytes, argument: bytes, *options: bytes) -> bytes:
 
 
 def data_block(message: bytes) -> bytes:
-    """The message as DATA sends it: CRLF line ends, leading periods doubled, ``.`` last."""
-    message = _LINE_ENDINGS.sub(b"\r\n", message)
+    """The message as DATA sends it: CRLF line ends, leading periods doubled, ``.`` last.
+
+    Every CR, LF or CRLF becomes one CRLF (as aiosmtplib does), by plain replaces.
+    """
+    message = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     if not message.endswith(b"\r\n"):
         message += b"\r\n"
-    return _LEADING_PERIOD.sub(b"..", message) + b".\r\n"
+    if message.startswith(b"."):
+        message = b"." + message
+    return message.replace(b"\r\n.", b"\r\n..") + b".\r\n"
 
 
 class Pipe(asyncio.Protocol):
@@ -78,7 +82,9 @@ class Pipe(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = transport
         self._timeout = timeout
-        self._buffer = bytearray()
+        self._partial = b""  # the start of a line whose end has not arrived
+        self._lines: list[bytes] = []  # the lines so far of a multi-line reply
+        self._size = 0  # their length
         self._replies: list[Reply] = []
         self._expected = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -95,7 +101,8 @@ class Pipe(asyncio.Protocol):
             self._failure is None
             and transport is not None
             and not transport.is_closing()
-            and not self._buffer
+            and not self._partial
+            and not self._lines
             and (self._waiter is None or self._waiter.done())
         )
 
@@ -114,27 +121,31 @@ class Pipe(asyncio.Protocol):
         waiter = self._waiter = self._loop.create_future()
         transport.write(data)
         if self._timeout is not None:
+            # One watchdog per connection, re-armed only when it fires (see _expire).
             self._last_reply = self._loop.time()
-            self._timer = self._loop.call_at(self._last_reply + self._timeout, self._expire)
+            if self._timer is None:
+                self._timer = self._loop.call_at(self._last_reply + self._timeout, self._expire)
         try:
             await waiter
-        finally:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+        except BaseException:
+            self._fail(Dropped("the exchange was interrupted"))  # replies still due: out of step
+            raise
         return self._replies
 
     def close(self) -> None:
         transport, self._transport = self._transport, None
         if transport is not None:
             transport.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._fail(Dropped("the connection was closed"))
 
     async def quit(self) -> None:
         """QUIT politely (its reply awaited within the timeout), then close."""
         try:
             await self.exchange(b"QUIT\r\n", 1)
-        except (Dropped, ReplyTimeout, OSError):
+        except (Dropped, ReplyTimeout, ReplyError, OSError):
             pass
         finally:
             self.close()
@@ -144,11 +155,21 @@ class Pipe(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._failure is not None:
             return
-        self._buffer += data
-        while self._failure is None and self._parse_one():
-            pass
-        if len(self._buffer) > MAX_REPLY_LENGTH:
-            self._garbled(b"Response too long")
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        start = 0
+        while self._failure is None:
+            end = data.find(b"\n", start)
+            if end == -1:
+                rest = data[start:]
+                if len(rest) > MAX_LINE_LENGTH:
+                    self._garbled(b"Response too long")
+                else:
+                    self._partial = rest
+                return
+            self._line(data[start : end + 1])
+            start = end + 1
 
     def eof_received(self) -> bool:
         self._fail(Dropped("the server closed the connection"))
@@ -160,30 +181,27 @@ class Pipe(asyncio.Protocol):
 
     # -- internals -------------------------------------------------------------------------
 
-    def _parse_one(self) -> bool:
-        """Take one complete reply off the buffer; False when none is complete yet."""
-        buffer = self._buffer
-        offset = 0
-        lines: list[bytes] = []
-        while True:
-            end = buffer.find(b"\n", offset)
-            if end == -1:
-                if len(buffer) - offset > MAX_LINE_LENGTH:
-                    self._garbled(b"Response too long")
-                return False
-            line = bytes(buffer[offset : end + 1])
-            if len(line) > MAX_LINE_LENGTH:
+    def _line(self, line: bytes) -> None:
+        """One complete reply line (with its line end): part of a reply, or its last line."""
+        if len(line) > MAX_LINE_LENGTH:
+            self._garbled(b"Response too long")
+            return
+        code = line[:3]
+        if not code.isdigit():
+            self._garbled(b"Malformed SMTP response line: " + line.strip())
+            return
+        text = line[4:].strip(b" \t\r\n")
+        if line[3:4] == b"-":
+            self._lines.append(text)
+            self._size += len(line)
+            if self._size > MAX_REPLY_LENGTH:
                 self._garbled(b"Response too long")
-                return False
-            if not line[:3].isdigit():
-                self._garbled(b"Malformed SMTP response line: " + line.strip())
-                return False
-            offset = end + 1
-            lines.append(line[4:].strip(b" \t\r\n"))
-            if line[3:4] != b"-":
-                del buffer[:offset]
-                self._received(Reply(int(line[:3]), b"\n".join(lines)))
-                return True
+            return
+        if self._lines:
+            self._lines.append(text)
+            text = b"\n".join(self._lines)
+            self._lines, self._size = [], 0
+        self._received(Reply(int(code), text))
 
     def _received(self, reply: Reply) -> None:
         waiter = self._waiter
@@ -197,7 +215,7 @@ class Pipe(asyncio.Protocol):
             waiter.set_result(None)
 
     def _garbled(self, text: bytes) -> None:
-        self._buffer.clear()
+        self._partial, self._lines, self._size = b"", [], 0
         self._fail(ReplyError(Reply(GARBLED, text)))
 
     def _fail(self, exc: Exception) -> None:
@@ -208,9 +226,12 @@ class Pipe(asyncio.Protocol):
             waiter.set_exception(exc)
 
     def _expire(self) -> None:
-        deadline = self._last_reply + (self._timeout or 0.0)
-        if deadline > self._loop.time():  # replies came meanwhile: the next one has until then
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done() or self._timeout is None:
+            return  # nothing awaited: the next exchange arms the watchdog again
+        deadline = self._last_reply + self._timeout
+        if deadline > self._loop.time():  # a reply or a new exchange came meanwhile
             self._timer = self._loop.call_at(deadline, self._expire)
             return
-        self._timer = None
         self._fail(ReplyTimeout("timed out waiting for the server's reply"))
