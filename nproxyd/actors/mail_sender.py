@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from email.message import Message
 from typing import Protocol
@@ -105,27 +105,38 @@ class MailSender:
         self._delivered_unrecorded: set[str] = set()
 
     async def tick(self, now: datetime) -> MailReport:
-        """Deliver everything due at ``now`` once."""
+        """Deliver everything due at ``now`` once.
+
+        A batch's outcomes are recorded while the next batch is claimed and delivered (one
+        recording at a time, in batch order), so the connections do not idle through the
+        recording; a recording that fails stops the tick after the batch then on the wire.
+        """
         leases = LeaseClock(self.clock, now, self.settings.lease_seconds)
         holder = self.settings.instance_id
         counts: Counter[str] = Counter()
         failures: Counter[str] = Counter()
-        while True:
-            batch = await self.store.claim(now, leases.deadline(), holder, self.settings.batch_size)
-            if not batch:
-                break
-            ids = [mail.id for mail in batch]
+        recorder = _Recorder(self._record, now, counts)
+        async with anyio.create_task_group() as recording:
+            while recorder.error is None:
+                batch = await self.store.claim(
+                    now, leases.deadline(), holder, self.settings.batch_size
+                )
+                if not batch:
+                    break
+                ids = [mail.id for mail in batch]
 
-            async def extend(until: datetime, ids: list[str] = ids) -> int:
-                return await self.store.extend(ids, holder, until)
+                async def extend(until: datetime, ids: list[str] = ids) -> int:
+                    return await self.store.extend(ids, holder, until)
 
-            outage = _Outage(now)
-            async with kept_alive(leases, extend, what="mail"):
-                outcomes = await self._deliver_all(batch, now, failures, outage)
-            await self._record(outcomes, now, counts)
-            counts["claimed"] += len(batch)
-            if outage.reason is not None or len(batch) < self.settings.batch_size:
-                break  # an unavailable server would refuse the next batch too
+                outage = _Outage(now)
+                async with kept_alive(leases, extend, what="mail"):
+                    outcomes = await self._deliver_all(batch, now, failures, outage)
+                recording.start_soon(recorder.record, outcomes, name="mail-record")
+                counts["claimed"] += len(batch)
+                if outage.reason is not None or len(batch) < self.settings.batch_size:
+                    break  # an unavailable server would refuse the next batch too
+        if recorder.error is not None:
+            raise recorder.error
         return self._report(counts, failures)
 
     def _report(self, counts: Counter[str], failures: Counter[str]) -> MailReport:
@@ -334,6 +345,29 @@ class MailSender:
         counts.update(("dead", "quarantined"))
         self._delivered_unrecorded.discard(outcome.id)
         self.log.warning("mail_row_quarantined", mail_id=outcome.id, reason=reason)
+
+
+class _Recorder:
+    """Records the outcomes of one batch after another, keeping the first error for the tick."""
+
+    def __init__(
+        self,
+        record: Callable[[Sequence[MailOutcome], datetime, Counter[str]], Awaitable[None]],
+        now: datetime,
+        counts: Counter[str],
+    ) -> None:
+        self._record = record
+        self._now = now
+        self._counts = counts
+        self._turn = anyio.Lock()
+        self.error: Exception | None = None
+
+    async def record(self, outcomes: Sequence[MailOutcome]) -> None:
+        async with self._turn:
+            try:
+                await self._record(outcomes, self._now, self._counts)
+            except Exception as exc:  # raised by the tick once the batch on the wire is done
+                self.error = self.error or exc
 
 
 class _Outage:

@@ -163,7 +163,8 @@ class SmtpTransport:
         async with anyio.create_task_group() as group:
             for connection in idle:
                 group.start_soon(connection.pipe.quit, name="smtp-quit")
-        self._wake()
+        while self._waiters:  # every waiting send learns that the transport is closed
+            self._wake()
 
     # -- the pool --------------------------------------------------------------------------
 

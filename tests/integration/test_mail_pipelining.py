@@ -7,9 +7,10 @@ non-UTF-8 reply in the middle of a group is handled as a drop or a cleaned reply
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.message import Message
 
+import anyio
 import pytest
 
 from nproxyd.adapters.mail_smtp import SmtpTransport
@@ -244,3 +245,49 @@ class TestReplyFraming:
 
         assert transport.connections_opened == 2
         assert len(pipelining_server.messages) == 1
+
+
+class TestPool:
+    async def test_send_waiting_for_a_connection_learns_the_transport_closed(
+        self, pipelining_server: RawSmtpServer
+    ) -> None:
+        """With every connection busy, each waiting send is refused as unavailable on close."""
+        pipelining_server.stall_at("data_end")
+        config = SmtpConfig(
+            host=pipelining_server.host,
+            port=pipelining_server.port,
+            timeout_seconds=30.0,
+            max_connections=1,
+        )
+        transport = SmtpTransport(config)
+        outcomes: dict[str, BaseException | None] = {}
+
+        async def send(name: str) -> None:
+            try:
+                await transport.send(compose(GOOD), GOOD)
+            except MailError as exc:
+                outcomes[name] = exc
+            else:
+                outcomes[name] = None
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(send, "busy")
+            await wait_until(lambda: transport.connections_opened == 1)
+            group.start_soon(send, "waiting-1")
+            group.start_soon(send, "waiting-2")
+            await anyio.sleep(0.05)
+            await transport.aclose()
+            await wait_until(lambda: {"waiting-1", "waiting-2"} <= outcomes.keys())
+            pipelining_server.stop()  # only now is the busy send let go
+
+        for name in ("waiting-1", "waiting-2"):
+            refused = outcomes[name]
+            assert isinstance(refused, MailUnavailableError)
+            assert "closed" in refused.message
+        assert isinstance(outcomes["busy"], MailUnavailableError)  # its connection dropped
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    with anyio.fail_after(5):
+        while not condition():
+            await anyio.sleep(0.01)
