@@ -267,16 +267,31 @@ class SmtpTransport:
         except _LOCAL_REFUSALS:
             self._checkin(connection, clean=True)  # nothing was sent
             raise
-        clean = False
+        clean = handed_on = False
+        pipe = connection.pipe
         try:
-            await _exchange(connection, envelope, block, progress)
+            await _send_envelope(connection, envelope, progress)
+            final: list[Reply] = []
+            if connection.pipelining:
+                # The body and its "." go out with what the next send writes in this loop
+                # iteration (its envelope): the connection is the next send's from here on,
+                # and this message's reply comes before any of the next one's.
+                follower = any(not waiter.done() for waiter in self._waiters)
+                self._checkin(connection, clean=True)
+                handed_on = True
+                await pipe.wait(pipe.expect(block, 1, final, defer=follower))
+            else:
+                await pipe.wait(pipe.expect(block, 1, final))
+            _accepted(final[0])
             clean = True
         except ReplyError as exc:
-            # A garbled reply (code -1) leaves the stream out of step: never reuse it.
-            clean = exc.resettable and exc.reply.code > 0 and await _reset(connection.pipe)
+            if not handed_on:
+                # A garbled reply (code -1) leaves the stream out of step: never reuse it.
+                clean = exc.resettable and exc.reply.code > 0 and await _reset(pipe)
             raise
         finally:
-            self._checkin(connection, clean=clean)
+            if not handed_on:
+                self._checkin(connection, clean=clean)
 
     def _translate(self, exc: Exception, *, progress: _Progress | None) -> MailError:
         """The one place where SMTP driver errors become unavailable, transient or permanent.
@@ -334,29 +349,30 @@ def _prepare(connection: _Connection, message: Message, recipient: str) -> tuple
     return mail + rcpt + b"DATA\r\n", data_block(data)
 
 
-async def _exchange(
-    connection: _Connection, envelope: bytes, block: bytes, progress: _Progress
-) -> None:
-    """The envelope (one write when pipelining, else command by command), then the body."""
-    pipe = connection.pipe
+async def _send_envelope(connection: _Connection, envelope: bytes, progress: _Progress) -> None:
+    """MAIL, RCPT and DATA: in one write when pipelining, else command by command."""
     if connection.pipelining:
-        await _group(pipe, envelope, _ENVELOPE, progress)
-    else:
-        for line, stage in zip(envelope.splitlines(keepends=True), _ENVELOPE, strict=True):
-            await _group(pipe, line, (stage,), progress)
-    replies = await pipe.exchange(block, 1)
-    if replies[0].code != MAIL_OK:
-        raise ReplyError(replies[0])
+        await _group(connection.pipe, envelope, _ENVELOPE, progress)
+        return
+    for line, stage in zip(envelope.splitlines(keepends=True), _ENVELOPE, strict=True):
+        await _group(connection.pipe, line, (stage,), progress)
 
 
 async def _group(pipe: Pipe, data: bytes, stages: tuple[str, ...], progress: _Progress) -> None:
     """Write ``data`` and judge its replies in order; a refusal that arrived comes first."""
+    replies: list[Reply] = []
     try:
-        replies = await pipe.exchange(data, len(stages))
+        await pipe.wait(pipe.expect(data, len(stages), replies))
     except (Dropped, ReplyTimeout, ReplyError):
-        _judge(pipe.replies, stages, progress)
+        _judge(replies, stages, progress)
         raise
     _judge(replies, stages, progress)
+
+
+def _accepted(reply: Reply) -> None:
+    """The end-of-data reply: anything but 250 refuses the message."""
+    if reply.code != MAIL_OK:
+        raise ReplyError(reply)
 
 
 def _judge(replies: list[Reply], stages: tuple[str, ...], progress: _Progress) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections import deque
 from typing import NamedTuple
 
 # aiosmtplib's limits: one reply line, and one whole (multi-line) reply.
@@ -75,8 +76,23 @@ def data_block(message: bytes) -> bytes:
     return message.replace(b"\r\n.", b"\r\n..") + b".\r\n"
 
 
+class _Expected:
+    """Replies one write asked for, filled in order as they arrive."""
+
+    __slots__ = ("count", "future", "replies")
+
+    def __init__(self, count: int, replies: list[Reply], future: asyncio.Future[None]) -> None:
+        self.count = count
+        self.replies = replies
+        self.future = future
+
+
 class Pipe(asyncio.Protocol):
-    """Writes groups of commands and collects their replies; see the module docstring."""
+    """Writes groups of commands and collects their replies; see the module docstring.
+
+    Several writes may await their replies at once (a message's end of data and the next
+    message's envelope, when pipelining): replies go to them in the order they were written.
+    """
 
     def __init__(self, transport: asyncio.Transport, timeout: float | None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -85,9 +101,9 @@ class Pipe(asyncio.Protocol):
         self._partial = b""  # the start of a line whose end has not arrived
         self._lines: list[bytes] = []  # the lines so far of a multi-line reply
         self._size = 0  # their length
-        self._replies: list[Reply] = []
-        self._expected = 0
-        self._waiter: asyncio.Future[None] | None = None
+        self._expected: deque[_Expected] = deque()
+        self._staged: list[bytes] = []  # written together at the end of this loop iteration
+        self._flush: asyncio.Handle | None = None
         self._failure: Exception | None = None
         self._last_reply = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -95,50 +111,65 @@ class Pipe(asyncio.Protocol):
 
     @property
     def usable(self) -> bool:
-        """Open, in step, and holding no reply nobody asked for."""
+        """Open and in step (replies may still be due to earlier writes, in order)."""
         transport = self._transport
         return (
             self._failure is None
             and transport is not None
             and not transport.is_closing()
-            and not self._partial
-            and not self._lines
-            and (self._waiter is None or self._waiter.done())
+            and (bool(self._expected) or not (self._partial or self._lines))
         )
 
-    @property
-    def replies(self) -> list[Reply]:
-        """The replies of the last exchange that arrived (all of them, unless it failed)."""
-        return self._replies
+    def expect(
+        self, data: bytes, count: int, replies: list[Reply], *, defer: bool = False
+    ) -> asyncio.Future[None]:
+        """Write ``data`` and expect ``count`` replies into ``replies``; the future says when.
 
-    async def exchange(self, data: bytes, count: int) -> list[Reply]:
-        """Write ``data`` at once and wait for its ``count`` replies."""
+        With ``defer``, the write waits for the end of this loop iteration, so that what other
+        tasks write meanwhile goes out in the same write (the next message's envelope after
+        this one's body).
+        """
         transport = self._transport
         if self._failure is not None or transport is None or transport.is_closing():
             raise Dropped("the connection is closed")
-        self._replies = []
-        self._expected = count
-        waiter = self._waiter = self._loop.create_future()
-        transport.write(data)
-        if self._timeout is not None:
+        future = self._loop.create_future()
+        if not self._expected and self._timeout is not None:
             # One watchdog per connection, re-armed only when it fires (see _expire).
             self._last_reply = self._loop.time()
             if self._timer is None:
                 self._timer = self._loop.call_at(self._last_reply + self._timeout, self._expire)
+        self._expected.append(_Expected(count, replies, future))
+        if self._flush is not None:
+            self._staged.append(data)
+        elif defer:
+            self._staged.append(data)
+            self._flush = self._loop.call_soon(self._write_staged)
+        else:
+            transport.write(data)
+        return future
+
+    async def wait(self, future: asyncio.Future[None]) -> None:
+        """Wait for an expectation; an interrupted wait leaves the stream out of step."""
         try:
-            await waiter
+            await future
         except BaseException:
-            self._fail(Dropped("the exchange was interrupted"))  # replies still due: out of step
+            self._fail(Dropped("the exchange was interrupted"))
             raise
-        return self._replies
+
+    async def exchange(self, data: bytes, count: int) -> list[Reply]:
+        """Write ``data`` and wait for its ``count`` replies."""
+        replies: list[Reply] = []
+        await self.wait(self.expect(data, count, replies))
+        return replies
 
     def close(self) -> None:
         transport, self._transport = self._transport, None
         if transport is not None:
             transport.close()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for handle in (self._timer, self._flush):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._flush = None
         self._fail(Dropped("the connection was closed"))
 
     async def quit(self) -> None:
@@ -204,15 +235,24 @@ class Pipe(asyncio.Protocol):
         self._received(Reply(int(code), text))
 
     def _received(self, reply: Reply) -> None:
-        waiter = self._waiter
-        if waiter is None or waiter.done():  # unasked (a 421 before closing): out of step
+        if not self._expected:  # unasked (a 421 before closing): out of step
             self._fail(Dropped(f"unexpected reply {reply.code} between commands"))
             return
-        self._replies.append(reply)
+        head = self._expected[0]
+        head.replies.append(reply)
         if self._timer is not None:
             self._last_reply = self._loop.time()
-        if len(self._replies) >= self._expected:
-            waiter.set_result(None)
+        if len(head.replies) >= head.count:
+            self._expected.popleft()
+            if not head.future.done():
+                head.future.set_result(None)
+
+    def _write_staged(self) -> None:
+        self._flush = None
+        staged, self._staged = b"".join(self._staged), []
+        transport = self._transport
+        if transport is not None and self._failure is None:
+            transport.write(staged)
 
     def _garbled(self, text: bytes) -> None:
         self._partial, self._lines, self._size = b"", [], 0
@@ -221,17 +261,18 @@ class Pipe(asyncio.Protocol):
     def _fail(self, exc: Exception) -> None:
         if self._failure is None:
             self._failure = exc
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc)
+        expected, self._expected = self._expected, deque()
+        for waiting in expected:
+            if not waiting.future.done():
+                waiting.future.set_exception(exc)
+                waiting.future.exception()  # retrieved: whoever awaits it still gets it
 
     def _expire(self) -> None:
         self._timer = None
-        waiter = self._waiter
-        if waiter is None or waiter.done() or self._timeout is None:
-            return  # nothing awaited: the next exchange arms the watchdog again
+        if not self._expected or self._timeout is None:
+            return  # nothing awaited: the next write arms the watchdog again
         deadline = self._last_reply + self._timeout
-        if deadline > self._loop.time():  # a reply or a new exchange came meanwhile
+        if deadline > self._loop.time():  # a reply came meanwhile: the next one has until then
             self._timer = self._loop.call_at(deadline, self._expire)
             return
         self._fail(ReplyTimeout("timed out waiting for the server's reply"))

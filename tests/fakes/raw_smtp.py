@@ -79,6 +79,7 @@ class RawSmtpServer:
         self._connections = 0
         self._commands: list[bytes] = []
         self._groups: list[list[bytes]] = []
+        self._followed_data = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -177,6 +178,13 @@ class RawSmtpServer:
         shares its group (a pipelining client's ``MAIL``, ``RCPT`` and ``DATA``)."""
         with self._lock:
             return [list(group) for group in self._groups]
+
+    @property
+    def commands_after_data(self) -> int:
+        """How many times the next command had already arrived with a message's final ``.``
+        (a pipelining client writing one message's body and the next envelope together)."""
+        with self._lock:
+            return self._followed_data
 
     def message_ids(self) -> Counter[str]:
         """How many times each Message-ID was accepted."""
@@ -305,6 +313,8 @@ class RawSmtpServer:
         while True:
             line = await reader.readuntil(b"\n")
             if line in (b".\r\n", b".\n"):
+                with self._lock:
+                    self._followed_data += bool(reader._buffer)
                 break
             lines.append(line[1:] if line.startswith(b".") else line)
         with self._lock:

@@ -247,15 +247,21 @@ class TestReplyFraming:
         assert len(pipelining_server.messages) == 1
 
 
+@pytest.fixture
+def lock_step_server() -> Iterator[RawSmtpServer]:
+    with RawSmtpServer(pipelining=False) as running:
+        yield running
+
+
 class TestPool:
     async def test_send_waiting_for_a_connection_learns_the_transport_closed(
-        self, pipelining_server: RawSmtpServer
+        self, lock_step_server: RawSmtpServer
     ) -> None:
         """With every connection busy, each waiting send is refused as unavailable on close."""
-        pipelining_server.stall_at("data_end")
+        lock_step_server.stall_at("data_end")
         config = SmtpConfig(
-            host=pipelining_server.host,
-            port=pipelining_server.port,
+            host=lock_step_server.host,
+            port=lock_step_server.port,
             timeout_seconds=30.0,
             max_connections=1,
         )
@@ -278,7 +284,7 @@ class TestPool:
             await anyio.sleep(0.05)
             await transport.aclose()
             await wait_until(lambda: {"waiting-1", "waiting-2"} <= outcomes.keys())
-            pipelining_server.stop()  # only now is the busy send let go
+            lock_step_server.stop()  # only now is the busy send let go
 
         for name in ("waiting-1", "waiting-2"):
             refused = outcomes[name]
@@ -291,3 +297,92 @@ async def wait_until(condition: Callable[[], bool]) -> None:
     with anyio.fail_after(5):
         while not condition():
             await anyio.sleep(0.01)
+
+
+async def send_all(transport: SmtpTransport, mails: list[tuple[str, int]], senders: int) -> dict:
+    """Send ``mails`` (recipient, number) from ``senders`` concurrent tasks; outcome by number."""
+    outcomes: dict[int, MailError | None] = {}
+    queue = iter(mails)
+
+    async def sender() -> None:
+        for recipient, number in queue:
+            try:
+                await transport.send(compose(recipient, number), recipient)
+            except MailError as exc:
+                outcomes[number] = exc
+            else:
+                outcomes[number] = None
+
+    async with anyio.create_task_group() as group:
+        for _ in range(senders):
+            group.start_soon(sender)
+    return outcomes
+
+
+def one_connection(server: RawSmtpServer) -> SmtpTransport:
+    return SmtpTransport(SmtpConfig(host=server.host, port=server.port, max_connections=1))
+
+
+class TestAcrossMessages:
+    async def test_next_envelope_goes_with_the_body(self, pipelining_server: RawSmtpServer) -> None:
+        """Two sends sharing a pipelining connection write one's body with the other's envelope."""
+        transport = one_connection(pipelining_server)
+
+        outcomes = await send_all(transport, [(GOOD, number) for number in range(6)], senders=2)
+        await transport.aclose()
+
+        assert outcomes == dict.fromkeys(range(6))
+        assert len(pipelining_server.message_ids()) == 6
+        assert pipelining_server.commands_after_data >= 1
+        assert transport.connections_opened == 1
+
+    async def test_lock_step_server_never_gets_a_command_behind_a_body(
+        self, lock_step_server: RawSmtpServer
+    ) -> None:
+        """Without PIPELINING, a second send waits for the first one's final reply."""
+        transport = one_connection(lock_step_server)
+
+        outcomes = await send_all(transport, [(GOOD, number) for number in range(4)], senders=2)
+        await transport.aclose()
+
+        assert outcomes == dict.fromkeys(range(4))
+        assert lock_step_server.commands_after_data == 0
+
+    @pytest.mark.parametrize(
+        ("reply", "expected"),
+        [
+            (b"554 5.7.1 content refused", MailPermanentError),
+            (b"451 4.3.0 later", MailTransientError),
+        ],
+    )
+    async def test_refused_body_leaves_the_next_message_alone(
+        self, pipelining_server: RawSmtpServer, reply: bytes, expected: type[MailError]
+    ) -> None:
+        """A refusal at one message's end of data is its own; the one behind it is delivered."""
+        pipelining_server.answer_data_end(REFUSED, reply)
+        transport = one_connection(pipelining_server)
+
+        outcomes = await send_all(transport, [(REFUSED, 0), (GOOD, 1), (GOOD, 2)], senders=2)
+        await transport.aclose()
+
+        assert type(outcomes[0]) is expected
+        assert (outcomes[1], outcomes[2]) == (None, None)
+        assert pipelining_server.message_ids() == {
+            "<pipe-1@nproxy.localhost>": 1,
+            "<pipe-2@nproxy.localhost>": 1,
+        }
+        assert transport.connections_opened == 1
+
+    async def test_drop_after_a_body_costs_the_next_message_nothing(
+        self, pipelining_server: RawSmtpServer
+    ) -> None:
+        """A drop instead of one message's final reply: the one behind is retried and sent once."""
+        pipelining_server.drop_at("data_end")
+        transport = one_connection(pipelining_server)
+
+        outcomes = await send_all(transport, [(GOOD, 0), (GOOD, 1)], senders=2)
+        await transport.aclose()
+
+        assert isinstance(outcomes[0], MailUnavailableError)
+        assert outcomes[1] is None
+        assert pipelining_server.message_ids()["<pipe-1@nproxy.localhost>"] == 1
