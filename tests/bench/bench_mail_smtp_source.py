@@ -1,7 +1,7 @@
 """Mail against the real limit: nproxyd's sender next to Postfix's C client, into one sink.
 
 10,000 due outbox mails are delivered by one ``MailSender.tick`` (built as the daemon builds
-it: ``SmtpTransport`` with ``max_connections = 4``, ``concurrency = 4``, the batch size of the
+it: ``SmtpTransport`` with ``max_connections = 4``, ``concurrency = 8``, the batch size of the
 default configuration) into Postfix's ``smtp-sink``, which offers PIPELINING. The reference is
 ``smtp-source -s 4 -d -m 10000 -F message`` into the same sink: four parallel sessions, each
 reusing its connection, sending the very message nproxyd composes for an outbox row (same
