@@ -259,6 +259,8 @@ class Pipe(asyncio.Protocol):
         self._fail(ReplyError(Reply(GARBLED, text)))
 
     def _fail(self, exc: Exception) -> None:
+        """Fail every write still awaiting replies. Only the oldest one is told the cause (a
+        timeout or a garbled reply is about it); the later ones just lost their connection."""
         if self._failure is None:
             self._failure = exc
         expected, self._expected = self._expected, deque()
@@ -266,6 +268,8 @@ class Pipe(asyncio.Protocol):
             if not waiting.future.done():
                 waiting.future.set_exception(exc)
                 waiting.future.exception()  # retrieved: whoever awaits it still gets it
+            if not isinstance(exc, Dropped):
+                exc = Dropped(f"the connection failed on an earlier message: {exc}")
 
     def _expire(self) -> None:
         self._timer = None

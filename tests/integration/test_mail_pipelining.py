@@ -386,3 +386,25 @@ class TestAcrossMessages:
         assert isinstance(outcomes[0], MailUnavailableError)
         assert outcomes[1] is None
         assert pipelining_server.message_ids()["<pipe-1@nproxy.localhost>"] == 1
+
+    async def test_silence_on_one_body_costs_the_next_message_nothing(
+        self, pipelining_server: RawSmtpServer
+    ) -> None:
+        """A server silent on one message's end of data: that one is transient, the one pipelined
+        behind it is retried on a fresh connection and sent, not deferred as an outage."""
+        pipelining_server.stall_at("data_end")
+        transport = SmtpTransport(
+            SmtpConfig(
+                host=pipelining_server.host,
+                port=pipelining_server.port,
+                max_connections=1,
+                timeout_seconds=0.5,
+            )
+        )
+
+        outcomes = await send_all(transport, [(GOOD, 0), (GOOD, 1)], senders=2)
+        await transport.aclose()
+
+        assert isinstance(outcomes[0], MailTransientError)
+        assert outcomes[1] is None
+        assert pipelining_server.message_ids()["<pipe-1@nproxy.localhost>"] == 1
