@@ -119,6 +119,7 @@ class SmtpTransport:
         self._idle: list[_Connection] = []
         self._open_count = 0  # connections open or being opened (idle or lent out)
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._connect_failed: MailError | None = None  # the last connect's failure
         self._connections_opened = 0
         self._local_hostname: str | None = None
         self._closed = False
@@ -163,8 +164,7 @@ class SmtpTransport:
         async with anyio.create_task_group() as group:
             for connection in idle:
                 group.start_soon(connection.pipe.quit, name="smtp-quit")
-        while self._waiters:  # every waiting send learns that the transport is closed
-            self._wake()
+        self._wake_all()  # every waiting send learns that the transport is closed
 
     # -- the pool --------------------------------------------------------------------------
 
@@ -187,7 +187,12 @@ class SmtpTransport:
                 except BaseException:
                     self._release()
                     raise
+            failed = self._connect_failed
             await self._wait()
+            if self._connect_failed is not failed and self._connect_failed is not None:
+                # A connect failed while this send waited: the server is unavailable for it
+                # too, and it does not ask again (one connect per connection slot at most).
+                raise MailUnavailableError(self._connect_failed.message)
 
     async def _wait(self) -> None:
         waiter = asyncio.get_running_loop().create_future()
@@ -208,6 +213,10 @@ class SmtpTransport:
             if not waiter.done():
                 waiter.set_result(None)
                 return
+
+    def _wake_all(self) -> None:
+        while self._waiters:
+            self._wake()
 
     def _checkin(self, connection: _Connection, *, clean: bool) -> None:
         if clean and connection.pipe.usable and not self._closed:
@@ -245,7 +254,9 @@ class SmtpTransport:
                 await connection.ehlo()
         except Exception as exc:
             connection.close()
-            raise self._translate(exc, progress=None) from None
+            self._connect_failed = self._translate(exc, progress=None)
+            self._wake_all()  # every waiting send learns of it
+            raise self._connect_failed from None
         transport = connection.transport
         if not isinstance(transport, asyncio.Transport):  # pragma: no cover - aiosmtplib's
             connection.close()

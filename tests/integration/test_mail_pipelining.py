@@ -408,3 +408,18 @@ class TestAcrossMessages:
         assert isinstance(outcomes[0], MailTransientError)
         assert outcomes[1] is None
         assert pipelining_server.message_ids()["<pipe-1@nproxy.localhost>"] == 1
+
+    async def test_sends_waiting_while_a_connect_fails_do_not_connect_again(self) -> None:
+        """A server refusing connections is asked at most once per connection slot."""
+        with RawSmtpServer() as server:
+            server.drop_at("connect", count=100)
+            transport = SmtpTransport(
+                SmtpConfig(host=server.host, port=server.port, max_connections=2)
+            )
+
+            outcomes = await send_all(transport, [(GOOD, number) for number in range(8)], 8)
+            await transport.aclose()
+
+            assert all(isinstance(outcome, MailUnavailableError) for outcome in outcomes.values())
+            assert len(outcomes) == 8
+            assert server.connections <= 2
