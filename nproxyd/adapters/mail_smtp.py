@@ -1,14 +1,16 @@
 """SMTP mail transport with a small pool of reused, pipelined connections.
 
 aiosmtplib opens each connection (TCP, TLS or STARTTLS, AUTH, EHLO); the messages then go
-through :class:`nproxyd.adapters.smtp_client.Pipe` on the same transport, with RFC 2920
-PIPELINING when the server offers it (``MAIL``, ``RCPT`` and ``DATA`` in one write, the body in
-the next) and in lock-step otherwise.
+through :class:`nproxyd.adapters.smtp_client.Pipe` on the same transport. When the server offers
+RFC 2920 PIPELINING, MAIL, RCPT and DATA go in one write, and once DATA got its 354 the send
+hands the connection on: the next send's envelope goes out in the same write as this body and
+its ".", and the replies come back in order. Without PIPELINING every command waits for its
+reply (lock-step) and a connection serves one send at a time.
 
-Every send borrows one connection exclusively: an idle one from the stack, or a new one while
-fewer than ``max_connections`` exist (without any lock or checkpoint when one is idle). A
-connection goes back to the stack only when its state is known to be clean; anything else (a
-timeout, a cancelled send, a failed reset) closes it. Driver exceptions are translated in
+Every send borrows a connection: an idle one from the stack, or a new one while fewer than
+``max_connections`` exist (without any lock or checkpoint when one is idle). A connection goes
+back to the stack only when its state is known to be clean; anything else (a timeout, a
+cancelled send, a failed reset) closes it. Driver exceptions are translated in
 :meth:`SmtpTransport._translate` and nowhere else, into three kinds: the server is unavailable
 (nothing was said about the message), it refused the message for now, or for good. Every reply
 text is made storable there from its raw bytes (a server may answer in Latin-1, with a NUL, or
@@ -146,9 +148,10 @@ class SmtpTransport:
                 raise self._translate(exc, progress=progress) from None
         else:
             return
-        # The server closed a pooled connection while it sat idle (idle timeout, restart).
-        # Retrying once on a fresh connection keeps that from costing the message an
-        # attempt; delivery is at-least-once and the Message-ID marks any duplicate.
+        # The server closed a pooled connection while it sat idle (idle timeout, restart), or
+        # it failed on the message pipelined ahead of this one. Retrying once on a fresh
+        # connection keeps that from costing the message an attempt; delivery is
+        # at-least-once and the Message-ID marks any duplicate.
         connection, _ = await self._checkout(fresh=True)
         progress = _Progress()
         try:
