@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
@@ -20,15 +20,15 @@ import platformdirs
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from nproxyd.actors.invoice_expirer import InvoiceExpirer
-from nproxyd.actors.key_pool_recoverer import KeyPoolRecoverer, KeyPoolSettings
-from nproxyd.actors.mail_sender import MailSender, MailSettings
+from nproxyd.actors.invoice_expirer import ExpirerPorts, ExpirerSettings, InvoiceExpirer
+from nproxyd.actors.key_pool_recoverer import KeyPoolPorts, KeyPoolRecoverer, KeyPoolSettings
+from nproxyd.actors.mail_sender import MailPorts, MailSender, MailSettings
 from nproxyd.actors.payment_watcher import (
     PaymentWatcher,
     PaymentWatcherPorts,
     PaymentWatcherSettings,
 )
-from nproxyd.actors.renewal_scheduler import RenewalScheduler, RenewalSettings
+from nproxyd.actors.renewal_scheduler import RenewalPorts, RenewalScheduler, RenewalSettings
 from nproxyd.adapters.balance_simulated import SimulatedBalanceProbe
 from nproxyd.adapters.dry_run import DryRunProvider, DryRunTransport
 from nproxyd.adapters.mail_maildir import MaildirTransport
@@ -43,11 +43,25 @@ from nproxyd.core.clock import Clock, SystemClock
 from nproxyd.core.config import Config, secrets_of
 from nproxyd.core.errors import ConfigError
 from nproxyd.core.messages import OutboxReady
-from nproxyd.core.ports import IpnVerifier, MailTransport, PaymentProvider, PaymentStatusSource
-from nproxyd.runtime.actor import Actor
-from nproxyd.runtime.daemon import Daemon
+from nproxyd.core.ports import (
+    IpnVerifier,
+    MailTransport,
+    NotifySessions,
+    PaymentProvider,
+    PaymentStatusSource,
+)
+from nproxyd.runtime.actor import Actor, ActorLoop
+from nproxyd.runtime.daemon import Daemon, DaemonParts
+from nproxyd.runtime.http import OpsServer
+from nproxyd.runtime.ipn import IpnServer
+from nproxyd.runtime.listener import MailDueListener
+from nproxyd.runtime.metrics import Metrics
+from nproxyd.runtime.ops import Monitor, OpsQueries
+from nproxyd.runtime.sdnotify import Notifier
+from nproxyd.runtime.supervisor import Supervisor
 from nproxyd.store.database import Database, RolledBackDatabase, create_pool, driver_dsn_problem
 from nproxyd.store.embedded import start_embedded
+from nproxyd.store.listener import mail_due_sessions
 from nproxyd.store.migrate import migrate_pool
 from nproxyd.store.payments import PaymentStore
 from nproxyd.store.stores import HealthStore, InvoiceStore, KeyStore, OutboxStore, RenewalStore
@@ -167,89 +181,141 @@ def mail_concurrency(config: Config) -> int:
     return 2 * config.email.smtp.max_connections if config.email.transport == "smtp" else 4
 
 
-def build_actors(
-    config: Config,
-    *,
-    clock: Clock,
-    stores: Stores,
-    instance: str,
-    outbox: Outbox,
-    provider: PaymentProvider,
-    transport: MailTransport,
-) -> dict[str, Actor]:
-    actors_config = config.actors
-    expirer = InvoiceExpirer(
-        stores.invoices,
-        interval_seconds=actors_config.invoice_expirer.interval_seconds,
-        batch_size=actors_config.invoice_expirer.batch_size,
+class Wiring(msgspec.Struct, frozen=True, kw_only=True):
+    """What the actors are built from."""
+
+    config: Config
+    clock: Clock
+    instance: str
+    stores: Stores
+    outbox: Outbox
+    provider: PaymentProvider
+    transport: MailTransport
+
+
+class ActorEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One actor of the daemon: the one place that names it, its configuration section
+    (``[actors.<section>]``, with its ``enabled`` flag), how it is built, and whether the
+    in-process ``OutboxReady`` channel wakes it."""
+
+    name: str
+    section: str
+    build: Callable[[Wiring], Actor]
+    woken_by_outbox_ready: bool = False
+
+    def enabled(self, config: Config) -> bool:
+        return bool(getattr(config.actors, self.section).enabled)
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def settings_from(kind: type[S], *sections: msgspec.Struct, **values: Any) -> S:
+    """An actor's settings, each field taken by its name from ``values`` or from the first
+    section having that key: settings use the configuration's own key names and defaults."""
+    fields: dict[str, Any] = {}
+    for name in kind.__struct_fields__:
+        if name in values:
+            fields[name] = values[name]
+            continue
+        section = next((s for s in sections if name in s.__struct_fields__), None)
+        if section is None:
+            raise TypeError(f"{kind.__name__}.{name} names no key of the given sections")
+        fields[name] = getattr(section, name)
+    return kind(**fields)
+
+
+def renewal_settings(config: Config, instance: str) -> RenewalSettings:
+    return settings_from(
+        RenewalSettings,
+        config.actors.renewal_scheduler,
+        config.billing,
+        config.urls,
+        config.email,
+        instance_id=instance,
     )
-    renewal = RenewalScheduler(
-        stores.renewals,
-        provider,
-        RenewalSettings.from_config(config, instance),
-        clock=clock,
-        outbox=outbox,
+
+
+def mail_settings(config: Config, instance: str) -> MailSettings:
+    return settings_from(
+        MailSettings,
+        config.actors.mail_sender,
+        config.email,
+        instance_id=instance,
+        concurrency=mail_concurrency(config),
     )
-    mail = MailSender(
-        stores.outbox,
-        transport,
-        MailSettings.from_config(config, instance, mail_concurrency(config)),
-        clock=clock,
-    )
-    keys = KeyPoolRecoverer(
-        stores.keys,
-        SimulatedBalanceProbe(),
-        KeyPoolSettings(
-            interval_seconds=actors_config.key_pool_recoverer.interval_seconds,
-            cooldown_minutes=config.key_pool.cooldown_minutes,
-            failures_before_manual_review=config.key_pool.failures_before_manual_review,
-            balance_poll_seconds=config.key_pool.balance_poll_seconds,
-            probe_concurrency=config.key_pool.balance_probe_concurrency,
-        ),
-    )
-    watcher = build_payment_watcher(config, clock, stores, outbox, provider)
-    return {actor.name: actor for actor in (expirer, renewal, mail, keys, watcher)}
+
+
+def _invoice_expirer(w: Wiring) -> Actor:
+    settings = settings_from(ExpirerSettings, w.config.actors.invoice_expirer)
+    return InvoiceExpirer(settings, ExpirerPorts(store=w.stores.invoices), w.clock)
+
+
+def _renewal_scheduler(w: Wiring) -> Actor:
+    ports = RenewalPorts(store=w.stores.renewals, provider=w.provider, outbox=w.outbox)
+    return RenewalScheduler(renewal_settings(w.config, w.instance), ports, w.clock)
+
+
+def _mail_sender(w: Wiring) -> Actor:
+    ports = MailPorts(store=w.stores.outbox, transport=w.transport)
+    return MailSender(mail_settings(w.config, w.instance), ports, w.clock)
+
+
+def _key_pool_recoverer(w: Wiring) -> Actor:
+    settings = settings_from(KeyPoolSettings, w.config.actors.key_pool_recoverer, w.config.key_pool)
+    ports = KeyPoolPorts(store=w.stores.keys, probe=SimulatedBalanceProbe())
+    return KeyPoolRecoverer(settings, ports, w.clock)
+
+
+def _payment_watcher(w: Wiring) -> Actor:
+    return build_payment_watcher(w.config, w.clock, w.stores, w.outbox, w.provider)
+
+
+# The actor registry: ``run``, ``once``, the command line's choices and /status use it.
+REGISTRY: tuple[ActorEntry, ...] = (
+    ActorEntry(name=InvoiceExpirer.name, section="invoice_expirer", build=_invoice_expirer),
+    ActorEntry(name=RenewalScheduler.name, section="renewal_scheduler", build=_renewal_scheduler),
+    ActorEntry(
+        name=MailSender.name,
+        section="mail_sender",
+        build=_mail_sender,
+        woken_by_outbox_ready=True,
+    ),
+    ActorEntry(name=KeyPoolRecoverer.name, section="key_pool_recoverer", build=_key_pool_recoverer),
+    ActorEntry(name=PaymentWatcher.name, section="payment_watcher", build=_payment_watcher),
+)
+ACTOR_NAMES: tuple[str, ...] = tuple(entry.name for entry in REGISTRY)
+
+
+def build_actors(wiring: Wiring) -> dict[str, Actor]:
+    """Every actor of :data:`REGISTRY`, built from ``wiring``."""
+    return {entry.name: entry.build(wiring) for entry in REGISTRY}
 
 
 def enabled(config: Config, name: str) -> bool:
-    section = getattr(config.actors, name.replace("-", "_"))
-    return bool(section.enabled)
+    return next(entry for entry in REGISTRY if entry.name == name).enabled(config)
 
 
 @asynccontextmanager
 async def open_components(
     config: Config, clock: Clock, *, auto_migrate: bool | None = None, dry_run: bool = False
 ) -> AsyncIterator[Components]:
-    """Build every component; closes what it opened on exit.
-
-    ``dry_run``: no migration, every statement rolled back, no provider call, no mail sent.
-    """
+    """Build every component, closing what it opened on exit. ``dry_run``: no migration, every
+    statement rolled back, no provider call, no mail sent."""
     migrate_now = config.database.auto_migrate if auto_migrate is None else auto_migrate
     async with AsyncExitStack() as stack:
-        applied: list[list[int]] = []
         dsn = await resolve_dsn(config)
-        db = await open_database(
-            config, auto_migrate=migrate_now and not dry_run, dsn=dsn, on_migrated=applied.append
-        )
-        if dry_run:
-            db = await _rolled_back(db)
-        stack.push_async_callback(db.close)
+        db, applied = await _database(stack, config, dsn, migrate=migrate_now, dry_run=dry_run)
         stores = Stores.for_database(db)
         provider, transport = _adapters(config, clock, dry_run=dry_run)
         stack.push_async_callback(provider.aclose)
         stack.push_async_callback(transport.aclose)
-        sender: MemoryObjectSendStream[OutboxReady]
-        sender, receiver = anyio.create_memory_object_stream[OutboxReady](OUTBOX_READY_BUFFER)
-        stack.enter_context(sender)
-        stack.enter_context(receiver)
-        instance = instance_id(config)
-        outbox = Outbox(sender)
-        mail_due = Outbox(stack.enter_context(sender.clone()))
-        actors = build_actors(
-            config,
+        outbox, mail_due, receiver = _outbox_ready_channels(stack)
+        wiring = Wiring(
+            config=config,
             clock=clock,
+            instance=instance_id(config),
             stores=stores,
-            instance=instance,
             outbox=outbox,
             provider=provider,
             transport=transport,
@@ -257,19 +323,45 @@ async def open_components(
         yield Components(
             config=config,
             clock=clock,
-            instance_id=instance,
+            instance_id=wiring.instance,
             db=db,
             stores=stores,
             outbox_ready=outbox,
             outbox_ready_receiver=receiver,
-            actors=actors,
+            actors=build_actors(wiring),
             provider=provider,
             transport=transport,
             dry_run=dry_run,
-            migrations_applied=applied[0] if applied else None,
+            migrations_applied=applied,
             session_dsn=session_dsn(config, dsn),
             mail_due=mail_due,
         )
+
+
+async def _database(
+    stack: AsyncExitStack, config: Config, dsn: str, *, migrate: bool, dry_run: bool
+) -> tuple[Database, list[int] | None]:
+    """The pool (closed with ``stack``) and the migrations this start applied (None: not run)."""
+    applied: list[list[int]] = []
+    db = await open_database(
+        config, auto_migrate=migrate and not dry_run, dsn=dsn, on_migrated=applied.append
+    )
+    db = await _rolled_back(db) if dry_run else db
+    stack.push_async_callback(db.close)
+    return db, applied[0] if applied else None
+
+
+def _outbox_ready_channels(
+    stack: AsyncExitStack,
+) -> tuple[Outbox, Outbox, MemoryObjectReceiveStream[OutboxReady]]:
+    """The in-process ``OutboxReady`` channel: the actors' sender, the NOTIFY listener's
+    sender, and the mail sender's receiver (closed with ``stack``)."""
+    sender: MemoryObjectSendStream[OutboxReady]
+    sender, receiver = anyio.create_memory_object_stream[OutboxReady](OUTBOX_READY_BUFFER)
+    stack.enter_context(sender)
+    stack.enter_context(receiver)
+    mail_due = Outbox(stack.enter_context(sender.clone()))
+    return Outbox(sender), mail_due, receiver
 
 
 def dsn_host(dsn: str) -> str:
@@ -346,40 +438,147 @@ async def run_daemon(config: Config) -> int:
     """``nproxyd run``: build everything, supervise the actors, serve HTTP until a signal."""
     clock = SystemClock()
     async with open_components(config, clock) as components:
-        names = [name for name in components.actors if enabled(config, name)]
-        daemon = Daemon(
-            config=config,
-            clock=clock,
-            instance_id=components.instance_id,
-            actors={name: components.actors[name] for name in names},
-            wake={"mail-sender": components.outbox_ready_receiver},
-            payments=components.stores.payments,
-            ipn=ipn_sink(config, components.actors),
-            health=components.stores.health,
-            outbox=components.stores.outbox,
-            keys=components.stores.keys,
-            channel=components.outbox_ready,
-            startup=startup_facts(config, components),
-            listen_dsn=listen_dsn(config, components),
-            notify_wake=_waker(components.mail_due),
+        return await build_daemon(components).run()
+
+
+def build_daemon(
+    components: Components,
+    *,
+    replace: Mapping[str, Actor] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Daemon:
+    """The daemon of ``nproxyd run``: the enabled actors (some swapped for ``replace``, a test
+    seam) in supervised loops, the listener, the HTTP surfaces, sd_notify."""
+    config, clock = components.config, components.clock
+    actors = {**components.actors, **(replace or {})}
+    enabled_actors = {e.name: actors[e.name] for e in REGISTRY if e.enabled(config)}
+    metrics = Metrics(list(enabled_actors))
+    for channel in (components.outbox_ready, components.mail_due):
+        if channel is not None:
+            channel.on_drop = metrics.messages_dropped.inc
+    monitor = Monitor(clock, metrics)
+    loops = _loops(components, enabled_actors, monitor)
+    supervisor = _supervisor(config, clock, metrics)
+    for name, loop in loops.items():
+        supervisor.add(name, loop.run)
+    listener = _listener(components, metrics, loops)
+    if listener is not None:
+        supervisor.add(listener.name, listener.run)
+    queries = _queries(components, loops, supervisor, monitor, listener)
+    parts = DaemonParts(
+        instance_id=components.instance_id,
+        metrics=metrics,
+        loops=loops,
+        supervisor=supervisor,
+        queries=queries,
+        server=OpsServer(queries, config.http.listen),
+        notifier=Notifier.from_environ(os.environ if environ is None else environ),
+        ipn_server=_ipn_server(config, components.actors, metrics),
+        shutdown_grace_seconds=config.daemon.shutdown_grace_seconds,
+        environ=os.environ if environ is None else environ,
+        startup=startup_facts(config, components),
+    )
+    return Daemon(parts, clock=clock)
+
+
+def _loops(
+    components: Components, actors: Mapping[str, Actor], monitor: Monitor
+) -> dict[str, ActorLoop]:
+    woken = {entry.name for entry in REGISTRY if entry.woken_by_outbox_ready}
+    return {
+        name: ActorLoop(
+            actor,
+            components.clock,
+            monitor,
+            wake=components.outbox_ready_receiver if name in woken else None,
         )
-        return await daemon.run()
+        for name, actor in actors.items()
+    }
 
 
-def listen_dsn(config: Config, components: Components) -> str | None:
-    """The DSN of the NOTIFY listener; None (with one warning) when it cannot have one."""
-    if components.session_dsn is None and enabled(config, "mail-sender"):
+def _supervisor(config: Config, clock: Clock, metrics: Metrics) -> Supervisor:
+    return Supervisor(
+        clock,
+        max_restarts=config.daemon.max_restarts,
+        restart_window_seconds=config.daemon.restart_window_seconds,
+        on_restart=lambda name: metrics.restarts.labels(actor=name).inc(),
+    )
+
+
+def _listener(
+    components: Components, metrics: Metrics, loops: Mapping[str, ActorLoop]
+) -> MailDueListener | None:
+    """The NOTIFY listener waking the mail sender, when it runs here and can have a session."""
+    config = components.config
+    if MailSender.name not in loops or components.mail_due is None:
+        return None
+    sessions = notify_sessions(config, components)
+    if sessions is None:
+        return None
+    return MailDueListener(
+        sessions,
+        wake=_waker(components.mail_due),
+        clock=components.clock,
+        metrics=metrics,
+        connect_timeout_seconds=config.database.connect_timeout_seconds,
+    )
+
+
+def _queries(
+    components: Components,
+    loops: dict[str, ActorLoop],
+    supervisor: Supervisor,
+    monitor: Monitor,
+    listener: MailDueListener | None,
+) -> OpsQueries:
+    config = components.config
+    return OpsQueries(
+        clock=components.clock,
+        instance_id=components.instance_id,
+        loops=loops,
+        supervisor=supervisor,
+        monitor=monitor,
+        health=components.stores.health,
+        keys=components.stores.keys,
+        channel=components.outbox_ready,
+        settings=config.health,
+        retry_windows=retry_windows(config),
+        listener=listener,
+        payments=components.stores.payments,
+    )
+
+
+def _ipn_server(config: Config, actors: Mapping[str, Actor], metrics: Metrics) -> IpnServer | None:
+    sink = ipn_sink(config, dict(actors))
+    return IpnServer(sink, config.ipn.listen, metrics.payments) if sink is not None else None
+
+
+def retry_windows(config: Config) -> dict[str, float]:
+    """How long a failing work item of each retrying actor can wait for its next attempt."""
+    actors = config.actors
+    return {
+        RenewalScheduler.name: config.billing.retry_max_seconds
+        + actors.renewal_scheduler.interval_seconds,
+        MailSender.name: actors.mail_sender.retry_max_seconds + actors.mail_sender.interval_seconds,
+    }
+
+
+def notify_sessions(config: Config, components: Components) -> NotifySessions | None:
+    """The NOTIFY listener's sessions; None (with one warning) when it cannot have one."""
+    if components.session_dsn is None and enabled(config, MailSender.name):
         structlog.get_logger().warning(
             "listener_disabled",
             reason="database.pooler = pgbouncer without database.direct_dsn",
             fallback="mail-sender sweep",
         )
-    return components.session_dsn
-
-
-def _waker(channel: Outbox | None) -> Callable[[], object] | None:
-    if channel is None:
+    if components.session_dsn is None:
         return None
+    return mail_due_sessions(
+        components.session_dsn, timeout_seconds=config.database.connect_timeout_seconds
+    )
+
+
+def _waker(channel: Outbox) -> Callable[[], object]:
     return lambda: channel.offer(OutboxReady(count=0))
 
 
@@ -409,16 +608,11 @@ def ipn_verifier(config: Config) -> IpnVerifier | None:
 
 
 def payment_watcher_settings(config: Config) -> PaymentWatcherSettings:
-    section = config.actors.payment_watcher
-    return PaymentWatcherSettings(
-        interval_seconds=section.interval_seconds,
-        min_check_seconds=section.min_check_seconds,
-        max_check_seconds=section.max_check_seconds,
-        grace_hours=section.grace_hours,
-        payment_provider=config.billing.payment_provider,
-        provider_concurrency=config.billing.provider_concurrency,
-        operator_email=config.billing.operator_email,
-        from_address=config.email.from_address,
+    return settings_from(
+        PaymentWatcherSettings,
+        config.actors.payment_watcher,
+        config.billing,
+        config.email,
         batch_size=PAYMENT_CHECK_BATCH,
         lease_seconds=PAYMENT_CHECK_LEASE_SECONDS,
     )

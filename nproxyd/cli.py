@@ -47,13 +47,7 @@ EXIT_CODES: tuple[tuple[type[NproxydError], int, str], ...] = (
     (SupervisorGaveUp, EXIT_SOFTWARE, ""),
     (NproxydError, EXIT_FAILURE, ""),
 )
-ACTORS = (
-    "invoice-expirer",
-    "renewal-scheduler",
-    "mail-sender",
-    "key-pool-recoverer",
-    "payment-watcher",
-)
+ACTORS = app.ACTOR_NAMES
 MAX_FUTURE = timedelta(minutes=5)
 MAX_DISTANCE = timedelta(days=100 * 366)  # any --now: within a century of the real clock
 MAX_LIMIT = 100_000

@@ -60,7 +60,9 @@ class TestServer:
                 # was stopped and its data deleted: the empty parent does not pile up in /tmp.
                 atexit.register(shutil.rmtree, parent, ignore_errors=True)
                 self.pgdata = parent / "data"
-                server = pgserver.get_server(self.pgdata, cleanup_mode="delete")
+                server = pgserver.get_server(  # type: ignore[attr-defined]
+                    self.pgdata, cleanup_mode="delete"
+                )
                 self.server = server
                 self.admin_dsn = server.get_uri()
         asyncio.run(self._make_template())

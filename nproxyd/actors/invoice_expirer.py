@@ -4,10 +4,23 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import msgspec
 import structlog
 
+from nproxyd.core.clock import Clock
 from nproxyd.core.messages import ExpirerReport
 from nproxyd.core.ports import ExpiryStore
+
+
+class ExpirerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """``[actors.invoice_expirer]``."""
+
+    interval_seconds: float
+    batch_size: int
+
+
+class ExpirerPorts(msgspec.Struct, frozen=True, kw_only=True):
+    store: ExpiryStore
 
 
 class InvoiceExpirer:
@@ -18,15 +31,16 @@ class InvoiceExpirer:
 
     name = "invoice-expirer"
 
-    def __init__(self, store: ExpiryStore, *, interval_seconds: float, batch_size: int) -> None:
-        self.store = store
-        self.interval_seconds = interval_seconds
-        self.batch_size = batch_size
+    def __init__(self, settings: ExpirerSettings, ports: ExpirerPorts, clock: Clock) -> None:
+        self.settings = settings
+        self.store = ports.store
+        self.clock = clock
+        self.interval_seconds = settings.interval_seconds
         self.log = structlog.get_logger().bind(actor=self.name)
 
     async def tick(self, now: datetime) -> ExpirerReport:
         expired = batches = 0
-        async for count in self.store.expire_due(now, self.batch_size):
+        async for count in self.store.expire_due(now, self.settings.batch_size):
             batches += 1
             expired += count
         if expired:

@@ -2,51 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import Protocol
 
 import anyio
 import msgspec
 import structlog
 
+from nproxyd.core.clock import Clock
 from nproxyd.core.errors import BalanceProbeError
 from nproxyd.core.messages import KeyPoolReport
-from nproxyd.core.ports import BalanceProbe, ProviderKeyRef
-from nproxyd.store.rows import KeyRow, KeyTransition
+from nproxyd.core.ports import BalanceProbe, KeyPoolStore, ProviderKeyRef
+from nproxyd.core.records import KeyRow
 
 _MAX_PROBES_PER_TICK = 1000
 
 
-class KeyPoolStore(Protocol):
-    async def recover(self, now: datetime) -> list[str]: ...
-
-    async def claim_balance_due(
-        self, now: datetime, poll_seconds: float, limit: int
-    ) -> list[KeyRow]: ...
-
-    async def record_balances(
-        self, ids: Sequence[str], balances: Sequence[Decimal], now: datetime
-    ) -> None: ...
-
-    async def record_failures(
-        self,
-        ids: Sequence[str],
-        errors: Sequence[str],
-        now: datetime,
-        *,
-        cooldown_minutes: float,
-        failures_before_manual_review: int,
-    ) -> list[KeyTransition]: ...
-
-
 class KeyPoolSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """``[actors.key_pool_recoverer]`` and ``[key_pool]``."""
+
     interval_seconds: float
     cooldown_minutes: float
     failures_before_manual_review: int
     balance_poll_seconds: float
-    probe_concurrency: int
+    balance_probe_concurrency: int
+
+
+class KeyPoolPorts(msgspec.Struct, frozen=True, kw_only=True):
+    store: KeyPoolStore
+    probe: BalanceProbe
 
 
 class KeyPoolRecoverer:
@@ -54,10 +38,11 @@ class KeyPoolRecoverer:
 
     name = "key-pool-recoverer"
 
-    def __init__(self, store: KeyPoolStore, probe: BalanceProbe, settings: KeyPoolSettings) -> None:
-        self.store = store
-        self.probe = probe
+    def __init__(self, settings: KeyPoolSettings, ports: KeyPoolPorts, clock: Clock) -> None:
         self.settings = settings
+        self.store = ports.store
+        self.probe = ports.probe
+        self.clock = clock
         self.interval_seconds = settings.interval_seconds
         self.log = structlog.get_logger().bind(actor=self.name)
 
@@ -85,7 +70,7 @@ class KeyPoolRecoverer:
     async def _probe_all(self, keys: list[KeyRow]) -> tuple[dict[str, Decimal], dict[str, str]]:
         balances: dict[str, Decimal] = {}
         failures: dict[str, str] = {}
-        limiter = anyio.CapacityLimiter(self.settings.probe_concurrency)
+        limiter = anyio.CapacityLimiter(self.settings.balance_probe_concurrency)
 
         async def probe(key: KeyRow) -> None:
             async with limiter:

@@ -18,7 +18,7 @@ from nproxyd.core.clock import Clock
 from nproxyd.core.errors import NproxydError
 
 
-class LeaseClock:
+class LeaseDeadlines:
     """Computes lease deadlines for one tick."""
 
     def __init__(self, clock: Clock, now: datetime, lease_seconds: float) -> None:
@@ -34,7 +34,7 @@ class LeaseClock:
 
 @asynccontextmanager
 async def kept_alive(
-    leases: LeaseClock, extend: Callable[[datetime], Awaitable[object]], *, what: str
+    leases: LeaseDeadlines, extend: Callable[[datetime], Awaitable[object]], *, what: str
 ) -> AsyncIterator[None]:
     """Extend a lease every third of its length until the block exits."""
 

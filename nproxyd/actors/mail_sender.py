@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
+from contextlib import aclosing
 from datetime import datetime, timedelta
 from email.message import Message
-from typing import Protocol
 
 import anyio
 import msgspec
 import structlog
 
-from nproxyd.actors.leases import LeaseClock, kept_alive
+from nproxyd.actors.leases import LeaseDeadlines, kept_alive
 from nproxyd.core.clock import Clock
-from nproxyd.core.config import Config
 from nproxyd.core.errors import (
     MailPermanentError,
     MailTransientError,
@@ -36,47 +35,29 @@ from nproxyd.core.errors import (
 )
 from nproxyd.core.mail import compose_message
 from nproxyd.core.messages import MailReport
-from nproxyd.core.ports import MailTransport
+from nproxyd.core.ports import MailOutboxStore, MailTransport
+from nproxyd.core.records import MailOutcome, OutboxMail
 from nproxyd.core.rules import address_problem, backoff_seconds
 from nproxyd.core.text import storable
-from nproxyd.store.rows import MailOutcome, OutboxMail
-
-
-class OutboxPort(Protocol):
-    async def claim(
-        self, now: datetime, lease_until: datetime, holder: str, limit: int
-    ) -> list[OutboxMail]: ...
-
-    async def record(self, outcomes: Sequence[MailOutcome], now: datetime, holder: str) -> int: ...
-
-    async def extend(self, ids: Sequence[str], holder: str, lease_until: datetime) -> int: ...
 
 
 class MailSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """``[actors.mail_sender]``, the sender address, the instance and the delivery workers."""
+
     interval_seconds: float
     batch_size: int
     lease_seconds: float
     max_attempts: int
-    concurrency: int
+    retry_base_seconds: float
+    retry_max_seconds: float
     from_address: str
     instance_id: str
-    retry_base_seconds: float = 30.0
-    retry_cap_seconds: float = 3600.0
+    concurrency: int  # workers per batch: the transport's connections
 
-    @classmethod
-    def from_config(cls, config: Config, instance_id: str, concurrency: int) -> MailSettings:
-        section = config.actors.mail_sender
-        return cls(
-            interval_seconds=section.interval_seconds,
-            batch_size=section.batch_size,
-            lease_seconds=section.lease_seconds,
-            max_attempts=section.max_attempts,
-            concurrency=concurrency,
-            from_address=config.email.from_address,
-            instance_id=instance_id,
-            retry_base_seconds=section.retry_base_seconds,
-            retry_cap_seconds=section.retry_max_seconds,
-        )
+
+class MailPorts(msgspec.Struct, frozen=True, kw_only=True):
+    store: MailOutboxStore
+    transport: MailTransport
 
 
 class MailSender:
@@ -84,16 +65,15 @@ class MailSender:
 
     def __init__(
         self,
-        store: OutboxPort,
-        transport: MailTransport,
         settings: MailSettings,
-        *,
+        ports: MailPorts,
         clock: Clock,
+        *,
         rng: random.Random | None = None,
     ) -> None:
-        self.store = store
-        self.transport = transport
         self.settings = settings
+        self.store = ports.store
+        self.transport = ports.transport
         self.clock = clock
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self.interval_seconds = settings.interval_seconds
@@ -105,39 +85,45 @@ class MailSender:
         self._delivered_unrecorded: set[str] = set()
 
     async def tick(self, now: datetime) -> MailReport:
-        """Deliver everything due at ``now`` once.
-
-        A batch's outcomes are recorded while the next batch is claimed and delivered (one
-        recording at a time, in batch order), so the connections do not idle through the
-        recording; a recording that fails stops the tick after the batch then on the wire.
-        """
-        leases = LeaseClock(self.clock, now, self.settings.lease_seconds)
+        """Deliver everything due at ``now`` once."""
+        leases = LeaseDeadlines(self.clock, now, self.settings.lease_seconds)
         holder = self.settings.instance_id
         counts: Counter[str] = Counter()
         failures: Counter[str] = Counter()
-        recorder = _Recorder(self._record, now, counts)
-        async with anyio.create_task_group() as recording:
-            while recorder.error is None:
-                batch = await self.store.claim(
-                    now, leases.deadline(), holder, self.settings.batch_size
-                )
-                if not batch:
-                    break
-                ids = [mail.id for mail in batch]
-
-                async def extend(until: datetime, ids: list[str] = ids) -> int:
-                    return await self.store.extend(ids, holder, until)
-
-                outage = _Outage(now)
-                async with kept_alive(leases, extend, what="mail"):
-                    outcomes = await self._deliver_all(batch, now, failures, outage)
-                recording.start_soon(recorder.record, outcomes, name="mail-record")
+        batches = self.store.due_mail(
+            now, self.settings.batch_size, holder=holder, lease_until=leases.deadline
+        )
+        async with aclosing(batches):
+            async for batch in batches:
                 counts["claimed"] += len(batch)
-                if outage.reason is not None or len(batch) < self.settings.batch_size:
+                if not await self._send_batch(batch, leases, counts, failures):
                     break  # an unavailable server would refuse the next batch too
-        if recorder.error is not None:
-            raise recorder.error
         return self._report(counts, failures)
+
+    async def _send_batch(
+        self,
+        batch: list[OutboxMail],
+        leases: LeaseDeadlines,
+        counts: Counter[str],
+        failures: Counter[str],
+    ) -> bool:
+        """Deliver and record one leased batch; False when the server was unavailable."""
+        ids = [mail.id for mail in batch]
+        holder = self.settings.instance_id
+
+        async def extend(until: datetime) -> int:
+            return await self.store.extend(ids, holder, until)
+
+        outage = _Outage(leases.now)
+        bugs: list[Exception] = []
+        async with kept_alive(leases, extend, what="mail"):
+            outcomes = await self._deliver_all(batch, leases.now, failures, outage, bugs)
+        await self._record(outcomes, leases.now, counts)
+        if bugs:
+            # A bug fails the tick, after what was delivered is recorded: a delivered mail is
+            # never sent again because of a neighbour. Rows left keep their lease and attempts.
+            raise bugs[0] if len(bugs) == 1 else ExceptionGroup("mail delivery bugs", bugs)
+        return outage.reason is None
 
     def _report(self, counts: Counter[str], failures: Counter[str]) -> MailReport:
         if counts["sent"]:
@@ -156,18 +142,32 @@ class MailSender:
     # -- delivery --------------------------------------------------------------------------
 
     async def _deliver_all(
-        self, batch: list[OutboxMail], now: datetime, failures: Counter[str], outage: _Outage
+        self,
+        batch: list[OutboxMail],
+        now: datetime,
+        failures: Counter[str],
+        outage: _Outage,
+        bugs: list[Exception],
     ) -> list[MailOutcome]:
-        """Deliver a batch with ``concurrency`` workers sharing one queue of rows."""
+        """Deliver a batch with ``concurrency`` workers sharing one queue of rows.
+
+        A programming error (anything but the mail error family) stops every worker taking
+        rows and lands in ``bugs``; the outcomes so far are returned for recording.
+        """
         outcomes: list[MailOutcome] = []
         queue = iter(batch)
 
         async def worker() -> None:
             for mail in queue:  # each worker takes the next row; no row is taken twice
+                if bugs:
+                    return
                 if outage.reason is not None:
                     outcomes.append(self._defer(mail, outage))
-                else:
+                    continue
+                try:
                     outcomes.append(await self._deliver(mail, now, failures, outage))
+                except Exception as exc:
+                    bugs.append(exc)
 
         async with anyio.create_task_group() as group:
             for number in range(min(self.settings.concurrency, len(batch))):
@@ -196,10 +196,6 @@ class MailSender:
         except MailTransientError as exc:
             failures["transient"] += 1
             return self._retry(mail, now, _reason(exc))
-        except Exception as exc:  # a bug must not lose the outcomes of the rest of the batch
-            self.log.exception("mail_delivery_error", mail_id=mail.id)
-            failures["transient"] += 1
-            return self._retry(mail, now, _reason(exc))
         self.log.debug("mail_delivered", mail_id=mail.id, message_id=mail.message_id)
         return MailOutcome(id=mail.id, status="sent", error=None, next_attempt_at=now)
 
@@ -224,7 +220,7 @@ class MailSender:
         return backoff_seconds(
             self._outage_streak + 1,
             base_seconds=self.settings.retry_base_seconds,
-            cap_seconds=self.settings.retry_cap_seconds,
+            cap_seconds=self.settings.retry_max_seconds,
             rng=self.rng,
         )
 
@@ -271,7 +267,7 @@ class MailSender:
         delay = backoff_seconds(
             attempts,
             base_seconds=self.settings.retry_base_seconds,
-            cap_seconds=self.settings.retry_cap_seconds,
+            cap_seconds=self.settings.retry_max_seconds,
             rng=self.rng,
         )
         self.log.warning(
@@ -345,29 +341,6 @@ class MailSender:
         counts.update(("dead", "quarantined"))
         self._delivered_unrecorded.discard(outcome.id)
         self.log.warning("mail_row_quarantined", mail_id=outcome.id, reason=reason)
-
-
-class _Recorder:
-    """Records the outcomes of one batch after another, keeping the first error for the tick."""
-
-    def __init__(
-        self,
-        record: Callable[[Sequence[MailOutcome], datetime, Counter[str]], Awaitable[None]],
-        now: datetime,
-        counts: Counter[str],
-    ) -> None:
-        self._record = record
-        self._now = now
-        self._counts = counts
-        self._turn = anyio.Lock()
-        self.error: Exception | None = None
-
-    async def record(self, outcomes: Sequence[MailOutcome]) -> None:
-        async with self._turn:
-            try:
-                await self._record(outcomes, self._now, self._counts)
-            except Exception as exc:  # raised by the tick once the batch on the wire is done
-                self.error = self.error or exc
 
 
 class _Outage:

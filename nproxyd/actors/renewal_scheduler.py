@@ -17,22 +17,32 @@ from __future__ import annotations
 import random
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Protocol
 
 import anyio
 import msgspec
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from nproxyd.actors.leases import LeaseClock, kept_alive
+from nproxyd.actors.leases import LeaseDeadlines, kept_alive
 from nproxyd.core.channels import Outbox
 from nproxyd.core.clock import Clock
-from nproxyd.core.config import Config
-from nproxyd.core.errors import ProviderPermanentError, StoreDataError
+from nproxyd.core.errors import ProviderError, ProviderPermanentError, StoreDataError
 from nproxyd.core.messages import OutboxReady, RenewalReport
-from nproxyd.core.ports import InvoiceRequest, PaymentProvider, ProviderInvoice
+from nproxyd.core.ports import (
+    InvoiceRequest,
+    PaymentProvider,
+    ProviderInvoice,
+    RenewalClaimStore,
+)
+from nproxyd.core.records import (
+    ClaimedSlot,
+    CompletedSlot,
+    ReleasedSlot,
+    RenewalCandidate,
+    StoredInvoice,
+    UnreadableCandidate,
+)
 from nproxyd.core.rules import (
     backoff_seconds,
     candidate_problem,
@@ -41,74 +51,33 @@ from nproxyd.core.rules import (
     render_renewal_body,
 )
 from nproxyd.core.text import storable
-from nproxyd.store.rows import (
-    KEYSET_START,
-    ClaimedSlot,
-    CompletedSlot,
-    ReleasedSlot,
-    RenewalCandidate,
-    StoredInvoice,
-    UnreadableCandidate,
-)
 
 _COMMIT_GROUP = 500
 _LOG_AGAIN_AFTER = timedelta(hours=1)  # a warning about one bad row, at most this often
 _MEMO_SIZE = 10_000  # rows remembered for that; the oldest are forgotten first
-Outcome = StoredInvoice | ReleasedSlot
-
-
-class RenewalStorePort(Protocol):
-    async def candidates(
-        self, now: datetime, window_end: datetime, after: tuple[datetime, str], limit: int
-    ) -> list[RenewalCandidate | UnreadableCandidate]: ...
-
-    async def claim(
-        self,
-        slots: Sequence[tuple[str, datetime, str]],
-        *,
-        holder: str,
-        token: str,
-        now: datetime,
-        lease_until: datetime,
-    ) -> list[ClaimedSlot]: ...
-
-    async def commit(
-        self, invoices: Sequence[StoredInvoice], *, provider: str, now: datetime
-    ) -> list[CompletedSlot]: ...
-
-    async def release(self, slots: Sequence[ReleasedSlot], now: datetime) -> int: ...
-
-    async def extend(self, token: str, lease_until: datetime) -> int: ...
+SlotResult = StoredInvoice | ReleasedSlot  # what a provider call left for its claimed slot
 
 
 class RenewalSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """``[actors.renewal_scheduler]``, ``[billing]``, the app's URL, the sender, the instance."""
+
     interval_seconds: float
-    lead_hours: float
     batch_size: int
+    renewal_lead_time_hours: float
     provider_concurrency: int
     claim_lease_seconds: float
     failed_retry_hours: float
+    retry_base_seconds: float
+    retry_max_seconds: float
     app_base_url: str
     from_address: str
     instance_id: str
-    retry_base_seconds: float = 60.0
-    retry_cap_seconds: float = 3600.0
 
-    @classmethod
-    def from_config(cls, config: Config, instance_id: str) -> RenewalSettings:
-        return cls(
-            interval_seconds=config.actors.renewal_scheduler.interval_seconds,
-            lead_hours=config.billing.renewal_lead_time_hours,
-            batch_size=config.actors.renewal_scheduler.batch_size,
-            provider_concurrency=config.billing.provider_concurrency,
-            claim_lease_seconds=config.billing.claim_lease_seconds,
-            failed_retry_hours=config.billing.failed_retry_hours,
-            app_base_url=config.urls.app_base_url,
-            from_address=config.email.from_address,
-            instance_id=instance_id,
-            retry_base_seconds=config.billing.retry_base_seconds,
-            retry_cap_seconds=config.billing.retry_max_seconds,
-        )
+
+class RenewalPorts(msgspec.Struct, frozen=True, kw_only=True):
+    store: RenewalClaimStore
+    provider: PaymentProvider
+    outbox: Outbox
 
 
 class _Totals:
@@ -162,7 +131,7 @@ class LogMemo:
 class _Run:
     """What one tick's producer, provider workers and committer share."""
 
-    def __init__(self, token: str, leases: LeaseClock, totals: _Totals) -> None:
+    def __init__(self, token: str, leases: LeaseDeadlines, totals: _Totals) -> None:
         self.token = token
         self.leases = leases
         self.now = leases.now
@@ -177,19 +146,17 @@ class RenewalScheduler:
 
     def __init__(
         self,
-        store: RenewalStorePort,
-        provider: PaymentProvider,
         settings: RenewalSettings,
-        *,
+        ports: RenewalPorts,
         clock: Clock,
-        outbox: Outbox,
+        *,
         rng: random.Random | None = None,
     ) -> None:
-        self.store = store
-        self.provider = provider
         self.settings = settings
+        self.store = ports.store
+        self.provider = ports.provider
+        self.outbox = ports.outbox
         self.clock = clock
-        self.outbox = outbox
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self.interval_seconds = settings.interval_seconds
         self.log = structlog.get_logger().bind(actor=self.name)
@@ -201,7 +168,7 @@ class RenewalScheduler:
         The next batch is read and claimed while the provider calls of the previous one run,
         so a batch boundary never leaves the provider idle.
         """
-        leases = LeaseClock(self.clock, now, self.settings.claim_lease_seconds)
+        leases = LeaseDeadlines(self.clock, now, self.settings.claim_lease_seconds)
         run = _Run(uuid.uuid4().hex, leases, _Totals())
         size = self.settings.batch_size
 
@@ -209,7 +176,7 @@ class RenewalScheduler:
             return await self.store.extend(run.token, until)
 
         work_send, work_receive = anyio.create_memory_object_stream[Work](size)
-        result_send, result_receive = anyio.create_memory_object_stream[Outcome](size)
+        result_send, result_receive = anyio.create_memory_object_stream[SlotResult](size)
         async with (
             kept_alive(leases, extend, what="renewal-claims"),
             anyio.create_task_group() as tg,
@@ -231,20 +198,12 @@ class RenewalScheduler:
         return run.totals.report()
 
     async def _produce(self, work: MemoryObjectSendStream[Work], run: _Run) -> None:
-        """Read candidate batches by keyset, claim them, hand the won slots to the workers."""
-        window_end = run.now + timedelta(hours=self.settings.lead_hours)
-        cursor = KEYSET_START
-        while True:
-            batch = await self.store.candidates(
-                run.now, window_end, cursor, self.settings.batch_size
-            )
+        """Claim each batch of due candidates, hand the won slots to the workers."""
+        window_end = run.now + timedelta(hours=self.settings.renewal_lead_time_hours)
+        async for batch in self.store.due_candidates(run.now, window_end, self.settings.batch_size):
             run.totals.candidates += len(batch)
-            if batch:
-                cursor = (batch[-1].current_period_end, batch[-1].subscription_id)
-                for pair in await self._claim(self._valid(batch, run), run):
-                    await work.send(pair)
-            if len(batch) < self.settings.batch_size:
-                return
+            for pair in await self._claim(self._valid(batch, run), run):
+                await work.send(pair)
 
     def _valid(
         self, batch: list[RenewalCandidate | UnreadableCandidate], run: _Run
@@ -293,14 +252,16 @@ class RenewalScheduler:
     async def _worker(
         self,
         work: MemoryObjectReceiveStream[Work],
-        results: MemoryObjectSendStream[Outcome],
+        results: MemoryObjectSendStream[SlotResult],
         run: _Run,
     ) -> None:
         async with work, results:
             async for candidate, slot in work:
                 await results.send(await self._request(candidate, slot, run))
 
-    async def _request(self, candidate: RenewalCandidate, slot: ClaimedSlot, run: _Run) -> Outcome:
+    async def _request(
+        self, candidate: RenewalCandidate, slot: ClaimedSlot, run: _Run
+    ) -> SlotResult:
         try:
             request = self._request_for(candidate, slot)
             answer = await self.provider.create_invoice(request, run.now)
@@ -308,7 +269,7 @@ class RenewalScheduler:
         except ProviderPermanentError as exc:
             run.totals.permanent += 1
             return self._failed(slot, run.token, run.now, exc.message)
-        except Exception as exc:
+        except ProviderError as exc:  # anything else is a bug: it fails the tick
             run.totals.transient += 1
             return self._retry(candidate, slot, run.token, run.now, exc)
 
@@ -385,7 +346,7 @@ class RenewalScheduler:
         delay = backoff_seconds(
             slot.attempts,
             base_seconds=self.settings.retry_base_seconds,
-            cap_seconds=self.settings.retry_cap_seconds,
+            cap_seconds=self.settings.retry_max_seconds,
             rng=self.rng,
         )
         self.log.warning(
@@ -411,7 +372,9 @@ class RenewalScheduler:
             error=storable(error),
         )
 
-    async def _commit_loop(self, receiver: MemoryObjectReceiveStream[Outcome], run: _Run) -> None:
+    async def _commit_loop(
+        self, receiver: MemoryObjectReceiveStream[SlotResult], run: _Run
+    ) -> None:
         async with receiver:
             async for first in receiver:
                 group = [first]
@@ -422,7 +385,7 @@ class RenewalScheduler:
                         break
                 await self._commit(group, run.now, run.totals)
 
-    async def _commit(self, group: list[Outcome], now: datetime, totals: _Totals) -> None:
+    async def _commit(self, group: list[SlotResult], now: datetime, totals: _Totals) -> None:
         invoices = [item for item in group if isinstance(item, StoredInvoice)]
         released = [item for item in group if isinstance(item, ReleasedSlot)]
         if invoices:

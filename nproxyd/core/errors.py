@@ -6,13 +6,9 @@ exceptions into these at the boundary; nothing above the adapters sees a driver'
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 
 class NproxydError(Exception):
     """nproxyd failed."""
-
-    transient: ClassVar[bool] = False
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or (self.__doc__ or type(self).__name__).strip())
@@ -29,13 +25,9 @@ class OperatorMustFix(NproxydError):
 class Unavailable(NproxydError):
     """Something needed cannot be reached now; the same command may succeed later (exit 69)."""
 
-    transient = True
-
 
 class TemporaryFailure(NproxydError):
     """Start-up failed for a reason that may pass on its own, e.g. a busy port (exit 75)."""
-
-    transient = True
 
 
 class UsageError(NproxydError):
@@ -57,8 +49,6 @@ class StoreError(NproxydError):
 
 class DatabaseUnavailable(StoreError, Unavailable):
     """The database cannot be reached."""
-
-    transient = True
 
 
 class LockUnavailable(StoreError):
@@ -94,8 +84,6 @@ class ProviderError(NproxydError):
 class ProviderTransientError(ProviderError):
     """The payment provider failed for now; the same request may succeed later."""
 
-    transient = True
-
 
 class ProviderPermanentError(ProviderError):
     """The payment provider refused the request; repeating it will not help."""
@@ -107,8 +95,6 @@ class MailError(NproxydError):
 
 class MailTransientError(MailError):
     """Mail delivery failed for now; it will be retried."""
-
-    transient = True
 
 
 class MailUnavailableError(MailTransientError):

@@ -1,17 +1,23 @@
-"""Ports: what the actors need from the outside world, as Protocols.
+"""Ports: what the actors and the runtime need from the outside world, as Protocols.
 
 Adapters in :mod:`nproxyd.adapters` implement them and translate every failure into the
 project's exception tree (:mod:`nproxyd.core.errors`), deciding once whether it is transient.
+Stores in :mod:`nproxyd.store` implement the ``…Store`` ports; a port is named after what its
+user needs (``ExpiryStore``, ``RenewalClaimStore``, ``MailOutboxStore``, ``KeyPoolStore``,
+``PaymentWatchStore``, ``HealthReadStore``), never after a table. Paging stays inside the
+store: a port that walks many rows yields batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from decimal import Decimal
 from email.message import Message
 from typing import Protocol
 
+import anyio
 import msgspec
 
 from nproxyd.core.payments import (
@@ -26,6 +32,20 @@ from nproxyd.core.payments import (
     RecordContext,
     StatusChange,
     StatusHistoryEntry,
+)
+from nproxyd.core.records import (
+    ClaimedSlot,
+    CompletedSlot,
+    HealthGauges,
+    KeyRow,
+    KeyTransition,
+    LatestFailures,
+    MailOutcome,
+    OutboxMail,
+    ReleasedSlot,
+    RenewalCandidate,
+    StoredInvoice,
+    UnreadableCandidate,
 )
 
 
@@ -160,3 +180,103 @@ class IpnSink(Protocol):
     """Receives instant payment notifications (the payment watcher)."""
 
     async def receive_ipn(self, body: bytes, signature: str | None) -> IpnOutcome: ...
+
+
+class RenewalClaimStore(Protocol):
+    """What the renewal scheduler reads and writes: due candidates, claims, grouped commits."""
+
+    def due_candidates(
+        self, now: datetime, window_end: datetime, size: int
+    ) -> AsyncIterator[list[RenewalCandidate | UnreadableCandidate]]:
+        """Every subscription due for renewal in ``(now, window_end]``, ``size`` at a time."""
+        ...
+
+    async def claim(
+        self,
+        slots: Sequence[tuple[str, datetime, str]],
+        *,
+        holder: str,
+        token: str,
+        now: datetime,
+        lease_until: datetime,
+    ) -> list[ClaimedSlot]: ...
+
+    async def commit(
+        self, invoices: Sequence[StoredInvoice], *, provider: str, now: datetime
+    ) -> list[CompletedSlot]: ...
+
+    async def release(self, slots: Sequence[ReleasedSlot], now: datetime) -> int: ...
+
+    async def extend(self, token: str, lease_until: datetime) -> int: ...
+
+
+class MailOutboxStore(Protocol):
+    """What the mail sender reads and writes: leased batches of due mail and their outcomes."""
+
+    def due_mail(
+        self, now: datetime, size: int, *, holder: str, lease_until: Callable[[], datetime]
+    ) -> AsyncGenerator[list[OutboxMail], None]:
+        """Lease every mail due at ``now``, ``size`` at a time, each batch until
+        ``lease_until()``."""
+        ...
+
+    async def record(self, outcomes: Sequence[MailOutcome], now: datetime, holder: str) -> int: ...
+
+    async def extend(self, ids: Sequence[str], holder: str, lease_until: datetime) -> int: ...
+
+
+class KeyPoolStore(Protocol):
+    """What the key-pool recoverer reads and writes."""
+
+    async def recover(self, now: datetime) -> list[str]: ...
+
+    async def claim_balance_due(
+        self, now: datetime, poll_seconds: float, limit: int
+    ) -> list[KeyRow]: ...
+
+    async def record_balances(
+        self, ids: Sequence[str], balances: Sequence[Decimal], now: datetime
+    ) -> None: ...
+
+    async def record_failures(
+        self,
+        ids: Sequence[str],
+        errors: Sequence[str],
+        now: datetime,
+        *,
+        cooldown_minutes: float,
+        failures_before_manual_review: int,
+    ) -> list[KeyTransition]: ...
+
+
+class HealthReadStore(Protocol):
+    """What the operations surface reads: the database-backed gauges and latest failures."""
+
+    async def gauges(self, now: datetime) -> HealthGauges: ...
+
+    async def latest_failures(self) -> LatestFailures: ...
+
+
+class KeyCountStore(Protocol):
+    """Provider keys by status, for the gauges."""
+
+    async def counts(self) -> dict[str, int]: ...
+
+
+class NotifySession(Protocol):
+    """An open LISTEN session: ``lost`` is set when it ends for any reason."""
+
+    channel: str
+    lost: anyio.Event
+
+    @property
+    def backend_pid(self) -> int: ...
+
+    async def ping(self) -> None:
+        """Raise :class:`~nproxyd.core.errors.DatabaseUnavailable` unless it still answers."""
+        ...
+
+
+# Opens a LISTEN session that calls its argument for every notification; raises
+# DatabaseUnavailable when it cannot.
+NotifySessions = Callable[[Callable[[], None]], AbstractAsyncContextManager[NotifySession]]

@@ -19,6 +19,7 @@ import msgspec
 import structlog
 
 from nproxyd.core.clock import Clock
+from nproxyd.core.errors import NproxydError
 from nproxyd.core.messages import Report
 from nproxyd.core.rules import backoff_seconds
 
@@ -80,6 +81,19 @@ def root_cause(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc
+
+
+# Consecutive ticks failing on a programming error (not a project error) before the loop
+# itself raises it, so the supervisor restarts the loop and, if that repeats, stops the daemon.
+BUG_TICKS_BEFORE_CRASH = 3
+
+
+def is_bug(exc: BaseException) -> bool:
+    """True when ``exc`` (or any error of its group) is not one of the project's errors: the
+    adapters and stores classify every expected failure, so anything else is a bug."""
+    if isinstance(exc, BaseExceptionGroup):
+        return any(is_bug(inner) for inner in exc.exceptions)
+    return not isinstance(exc, NproxydError)
 
 
 def describe_error(exc: BaseException) -> tuple[str, str]:
@@ -189,6 +203,7 @@ class ActorLoop:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._log = (logger or structlog.get_logger()).bind(actor=actor.name)
         self._wake_event = anyio.Event()
+        self._bug_streak = 0  # consecutive ticks that failed on a programming error
         self._stats = LoopStats(actor=actor.name, interval_seconds=actor.interval_seconds)
 
     @property
@@ -249,10 +264,18 @@ class ActorLoop:
         try:
             report = await self._actor.tick(started_at)
         except Exception as exc:
-            outcome = self._outcome(started_at, start, error=exc)
-        else:
-            outcome = self._outcome(started_at, start, report=report)
-        return self._finish(outcome, start)
+            due = self._finish(self._outcome(started_at, start, error=exc), start, exc)
+            self._escalate(exc)
+            return due
+        self._bug_streak = 0
+        return self._finish(self._outcome(started_at, start, report=report), start)
+
+    def _escalate(self, exc: Exception) -> None:
+        """Raise a programming error that failed :data:`BUG_TICKS_BEFORE_CRASH` ticks running."""
+        self._bug_streak = self._bug_streak + 1 if is_bug(exc) else 0
+        if self._bug_streak >= BUG_TICKS_BEFORE_CRASH:
+            self._bug_streak = 0
+            raise exc
 
     def _outcome(
         self,
@@ -274,7 +297,7 @@ class ActorLoop:
             degraded=None if report is None else report.degraded(),
         )
 
-    def _finish(self, outcome: TickOutcome, start: float) -> float:
+    def _finish(self, outcome: TickOutcome, start: float, error: Exception | None = None) -> float:
         failures = 0 if outcome.ok else self._stats.consecutive_failures + 1
         if outcome.ok:
             # Anchored at the tick's start, so tick duration never makes the schedule drift;
@@ -292,7 +315,7 @@ class ActorLoop:
         else:
             delay = self._retry_delay(failures)
             due = self._clock.monotonic() + delay
-            self._log_failure(outcome, failures, delay)
+            self._log_failure(outcome, failures, delay, error)
         self._stats = msgspec.structs.replace(
             self._stats,
             running=False,
@@ -313,14 +336,20 @@ class ActorLoop:
         cap = max(self._max_backoff_seconds, interval)
         return backoff_seconds(failures, base_seconds=interval, cap_seconds=cap, rng=self._rng)
 
-    def _log_failure(self, outcome: TickOutcome, failures: int, delay: float) -> None:
-        self._log.warning(
-            "tick_failed",
-            error_class=outcome.error_class,
-            error_message=outcome.error_message,
-            consecutive_failures=failures,
-            retry_in_seconds=round(delay, 3),
-        )
+    def _log_failure(
+        self, outcome: TickOutcome, failures: int, delay: float, error: Exception | None
+    ) -> None:
+        """A project error is a warning; a programming error is an error, with its traceback."""
+        fields: dict[str, Any] = {
+            "error_class": outcome.error_class,
+            "error_message": outcome.error_message,
+            "consecutive_failures": failures,
+            "retry_in_seconds": round(delay, 3),
+        }
+        if error is not None and is_bug(error):
+            self._log.error("tick_failed", exc_info=error, **fields)
+        else:
+            self._log.warning("tick_failed", **fields)
 
     def _wall_time(self, monotonic: float) -> datetime:
         return self._clock.now() + timedelta(seconds=monotonic - self._clock.monotonic())

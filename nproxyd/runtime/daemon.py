@@ -3,31 +3,25 @@
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import anyio
-import anyio.abc
+import msgspec
 import structlog
 
 from nproxyd import __version__
-from nproxyd.core.channels import Channel
 from nproxyd.core.clock import Clock
-from nproxyd.core.config import Config
 from nproxyd.core.errors import ConfigError, PortBusy, SupervisorGaveUp
-from nproxyd.core.ports import IpnSink, PaymentWatchStore
-from nproxyd.runtime.actor import Actor, ActorLoop
+from nproxyd.runtime.actor import ActorLoop
 from nproxyd.runtime.http import OpsServer
 from nproxyd.runtime.ipn import IpnServer
-from nproxyd.runtime.listener import MailDueListener
 from nproxyd.runtime.metrics import Metrics
-from nproxyd.runtime.ops import HEALTH_CHECK_SECONDS, Monitor, OpsState
+from nproxyd.runtime.ops import HEALTH_CHECK_SECONDS, OpsQueries
 from nproxyd.runtime.sdnotify import Notifier, watchdog_interval_seconds
 from nproxyd.runtime.supervisor import Supervisor
-from nproxyd.store.stores import HealthStore, KeyStore, OutboxStore
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Signals an operator or a log rotator may send that must never stop the daemon: each is
@@ -52,113 +46,54 @@ def _port_busy(exc: ConfigError) -> PortBusy | None:
     return None
 
 
+async def _start(server: OpsServer | IpnServer) -> None:
+    """Bind ``server``'s socket; a busy port is a temporary failure (exit 75)."""
+    try:
+        await server.start()
+    except ConfigError as exc:
+        raise _port_busy(exc) or exc from None
+
+
+class DaemonParts(msgspec.Struct, frozen=True, kw_only=True):
+    """What a daemon runs, built by the composition root (``nproxyd.app.build_daemon``)."""
+
+    instance_id: str
+    metrics: Metrics
+    loops: Mapping[str, ActorLoop]
+    supervisor: Supervisor  # every loop and the listener already added
+    queries: OpsQueries
+    server: OpsServer
+    notifier: Notifier
+    ipn_server: IpnServer | None = None
+    shutdown_grace_seconds: float
+    environ: Mapping[str, str]
+    startup: Mapping[str, Any] = msgspec.field(default_factory=dict)
+
+
 class Daemon:
-    def __init__(
-        self,
-        *,
-        config: Config,
-        clock: Clock,
-        instance_id: str,
-        actors: Mapping[str, Actor],
-        wake: Mapping[str, anyio.abc.ObjectReceiveStream[Any]],
-        health: HealthStore,
-        outbox: OutboxStore,
-        keys: KeyStore,
-        channel: Channel[Any],
-        environ: Mapping[str, str] | None = None,
-        startup: Mapping[str, Any] | None = None,
-        listen_dsn: str | None = None,
-        notify_wake: Callable[[], object] | None = None,
-        payments: PaymentWatchStore | None = None,
-        ipn: IpnSink | None = None,
-    ) -> None:
-        self.config = config
-        self.instance_id = instance_id
-        self.startup = dict(startup or {})
+    def __init__(self, parts: DaemonParts, *, clock: Clock) -> None:
+        self.parts = parts
         self.clock = clock
-        self.environ = os.environ if environ is None else environ
+        self.instance_id = parts.instance_id
+        self.metrics = parts.metrics
+        self.loops = parts.loops
+        self.supervisor = parts.supervisor
+        self.queries = parts.queries
+        self.server = parts.server
+        self.ipn_server = parts.ipn_server
+        self.notifier = parts.notifier
+        self.environ = parts.environ
+        self.startup = dict(parts.startup)
         self.log = structlog.get_logger()
         self.shutdown = anyio.Event()
-        self.metrics = Metrics(list(actors))
-        self.monitor = Monitor(clock, self.metrics)
-        channel.on_drop = self.metrics.messages_dropped.inc
-        self.loops = {
-            name: ActorLoop(actor, clock, self.monitor, wake=wake.get(name))
-            for name, actor in actors.items()
-        }
-        self.supervisor = Supervisor(
-            clock,
-            max_restarts=config.daemon.max_restarts,
-            restart_window_seconds=config.daemon.restart_window_seconds,
-            on_restart=lambda name: self.metrics.restarts.labels(actor=name).inc(),
-        )
-        for name, loop in self.loops.items():
-            self.supervisor.add(name, loop.run)
-        self.listener: MailDueListener | None = None
-        if listen_dsn and notify_wake is not None and "mail-sender" in self.loops:
-            self.listener = MailDueListener(
-                listen_dsn,
-                wake=notify_wake,
-                clock=clock,
-                metrics=self.metrics,
-                connect_timeout_seconds=config.database.connect_timeout_seconds,
-            )
-            self.supervisor.add(self.listener.name, self.listener.run)
-        self.state = OpsState(
-            clock=clock,
-            instance_id=instance_id,
-            loops=self.loops,
-            supervisor=self.supervisor,
-            monitor=self.monitor,
-            health=health,
-            outbox=outbox,
-            keys=keys,
-            channel=channel,
-            settings=config.health,
-            retry_windows=retry_windows(config),
-            listener=self.listener,
-            payments=payments,
-        )
-        self.server = OpsServer(self.state, config.http.listen)
-        self.ipn_server = (
-            IpnServer(ipn, config.ipn.listen, self.metrics.payments)
-            if ipn is not None and config.ipn.listen
-            else None
-        )
-        self.notifier = Notifier.from_environ(self.environ)
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT; raises SupervisorGaveUp when the actors keep crashing."""
-        try:
-            await self.server.start()
-        except ConfigError as exc:
-            raise _port_busy(exc) or exc from None
-        gave_up: SupervisorGaveUp | None = None
+        await _start(self.server)
         try:
             if self.ipn_server is not None:
-                try:
-                    await self.ipn_server.start()
-                except ConfigError as exc:
-                    raise _port_busy(exc) or exc from None
-            async with anyio.create_task_group() as group:
-                group.start_soon(self._signals, group.cancel_scope, name="signals")
-                group.start_soon(self._watchdog, name="sd-watchdog")
-                group.start_soon(self._grace, group.cancel_scope, name="shutdown-grace")
-                group.start_soon(self._health, name="health-check")
-                self.log.info(
-                    "daemon_started",
-                    version=__version__,
-                    instance_id=self.instance_id,
-                    actors=sorted(self.loops),
-                    http_port=self.server.port,
-                    **self.startup,
-                )
-                self.notifier.ready(f"running {len(self.loops)} actors")
-                try:
-                    await self.supervisor.run(self.shutdown)
-                except SupervisorGaveUp as exc:
-                    gave_up = exc
-                group.cancel_scope.cancel()
+                await _start(self.ipn_server)
+            gave_up = await self._supervise()
         finally:
             self.notifier.stopping("stopping")
             with anyio.CancelScope(shield=True):
@@ -169,6 +104,30 @@ class Daemon:
         if gave_up is not None:
             raise gave_up
         return 0
+
+    async def _supervise(self) -> SupervisorGaveUp | None:
+        """Run the supervisor with the daemon's own tasks beside it, until it returns."""
+        gave_up: SupervisorGaveUp | None = None
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._signals, group.cancel_scope, name="signals")
+            group.start_soon(self._watchdog, name="sd-watchdog")
+            group.start_soon(self._grace, group.cancel_scope, name="shutdown-grace")
+            group.start_soon(self._health, name="health-check")
+            self.log.info(
+                "daemon_started",
+                version=__version__,
+                instance_id=self.instance_id,
+                actors=sorted(self.loops),
+                http_port=self.server.port,
+                **self.startup,
+            )
+            self.notifier.ready(f"running {len(self.loops)} actors")
+            try:
+                await self.supervisor.run(self.shutdown)
+            except SupervisorGaveUp as exc:
+                gave_up = exc
+            group.cancel_scope.cancel()
+        return gave_up
 
     async def _signals(self, scope: anyio.CancelScope) -> None:
         try:
@@ -197,16 +156,14 @@ class Daemon:
 
     async def _grace(self, scope: anyio.CancelScope) -> None:
         await self.shutdown.wait()
-        await self.clock.sleep(self.config.daemon.shutdown_grace_seconds)
-        self.log.warning(
-            "shutdown_grace_exceeded", grace_seconds=self.config.daemon.shutdown_grace_seconds
-        )
+        await self.clock.sleep(self.parts.shutdown_grace_seconds)
+        self.log.warning("shutdown_grace_exceeded", grace_seconds=self.parts.shutdown_grace_seconds)
         scope.cancel()
 
     async def _health(self) -> None:
         """Judge readiness on the daemon's own schedule, so ``nproxyd_ready`` is always current."""
         while not self.shutdown.is_set():
-            await self.state.check()
+            await self.queries.check()
             await self.clock.sleep(HEALTH_CHECK_SECONDS)
 
     async def _watchdog(self) -> None:
@@ -215,9 +172,9 @@ class Daemon:
             return
         while not self.shutdown.is_set():
             if self.supervisor.healthy:
-                ready, body = await self.state.readiness()
+                ready, body = await self.queries.readiness()
                 reasons = sorted({reason["reason"] for reason in body["reasons"]})
-                self.notifier.send("WATCHDOG=1", f"STATUS={self._summary(ready, reasons)}")
+                self.notifier.watchdog(self._summary(ready, reasons))
             await self.clock.sleep(interval)
 
     def _summary(self, ready: bool, reasons: list[str] | None = None) -> str:
@@ -226,13 +183,3 @@ class Daemon:
         return f"{state}; {len(self.loops)} actors" + (
             f"; failing: {', '.join(failing)}" if failing else ""
         )
-
-
-def retry_windows(config: Config) -> dict[str, float]:
-    """How long a failing work item of each retrying actor can wait for its next attempt."""
-    actors = config.actors
-    return {
-        "renewal-scheduler": config.billing.retry_max_seconds
-        + actors.renewal_scheduler.interval_seconds,
-        "mail-sender": actors.mail_sender.retry_max_seconds + actors.mail_sender.interval_seconds,
-    }

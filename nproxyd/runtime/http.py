@@ -4,20 +4,52 @@ from __future__ import annotations
 
 from typing import Any
 
-import anyio
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from nproxyd.core.errors import ConfigError
-from nproxyd.runtime.ops import OpsState
+from nproxyd.runtime.ops import OpsQueries
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
+def parse_listen(listen: str, key: str = "http.listen") -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError("http.listen", f"expected HOST:PORT, got {listen!r}")
+        raise ConfigError(key, f"expected HOST:PORT, got {listen!r}")
     return host.strip("[]"), int(port)
+
+
+class Site:
+    """An aiohttp application on ``HOST:PORT``; ``key`` names the setting in errors.
+
+    ``start`` binds the socket, so a bad or busy address fails start-up before READY; the
+    ``OSError`` stays the error's cause (a busy port is a temporary failure, exit 75).
+    """
+
+    def __init__(self, listen: str, key: str) -> None:
+        self.key = key
+        self.host, self.port = parse_listen(listen, key)
+        self.runner: web.AppRunner | None = None
+
+    async def start(self, application: web.Application) -> None:
+        self.runner = web.AppRunner(application, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.runner.cleanup()
+            self.runner = None
+            raise ConfigError(
+                self.key, f"cannot listen on {self.host}:{self.port}: {exc.strerror}"
+            ) from exc
+        if self.runner.addresses:
+            self.port = int(self.runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
 
 
 @web.middleware
@@ -35,11 +67,14 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 class OpsServer:
-    def __init__(self, state: OpsState, listen: str) -> None:
+    def __init__(self, state: OpsQueries, listen: str) -> None:
         self.state = state
-        self.host, self.port = parse_listen(listen)
-        self.runner: web.AppRunner | None = None
+        self.site = Site(listen, "http.listen")
         self.log = structlog.get_logger()
+
+    @property
+    def port(self) -> int:
+        return self.site.port
 
     def application(self) -> web.Application:
         app = web.Application(middlewares=[_errors])
@@ -51,31 +86,11 @@ class OpsServer:
 
     async def start(self) -> None:
         """Bind the socket (so a bad address fails start-up, before READY)."""
-        self.runner = web.AppRunner(self.application(), access_log=None, handle_signals=False)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            await self.runner.cleanup()
-            raise ConfigError(
-                "http.listen", f"cannot listen on {self.host}:{self.port}: {exc.strerror}"
-            ) from None
-        addresses = self.runner.addresses
-        if addresses:
-            self.port = int(addresses[0][1])
-        self.log.info("http_listening", host=self.host, port=self.port)
-
-    async def serve(self, shutdown: anyio.Event) -> None:
-        """Run until shutdown (a supervised child); the socket was bound by start()."""
-        if self.runner is None:
-            await self.start()
-        await shutdown.wait()
+        await self.site.start(self.application())
+        self.log.info("http_listening", host=self.site.host, port=self.site.port)
 
     async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
+        await self.site.stop()
 
     async def livez(self, _: web.Request) -> web.Response:
         return web.json_response({"live": True})

@@ -11,9 +11,9 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from nproxyd.core.errors import ConfigError, NproxydError
+from nproxyd.core.errors import NproxydError
 from nproxyd.core.ports import IpnSink
-from nproxyd.runtime.http import parse_listen
+from nproxyd.runtime.http import Site
 from nproxyd.runtime.payment_metrics import PaymentMetrics
 
 MAX_BODY_BYTES = 64 * 1024
@@ -23,14 +23,14 @@ _STATUS = {"rejected": 401}
 
 class IpnServer:
     def __init__(self, sink: IpnSink, listen: str, metrics: PaymentMetrics) -> None:
-        try:
-            self.host, self.port = parse_listen(listen)
-        except ConfigError as exc:
-            raise ConfigError("ipn.listen", exc.reason) from None
+        self.site = Site(listen, "ipn.listen")
         self.sink = sink
         self.metrics = metrics
-        self.runner: web.AppRunner | None = None
         self.log = structlog.get_logger()
+
+    @property
+    def port(self) -> int:
+        return self.site.port
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -39,25 +39,11 @@ class IpnServer:
 
     async def start(self) -> None:
         """Bind the socket before the daemon reports ready."""
-        self.runner = web.AppRunner(self.application(), access_log=None, handle_signals=False)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            await self.runner.cleanup()
-            self.runner = None
-            raise ConfigError(
-                "ipn.listen", f"cannot listen on {self.host}:{self.port}: {exc.strerror}"
-            ) from exc
-        if self.runner.addresses:
-            self.port = int(self.runner.addresses[0][1])
-        self.log.info("ipn_listening", host=self.host, port=self.port)
+        await self.site.start(self.application())
+        self.log.info("ipn_listening", host=self.site.host, port=self.site.port)
 
     async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
+        await self.site.stop()
 
     async def nowpayments(self, request: web.Request) -> web.Response:
         if (request.content_length or 0) > MAX_BODY_BYTES:

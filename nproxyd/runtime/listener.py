@@ -17,10 +17,10 @@ import structlog
 
 from nproxyd.core.clock import Clock
 from nproxyd.core.errors import NproxydError
+from nproxyd.core.ports import NotifySession, NotifySessions
 from nproxyd.core.rules import backoff_seconds
 from nproxyd.runtime.actor import EventLogger, sleep_until_set
 from nproxyd.runtime.metrics import Metrics
-from nproxyd.store.listener import MAIL_DUE_CHANNEL, Listening, listening
 
 NAME = "notify-listener"
 PING_SECONDS = 30.0  # a silently dead session (no FIN) is noticed within this
@@ -35,7 +35,7 @@ class MailDueListener:
 
     def __init__(
         self,
-        dsn: str,
+        sessions: NotifySessions,
         *,
         wake: Callable[[], object],
         clock: Clock,
@@ -45,7 +45,7 @@ class MailDueListener:
         rng: random.Random | None = None,
         logger: EventLogger | None = None,
     ) -> None:
-        self._dsn = dsn
+        self._sessions = sessions
         self._wake = wake
         self._clock = clock
         self._metrics = metrics
@@ -68,9 +68,7 @@ class MailDueListener:
         failures = 0
         while not shutdown.is_set():
             try:
-                async with listening(
-                    self._dsn, MAIL_DUE_CHANNEL, self._notified, timeout_seconds=self._timeout
-                ) as session:
+                async with self._sessions(self._notified) as session:
                     failures = 0
                     self._connected(session)
                     await self._hold(session, shutdown)
@@ -85,14 +83,14 @@ class MailDueListener:
                 return
             await self._back_off(max(failures, 1), shutdown)
 
-    def _connected(self, session: Listening) -> None:
+    def _connected(self, session: NotifySession) -> None:
         self.connections += 1
         self.connected = True
         self._metrics.listener_connected.set(1)
-        self._log.info("listener_connected", channel=MAIL_DUE_CHANNEL, pid=session.backend_pid)
+        self._log.info("listener_connected", channel=session.channel, pid=session.backend_pid)
         self._notified()  # catch up on what was committed while no one listened
 
-    async def _hold(self, session: Listening, shutdown: anyio.Event) -> None:
+    async def _hold(self, session: NotifySession, shutdown: anyio.Event) -> None:
         """Return when shutdown is set; raise when the session is gone."""
         while True:
             await sleep_until_set(

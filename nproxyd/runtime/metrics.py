@@ -20,6 +20,7 @@ from nproxyd.core.messages import (
     ExpirerReport,
     KeyPoolReport,
     MailReport,
+    PaymentWatcherReport,
     RenewalReport,
     Report,
 )
@@ -99,6 +100,15 @@ class Metrics:
     def __init__(self, actors: list[str]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._add_actor_metrics(r)
+        self._add_work_metrics(r)
+        self._skip_reasons: set[str] = set()
+        self._add_failure_metrics(r)
+        self._prime(actors)
+        self._add_wakeup_metrics()
+        self.payments = PaymentMetrics(r)
+
+    def _add_actor_metrics(self, r: CollectorRegistry) -> None:
         self.ticks = Counter(
             "nproxyd_actor_ticks",
             _help("nproxyd_actor_ticks_total"),
@@ -124,6 +134,8 @@ class Metrics:
             ["actor"],
             registry=r,
         )
+
+    def _add_work_metrics(self, r: CollectorRegistry) -> None:
         self.invoices_expired = Counter(
             "nproxyd_invoices_expired", "Pending invoices marked expired.", registry=r
         )
@@ -149,11 +161,6 @@ class Metrics:
         self.messages_dropped = Counter(
             "nproxyd_messages_dropped", "Actor messages dropped on a full channel.", registry=r
         )
-        self._skip_reasons: set[str] = set()
-        self._add_failure_metrics(r)
-        self._prime(actors)
-        self._add_wakeup_metrics()
-        self.payments = PaymentMetrics(r)
 
     def _add_failure_metrics(self, r: CollectorRegistry) -> None:
         self.renewal_failures = Counter(
@@ -211,6 +218,8 @@ class Metrics:
                 self.mail_failures.labels(kind=kind).inc(count)
         elif isinstance(report, KeyPoolReport):
             self.keys_recovered.inc(report.recovered_count)
+        elif isinstance(report, PaymentWatcherReport):
+            self.payments.count_report(report)
 
     def _count_renewal(self, report: RenewalReport) -> None:
         self.renewals_created.inc(report.created_count)

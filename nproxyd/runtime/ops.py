@@ -1,6 +1,6 @@
 """What the operations surface reports: readiness, status and metrics of a running daemon.
 
-Readiness is judged by :meth:`OpsState.check`, which the daemon runs on its own every
+Readiness is judged by :meth:`OpsQueries.check`, which the daemon runs on its own every
 :data:`HEALTH_CHECK_SECONDS` (and each request runs afresh). The reasons it can give are
 documented in docs/operations.md ("Readiness reasons").
 """
@@ -18,13 +18,12 @@ from nproxyd.core.channels import Channel
 from nproxyd.core.clock import Clock, format_instant
 from nproxyd.core.config import HealthConfig
 from nproxyd.core.errors import NproxydError
-from nproxyd.core.ports import PaymentWatchStore
+from nproxyd.core.ports import HealthReadStore, KeyCountStore, PaymentWatchStore
+from nproxyd.core.records import HealthGauges
 from nproxyd.runtime.actor import ActorLoop, TickOutcome
 from nproxyd.runtime.listener import MailDueListener
 from nproxyd.runtime.metrics import DatabaseSnapshot, Metrics
 from nproxyd.runtime.supervisor import Supervisor
-from nproxyd.store.rows import HealthGauges
-from nproxyd.store.stores import HealthStore, KeyStore, OutboxStore
 
 READY_INTERVALS = 3
 DB_TIMEOUT_SECONDS = 2.0
@@ -88,7 +87,7 @@ class Reason(msgspec.Struct, frozen=True, kw_only=True):
     actor: str | None = None
 
 
-class OpsState:
+class OpsQueries:
     """Collects what /readyz, /status and /metrics answer."""
 
     def __init__(
@@ -99,9 +98,8 @@ class OpsState:
         loops: dict[str, ActorLoop],
         supervisor: Supervisor,
         monitor: Monitor,
-        health: HealthStore,
-        outbox: OutboxStore,
-        keys: KeyStore,
+        health: HealthReadStore,
+        keys: KeyCountStore,
         channel: Channel[Any],
         settings: HealthConfig | None = None,
         retry_windows: dict[str, float] | None = None,
@@ -115,7 +113,6 @@ class OpsState:
         self.supervisor = supervisor
         self.monitor = monitor
         self.health = health
-        self.outbox = outbox
         self.keys = keys
         self.channel = channel
         self.settings = settings or HealthConfig()

@@ -68,11 +68,8 @@ class Notifier:
     def ready(self, status: str | None = None) -> bool:
         return self.send("READY=1", *([f"STATUS={status}"] if status else []))
 
-    def status(self, text: str) -> bool:
-        return self.send(f"STATUS={text}")
-
-    def watchdog(self) -> bool:
-        return self.send("WATCHDOG=1")
+    def watchdog(self, status: str | None = None) -> bool:
+        return self.send("WATCHDOG=1", *([f"STATUS={status}"] if status else []))
 
     def stopping(self, status: str | None = None) -> bool:
         return self.send("STOPPING=1", *([f"STATUS={status}"] if status else []))

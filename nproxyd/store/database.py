@@ -20,7 +20,7 @@ from nproxyd.core.errors import (
     StoreError,
 )
 from nproxyd.core.text import storable
-from nproxyd.store.sql import QUERIES
+from nproxyd.store.sql import bind
 
 _UNAVAILABLE_SQLSTATE_CLASSES = ("08", "57", "53")  # connection, operator intervention, resources
 _LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout expired, or NOWAIT
@@ -173,26 +173,31 @@ async def connect_session(
 
 
 class Database:
-    """Runs named statements on a pool, translating errors."""
+    """Runs named statements on a pool, translating errors.
+
+    A statement written with ``$n`` takes positional arguments, one written with ``:name``
+    takes keywords (see :mod:`nproxyd.store.sql`); the wrong kind, a missing or an unknown
+    parameter raises :class:`~nproxyd.store.sql.ParameterMismatch` before anything is sent.
+    """
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
-    async def fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
+    async def fetch(self, name: str, /, *args: Any, **params: Any) -> list[asyncpg.Record]:
         with map_errors():
-            return await self.pool.fetch(QUERIES[name], *args)
+            return await self.pool.fetch(*bind(name, args, params))
 
-    async def fetchrow(self, name: str, *args: Any) -> asyncpg.Record | None:
+    async def fetchrow(self, name: str, /, *args: Any, **params: Any) -> asyncpg.Record | None:
         with map_errors():
-            return await self.pool.fetchrow(QUERIES[name], *args)
+            return await self.pool.fetchrow(*bind(name, args, params))
 
-    async def fetchval(self, name: str, *args: Any) -> Any:
+    async def fetchval(self, name: str, /, *args: Any, **params: Any) -> Any:
         with map_errors():
-            return await self.pool.fetchval(QUERIES[name], *args)
+            return await self.pool.fetchval(*bind(name, args, params))
 
-    async def execute(self, name: str, *args: Any) -> str:
+    async def execute(self, name: str, /, *args: Any, **params: Any) -> str:
         with map_errors():
-            return await self.pool.execute(QUERIES[name], *args)
+            return await self.pool.execute(*bind(name, args, params))
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
@@ -211,14 +216,14 @@ class Transaction:
     def __init__(self, connection: asyncpg.pool.PoolConnectionProxy[asyncpg.Record]) -> None:
         self.connection = connection
 
-    async def fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
-        return await self.connection.fetch(QUERIES[name], *args)
+    async def fetch(self, name: str, /, *args: Any, **params: Any) -> list[asyncpg.Record]:
+        return await self.connection.fetch(*bind(name, args, params))
 
-    async def fetchval(self, name: str, *args: Any) -> Any:
-        return await self.connection.fetchval(QUERIES[name], *args)
+    async def fetchval(self, name: str, /, *args: Any, **params: Any) -> Any:
+        return await self.connection.fetchval(*bind(name, args, params))
 
-    async def execute(self, name: str, *args: Any) -> str:
-        return await self.connection.execute(QUERIES[name], *args)
+    async def execute(self, name: str, /, *args: Any, **params: Any) -> str:
+        return await self.connection.execute(*bind(name, args, params))
 
 
 def affected(status: str) -> int:
@@ -250,25 +255,28 @@ class RolledBackDatabase(Database):
             await outer.start()
         return cls(pool, connection, outer)
 
-    async def _run(self, method: str, name: str, args: tuple[Any, ...]) -> Any:
+    async def _run(
+        self, method: str, name: str, args: tuple[Any, ...], params: dict[str, Any]
+    ) -> Any:
+        bound = bind(name, args, params)
         async with self._turn:
             with map_errors():
                 async with self._connection.transaction():
-                    return await getattr(self._connection, method)(QUERIES[name], *args)
+                    return await getattr(self._connection, method)(*bound)
 
-    async def fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await self._run("fetch", name, args)
+    async def fetch(self, name: str, /, *args: Any, **params: Any) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._run("fetch", name, args, params)
         return rows
 
-    async def fetchrow(self, name: str, *args: Any) -> asyncpg.Record | None:
-        row: asyncpg.Record | None = await self._run("fetchrow", name, args)
+    async def fetchrow(self, name: str, /, *args: Any, **params: Any) -> asyncpg.Record | None:
+        row: asyncpg.Record | None = await self._run("fetchrow", name, args, params)
         return row
 
-    async def fetchval(self, name: str, *args: Any) -> Any:
-        return await self._run("fetchval", name, args)
+    async def fetchval(self, name: str, /, *args: Any, **params: Any) -> Any:
+        return await self._run("fetchval", name, args, params)
 
-    async def execute(self, name: str, *args: Any) -> str:
-        status: str = await self._run("execute", name, args)
+    async def execute(self, name: str, /, *args: Any, **params: Any) -> str:
+        status: str = await self._run("execute", name, args, params)
         return status
 
     @asynccontextmanager

@@ -9,7 +9,7 @@ connection ends for any reason.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from typing import Any
 
 import anyio
@@ -26,8 +26,9 @@ _CLOSE_TIMEOUT_SECONDS = 2.0
 class Listening:
     """An open LISTEN session."""
 
-    def __init__(self, connection: asyncpg.Connection, lost: anyio.Event) -> None:
+    def __init__(self, connection: asyncpg.Connection, channel: str, lost: anyio.Event) -> None:
         self._connection = connection
+        self.channel = channel
         self.lost = lost
 
     @property
@@ -62,9 +63,20 @@ async def listening(
     try:
         with map_errors():
             await connection.add_listener(channel, notified)
-        yield Listening(connection, lost)
+        yield Listening(connection, channel, lost)
     finally:
         await _close(connection, lost)
+
+
+def mail_due_sessions(
+    dsn: str, *, timeout_seconds: float
+) -> Callable[[Callable[[], None]], AbstractAsyncContextManager[Listening]]:
+    """What the runtime's listener opens: LISTEN ``nproxyd_mail_due`` sessions at ``dsn``."""
+
+    def open_session(on_notify: Callable[[], None]) -> AbstractAsyncContextManager[Listening]:
+        return listening(dsn, MAIL_DUE_CHANNEL, on_notify, timeout_seconds=timeout_seconds)
+
+    return open_session
 
 
 async def _close(connection: asyncpg.Connection, lost: anyio.Event) -> None:

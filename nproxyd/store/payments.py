@@ -57,7 +57,9 @@ class PaymentStore:
     ) -> list[StatusChange]:
         if not results:
             return []
-        rows = await self.db.fetch("record_payment_results", *_columns(results), *_context(context))
+        rows = await self.db.fetch(
+            "record_payment_results", **_columns(results), **_context(context)
+        )
         return convert_rows(rows, StatusChange)
 
     async def track_payment(
@@ -85,8 +87,8 @@ class PaymentStore:
         return convert_rows(rows, PaymentState)[0] if rows else None
 
 
-def _columns(results: Sequence[CheckResult]) -> list[list[Any]]:
-    """The 17 array parameters of ``record_payment_results``, by name, in its order."""
+def _columns(results: Sequence[CheckResult]) -> dict[str, list[Any]]:
+    """The array parameters of ``record_payment_results``, one element per result."""
 
     def payment(attribute: str) -> list[Any]:
         return [getattr(r.payment, attribute) if r.payment else None for r in results]
@@ -94,32 +96,32 @@ def _columns(results: Sequence[CheckResult]) -> list[list[Any]]:
     def mail(attribute: str) -> list[Any]:
         return [getattr(r.mail, attribute) if r.mail else None for r in results]
 
-    return [
-        [r.invoice_id for r in results],
-        [r.outcome for r in results],
-        payment("payment_id"),
-        payment("status"),
-        payment("actually_paid"),
-        payment("pay_amount"),
-        payment("pay_currency"),
-        payment("outcome_amount"),
-        payment("outcome_currency"),
-        payment("updated_at"),
-        [r.error for r in results],
-        [r.next_check_at for r in results],
-        [r.quiet_checks for r in results],
-        [r.failures for r in results],
-        mail("subject"),
-        mail("body"),
-        mail("message_id"),
-    ]
+    return {
+        "invoice_ids": [r.invoice_id for r in results],
+        "outcomes": [r.outcome for r in results],
+        "payment_ids": payment("payment_id"),
+        "statuses": payment("status"),
+        "actually_paid": payment("actually_paid"),
+        "pay_amounts": payment("pay_amount"),
+        "pay_currencies": payment("pay_currency"),
+        "outcome_amounts": payment("outcome_amount"),
+        "outcome_currencies": payment("outcome_currency"),
+        "provider_updated_at": payment("updated_at"),
+        "errors": [r.error for r in results],
+        "next_check_at": [r.next_check_at for r in results],
+        "quiet_checks": [r.quiet_checks for r in results],
+        "failures": [r.failures for r in results],
+        "mail_subjects": mail("subject"),
+        "mail_bodies": mail("body"),
+        "mail_message_ids": mail("message_id"),
+    }
 
 
-def _context(context: RecordContext) -> list[Any]:
-    return [
-        context.now,
-        context.source,
-        context.operator_email or None,
-        list(FINAL_STATUSES),
-        list(AWAITING_STATUSES),
-    ]
+def _context(context: RecordContext) -> dict[str, Any]:
+    return {
+        "now": context.now,
+        "source": context.source,
+        "operator_email": context.operator_email or None,
+        "final_statuses": list(FINAL_STATUSES),
+        "awaiting_statuses": list(AWAITING_STATUSES),
+    }

@@ -1,13 +1,17 @@
-"""Row types the stores return: frozen msgspec Structs."""
+"""What is private to the stores: the keyset start, row conversion, paging rows.
+
+The records the actors and the runtime read live in :mod:`nproxyd.core.records`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any, TypeVar
 
 import msgspec
+
+from nproxyd.core.records import RenewalCandidate, UnreadableCandidate
 
 T = TypeVar("T")
 
@@ -33,28 +37,6 @@ class ExpiryBatch(msgspec.Struct, frozen=True, kw_only=True):
     last_id: str | None = None
 
 
-class RenewalCandidate(msgspec.Struct, frozen=True, kw_only=True):
-    subscription_id: str
-    user_id: str
-    current_period_end: datetime
-    cycle_start: datetime
-    email: str | None
-    plan_code: str
-    monthly_price_usd: Decimal | None
-    billing_currency: str | None
-
-
-class UnreadableCandidate(msgspec.Struct, frozen=True, kw_only=True):
-    """A due subscription whose cycle start Python cannot represent (±infinity, BC, year 10000+).
-
-    ``column`` names the subscription column the cycle start came from.
-    """
-
-    subscription_id: str
-    current_period_end: datetime
-    column: str
-
-
 def convert_candidates(rows: Iterable[Any]) -> list[RenewalCandidate | UnreadableCandidate]:
     """Candidate rows as Structs; a row flagged ``unreadable`` becomes an UnreadableCandidate."""
     result: list[RenewalCandidate | UnreadableCandidate] = []
@@ -72,106 +54,3 @@ def convert_candidates(rows: Iterable[Any]) -> list[RenewalCandidate | Unreadabl
                 )
             )
     return result
-
-
-class ClaimedSlot(msgspec.Struct, frozen=True, kw_only=True):
-    subscription_id: str
-    cycle_start: datetime
-    order_id: str
-    attempts: int
-
-
-class StoredInvoice(msgspec.Struct, frozen=True, kw_only=True):
-    """An invoice to store with its renewal mail, for a slot this instance claimed."""
-
-    subscription_id: str
-    cycle_start: datetime
-    token: str
-    invoice_id: str
-    user_id: str
-    provider_invoice_id: str
-    currency: str
-    amount: Decimal
-    payment_address: str | None
-    expires_at: datetime | None
-    to_address: str
-    body: str
-    message_id: str
-
-
-class ReleasedSlot(msgspec.Struct, frozen=True, kw_only=True):
-    """A claimed slot given back after a provider failure."""
-
-    subscription_id: str
-    cycle_start: datetime
-    token: str
-    state: str  # 'retry' or 'failed'
-    available_at: datetime
-    error: str
-
-
-class CompletedSlot(msgspec.Struct, frozen=True, kw_only=True):
-    subscription_id: str
-    superseded: bool
-
-
-class KeyRow(msgspec.Struct, frozen=True, kw_only=True):
-    id: str
-    provider: str
-    label: str
-
-
-class KeyTransition(msgspec.Struct, frozen=True, kw_only=True):
-    id: str
-    status: str
-
-
-class OutboxMail(msgspec.Struct, frozen=True, kw_only=True):
-    id: str
-    to_address: str
-    subject: str
-    body: str
-    message_id: str
-    attempts: int
-
-
-class MailOutcome(msgspec.Struct, frozen=True, kw_only=True):
-    id: str
-    status: str  # 'sent', 'pending' (retry later) or 'dead'
-    error: str | None
-    next_attempt_at: datetime
-    # False when the server was unavailable: nothing was said about this mail, so the
-    # outcome does not use up one of its max_attempts.
-    counts_attempt: bool = True
-
-
-class DeadMail(msgspec.Struct, frozen=True, kw_only=True):
-    id: str
-    to_address: str
-    subject: str
-    attempts: int
-    last_error: str | None
-    updated_at: datetime | None  # None when the stored value is outside Python's range
-
-
-class OutboxCounts(msgspec.Struct, frozen=True, kw_only=True):
-    pending: int
-    dead: int
-
-
-class HealthGauges(msgspec.Struct, frozen=True, kw_only=True):
-    """The database-backed gauges of one scrape."""
-
-    outbox_pending: int
-    mail_dead: int
-    oldest_due_at: datetime | None
-    claims_claimed: int
-    claims_retry: int
-    claims_failed: int
-
-
-class LatestFailures(msgspec.Struct, frozen=True, kw_only=True):
-    """The most recent stored error of an open renewal claim and of an undelivered mail."""
-
-    renewal_error: str | None
-    mail_error: str | None

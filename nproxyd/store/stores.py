@@ -5,19 +5,15 @@ Business rules live in the actors, in pure functions, or in the set-based statem
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
 
 from nproxyd.core.errors import LockUnavailable
-from nproxyd.core.rules import RENEWAL_SUBJECT
-from nproxyd.store.database import Database, affected
-from nproxyd.store.rows import (
+from nproxyd.core.records import (
     ClaimedSlot,
     CompletedSlot,
     DeadMail,
-    ExpiryBatch,
-    ExpirySurvey,
     HealthGauges,
     KeyRow,
     KeyTransition,
@@ -29,6 +25,13 @@ from nproxyd.store.rows import (
     RenewalCandidate,
     StoredInvoice,
     UnreadableCandidate,
+)
+from nproxyd.core.rules import RENEWAL_SUBJECT
+from nproxyd.store.database import Database, affected
+from nproxyd.store.rows import (
+    KEYSET_START,
+    ExpiryBatch,
+    ExpirySurvey,
     convert_candidates,
     convert_rows,
 )
@@ -112,6 +115,8 @@ class InvoiceStore:
 
 
 class KeyStore:
+    """Provider keys; implements :class:`nproxyd.core.ports.KeyPoolStore`."""
+
     def __init__(self, db: Database) -> None:
         self.db = db
 
@@ -141,16 +146,13 @@ class KeyStore:
     ) -> list[KeyTransition]:
         rows = await self.db.fetch(
             "record_key_failures",
-            list(ids),
-            list(errors),
-            now,
-            cooldown_minutes,
-            failures_before_manual_review,
+            ids=list(ids),
+            errors=list(errors),
+            now=now,
+            cooldown_minutes=cooldown_minutes,
+            failures_before_manual_review=failures_before_manual_review,
         )
         return convert_rows(rows, KeyTransition)
-
-    async def record_successes(self, ids: Sequence[str], now: datetime) -> int:
-        return affected(await self.db.execute("record_key_successes", list(ids), now))
 
     async def counts(self) -> dict[str, int]:
         rows = await self.db.fetch("provider_key_counts")
@@ -158,13 +160,40 @@ class KeyStore:
 
 
 class RenewalStore:
+    """Renewal candidates, claims and grouped commits; implements
+    :class:`nproxyd.core.ports.RenewalClaimStore`."""
+
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    async def due_candidates(
+        self, now: datetime, window_end: datetime, size: int
+    ) -> AsyncIterator[list[RenewalCandidate | UnreadableCandidate]]:
+        """Every candidate due in ``(now, window_end]``, one keyset batch of ``size`` per query.
+
+        The caller may claim a batch before it asks for the next: the keyset continues after
+        the last row read, whatever was written since.
+        """
+        cursor = KEYSET_START
+        while True:
+            batch = await self.candidates(now, window_end, cursor, size)
+            if batch:
+                cursor = (batch[-1].current_period_end, batch[-1].subscription_id)
+                yield batch
+            if len(batch) < size:
+                return
 
     async def candidates(
         self, now: datetime, window_end: datetime, after: tuple[datetime, str], limit: int
     ) -> list[RenewalCandidate | UnreadableCandidate]:
-        rows = await self.db.fetch("renewal_candidates", now, window_end, after[0], after[1], limit)
+        rows = await self.db.fetch(
+            "renewal_candidates",
+            now=now,
+            window_end=window_end,
+            after_period_end=after[0],
+            after_id=after[1],
+            size=limit,
+        )
         return convert_candidates(rows)
 
     async def claim(
@@ -178,25 +207,37 @@ class RenewalStore:
     ) -> list[ClaimedSlot]:
         rows = await self.db.fetch(
             "claim_renewal_slots",
-            [slot[0] for slot in slots],
-            [slot[1] for slot in slots],
-            [slot[2] for slot in slots],
-            holder,
-            token,
-            now,
-            lease_until,
+            subscription_ids=[slot[0] for slot in slots],
+            cycle_starts=[slot[1] for slot in slots],
+            order_ids=[slot[2] for slot in slots],
+            holder=holder,
+            token=token,
+            now=now,
+            lease_until=lease_until,
         )
         return convert_rows(rows, ClaimedSlot)
 
     async def commit(
         self, invoices: Sequence[StoredInvoice], *, provider: str, now: datetime
     ) -> list[CompletedSlot]:
-        columns = [
-            [getattr(invoice, field) for invoice in invoices]
-            for field in StoredInvoice.__struct_fields__
-        ]
         rows = await self.db.fetch(
-            "commit_renewal_invoices", *columns, provider, now, RENEWAL_SUBJECT
+            "commit_renewal_invoices",
+            subscription_ids=[invoice.subscription_id for invoice in invoices],
+            cycle_starts=[invoice.cycle_start for invoice in invoices],
+            tokens=[invoice.token for invoice in invoices],
+            invoice_ids=[invoice.invoice_id for invoice in invoices],
+            user_ids=[invoice.user_id for invoice in invoices],
+            provider_invoice_ids=[invoice.provider_invoice_id for invoice in invoices],
+            currencies=[invoice.currency for invoice in invoices],
+            amounts=[invoice.amount for invoice in invoices],
+            payment_addresses=[invoice.payment_address for invoice in invoices],
+            expires_at=[invoice.expires_at for invoice in invoices],
+            to_addresses=[invoice.to_address for invoice in invoices],
+            bodies=[invoice.body for invoice in invoices],
+            message_ids=[invoice.message_id for invoice in invoices],
+            provider=provider,
+            now=now,
+            subject=RENEWAL_SUBJECT,
         )
         return convert_rows(rows, CompletedSlot)
 
@@ -204,13 +245,22 @@ class RenewalStore:
         return affected(await self.db.execute("extend_renewal_claims", token, lease_until))
 
     async def release(self, slots: Sequence[ReleasedSlot], now: datetime) -> int:
-        columns = [
-            [getattr(slot, field) for slot in slots] for field in ReleasedSlot.__struct_fields__
-        ]
-        return affected(await self.db.execute("release_renewal_claims", *columns, now))
+        status = await self.db.execute(
+            "release_renewal_claims",
+            subscription_ids=[slot.subscription_id for slot in slots],
+            cycle_starts=[slot.cycle_start for slot in slots],
+            tokens=[slot.token for slot in slots],
+            states=[slot.state for slot in slots],
+            available_at=[slot.available_at for slot in slots],
+            errors=[slot.error for slot in slots],
+            now=now,
+        )
+        return affected(status)
 
 
 class OutboxStore:
+    """The mail outbox; implements :class:`nproxyd.core.ports.MailOutboxStore`."""
+
     def __init__(self, db: Database) -> None:
         self.db = db
 
@@ -220,18 +270,33 @@ class OutboxStore:
         rows = await self.db.fetch("claim_due_mail", now, lease_until, holder, limit)
         return convert_rows(rows, OutboxMail)
 
+    async def due_mail(
+        self, now: datetime, size: int, *, holder: str, lease_until: Callable[[], datetime]
+    ) -> AsyncGenerator[list[OutboxMail], None]:
+        """Lease the mail due at ``now``, ``size`` rows per statement, until none is left.
+
+        Each batch is leased to ``holder`` until ``lease_until()`` (asked per batch); the
+        caller records a batch before it asks for the next, and may stop early.
+        """
+        while True:
+            batch = await self.claim(now, lease_until(), holder, size)
+            if batch:
+                yield batch
+            if len(batch) < size:
+                return
+
     async def record(self, outcomes: Sequence[MailOutcome], now: datetime, holder: str) -> int:
         """Record ``outcomes`` in one statement; raises :class:`StoreDataError` on a bad value."""
         return affected(
             await self.db.execute(
                 "record_mail_outcomes",
-                [outcome.id for outcome in outcomes],
-                [outcome.status for outcome in outcomes],
-                [outcome.error for outcome in outcomes],
-                [outcome.next_attempt_at for outcome in outcomes],
-                [outcome.counts_attempt for outcome in outcomes],
-                now,
-                holder,
+                ids=[outcome.id for outcome in outcomes],
+                statuses=[outcome.status for outcome in outcomes],
+                errors=[outcome.error for outcome in outcomes],
+                next_attempt_at=[outcome.next_attempt_at for outcome in outcomes],
+                counts_attempt=[outcome.counts_attempt for outcome in outcomes],
+                now=now,
+                holder=holder,
             )
         )
 
@@ -249,7 +314,13 @@ class OutboxStore:
         now: datetime,
     ) -> str | None:
         result: str | None = await self.db.fetchval(
-            "enqueue_mail", to_address, subject, body, message_id, dedupe_key, now
+            "enqueue_mail",
+            to_address=to_address,
+            subject=subject,
+            body=body,
+            message_id=message_id,
+            dedupe_key=dedupe_key,
+            now=now,
         )
         return result
 
@@ -268,6 +339,8 @@ class OutboxStore:
 
 
 class HealthStore:
+    """Health gauges; implements :class:`nproxyd.core.ports.HealthReadStore`."""
+
     def __init__(self, db: Database) -> None:
         self.db = db
 

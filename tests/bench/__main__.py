@@ -9,6 +9,7 @@ a figure misses its target, 64 for an unknown benchmark name.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -61,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure(level="info", fmt="json", stream=devnull)
         server = TestServer()
         server.start()
-        return anyio.run(run_all, names, server)
+        try:
+            return anyio.run(run_all, names, server)
+        finally:
+            # pgserver logs its clean-up at exit, after this stream is closed.
+            logging.getLogger().handlers.clear()
 
 
 async def run_all(names: list[str], server: TestServer) -> int:

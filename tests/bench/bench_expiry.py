@@ -21,7 +21,8 @@ from datetime import datetime
 import anyio
 import asyncpg
 
-from nproxyd.actors.invoice_expirer import InvoiceExpirer
+from nproxyd.actors.invoice_expirer import ExpirerPorts, ExpirerSettings, InvoiceExpirer
+from nproxyd.core.clock import SystemClock
 from nproxyd.core.messages import ExpirerReport
 from nproxyd.store.stores import InvoiceStore
 from tests.bench.common import (
@@ -143,7 +144,11 @@ async def batched(dsn: str, now: datetime) -> tuple[float, RowProbe, ExpirerRepo
     async with opened(dsn) as db:
         async with connected(dsn) as connection:
             await checkpoint(connection)
-        expirer = InvoiceExpirer(InvoiceStore(db), interval_seconds=60, batch_size=BATCH_SIZE)
+        expirer = InvoiceExpirer(
+            ExpirerSettings(interval_seconds=60, batch_size=BATCH_SIZE),
+            ExpirerPorts(store=InvoiceStore(db)),
+            SystemClock(),
+        )
         reports: list[ExpirerReport] = []
 
         async def work() -> None:

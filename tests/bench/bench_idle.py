@@ -28,7 +28,7 @@ import anyio
 import msgspec
 import psutil
 
-from nproxyd.app import Stores, build_actors, mail_transport, payment_provider
+from nproxyd.app import Stores, Wiring, build_actors, mail_transport, payment_provider
 from nproxyd.core.channels import Outbox
 from nproxyd.core.clock import SystemClock
 from nproxyd.core.config import Config
@@ -101,13 +101,15 @@ async def median_ticks(dsn: str, config: Config, now: datetime) -> dict[str, flo
     async with opened(dsn) as db:
         with sender, receiver:
             actors = build_actors(
-                config,
-                clock=clock,
-                stores=Stores.for_database(db),
-                instance="bench",
-                outbox=Outbox(sender),
-                provider=payment_provider(config, clock),
-                transport=mail_transport(config),
+                Wiring(
+                    config=config,
+                    clock=clock,
+                    stores=Stores.for_database(db),
+                    instance="bench",
+                    outbox=Outbox(sender),
+                    provider=payment_provider(config, clock),
+                    transport=mail_transport(config),
+                )
             )
             for name, actor in actors.items():
                 medians[name] = await _median_tick(actor, now)

@@ -20,9 +20,9 @@ import aiosmtplib
 import asyncpg
 import msgspec
 
-from nproxyd.actors.mail_sender import MailSender, MailSettings
+from nproxyd.actors.mail_sender import MailPorts, MailSender
 from nproxyd.adapters.mail_smtp import SmtpTransport
-from nproxyd.app import mail_concurrency
+from nproxyd.app import mail_settings
 from nproxyd.core.clock import SystemClock
 from nproxyd.core.config import Config
 from nproxyd.core.mail import compose_message
@@ -130,9 +130,11 @@ async def seed_outbox(dsn: str) -> None:
 async def sender_tick(dsn: str, config: Config) -> tuple[float, MailReport]:
     """One ``MailSender.tick`` as the daemon builds it; returns (seconds, report)."""
     transport = SmtpTransport(config.email.smtp)
-    settings = MailSettings.from_config(config, "bench", mail_concurrency(config))
+    settings = mail_settings(config, "bench")
     async with opened(dsn) as db:
-        sender = MailSender(OutboxStore(db), transport, settings, clock=SystemClock())
+        sender = MailSender(
+            settings, MailPorts(store=OutboxStore(db), transport=transport), SystemClock()
+        )
         try:
             with Stopwatch() as watch:
                 report = await sender.tick(NOW)

@@ -16,9 +16,9 @@ from statistics import median
 import anyio
 import msgspec
 
-from nproxyd.actors.renewal_scheduler import RenewalScheduler, RenewalSettings
+from nproxyd.actors.renewal_scheduler import RenewalPorts, RenewalScheduler
 from nproxyd.adapters.payment_simulated import SimulatedPaymentProvider
-from nproxyd.app import OUTBOX_READY_BUFFER
+from nproxyd.app import OUTBOX_READY_BUFFER, renewal_settings
 from nproxyd.core.channels import Outbox
 from nproxyd.core.clock import SystemClock
 from nproxyd.core.config import Config
@@ -100,13 +100,10 @@ async def timed_tick(dsn: str, config: Config, now: datetime) -> tuple[float, Re
     sender, receiver = anyio.create_memory_object_stream[OutboxReady](OUTBOX_READY_BUFFER)
     async with opened(dsn) as db:
         with sender, receiver:
-            scheduler = RenewalScheduler(
-                RenewalStore(db),
-                simulated_provider(config),
-                RenewalSettings.from_config(config, "bench"),
-                clock=clock,
-                outbox=Outbox(sender),
+            ports = RenewalPorts(
+                store=RenewalStore(db), provider=simulated_provider(config), outbox=Outbox(sender)
             )
+            scheduler = RenewalScheduler(renewal_settings(config, "bench"), ports, clock)
             with Stopwatch() as watch:
                 report = await scheduler.tick(now)
     return watch.seconds, report

@@ -243,7 +243,7 @@ class RawSmtpServer:
                     self._groups[-1].append(command)
                 else:
                     self._groups.append([command])
-                joined = bool(reader._buffer)  # what already arrived
+                joined = bool(reader._buffer)  # type: ignore[attr-defined]  # what already arrived
             verb = command[:4].upper()
             if verb == b"QUIT":
                 await self._reply(writer, None, b"221 2.0.0 Bye")
@@ -314,7 +314,7 @@ class RawSmtpServer:
             line = await reader.readuntil(b"\n")
             if line in (b".\r\n", b".\n"):
                 with self._lock:
-                    self._followed_data += bool(reader._buffer)
+                    self._followed_data += bool(reader._buffer)  # type: ignore[attr-defined]
                 break
             lines.append(line[1:] if line.startswith(b".") else line)
         with self._lock:

@@ -24,7 +24,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from nproxyd import app, cli
-from nproxyd.actors.invoice_expirer import InvoiceExpirer
+from nproxyd.actors.invoice_expirer import ExpirerPorts, ExpirerSettings, InvoiceExpirer
 from nproxyd.core.clock import SystemClock, parse_instant
 from nproxyd.core.config import Config, load
 from nproxyd.core.errors import StoreError, SupervisorGaveUp
@@ -122,23 +122,10 @@ class Running:
 async def running_daemon(
     config: Config, *, replace: Mapping[str, Actor] | None = None
 ) -> AsyncIterator[Running]:
-    """Compose like ``app.run_daemon`` (optionally swapping actors) and run ``Daemon.run``."""
+    """Build the daemon with ``app.build_daemon`` (optionally swapping actors), run it."""
     clock = SystemClock()
     async with app.open_components(config, clock) as components:
-        actors: dict[str, Actor] = {**components.actors, **(replace or {})}
-        daemon = Daemon(
-            config=config,
-            clock=clock,
-            instance_id=components.instance_id,
-            actors=actors,
-            wake={"mail-sender": components.outbox_ready_receiver},
-            health=components.stores.health,
-            outbox=components.stores.outbox,
-            keys=components.stores.keys,
-            channel=components.outbox_ready,
-            environ={},
-            payments=components.stores.payments,
-        )
+        daemon = app.build_daemon(components, replace=replace, environ={})
         timeout = aiohttp.ClientTimeout(total=10)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             handle = Running(daemon, session)
@@ -235,7 +222,10 @@ class LoopBreaker:
 
 
 async def ready(running: Running) -> tuple[int, Any]:
-    return await eventually(lambda: running.get("/readyz"), lambda answer: answer[0] == 200)
+    answer: tuple[int, Any] = await eventually(
+        lambda: running.get("/readyz"), lambda answer: answer[0] == 200
+    )
+    return answer
 
 
 class TestLivenessAndReadiness:
@@ -266,7 +256,11 @@ class TestLivenessAndReadiness:
         """An actor whose store keeps raising makes /readyz 503 and is the one marked not ok."""
         config = make_config(dsn, tmp_path, actors__invoice_expirer__interval_seconds="0.2")
         store = RaisingExpiryStore()
-        broken = InvoiceExpirer(store, interval_seconds=0.2, batch_size=100)
+        broken = InvoiceExpirer(
+            ExpirerSettings(interval_seconds=0.2, batch_size=100),
+            ExpirerPorts(store=store),
+            SystemClock(),
+        )
         async with running_daemon(config, replace={"invoice-expirer": broken}) as running:
             status_doc = await eventually(
                 lambda: running.get("/status"),
@@ -399,9 +393,10 @@ class TestMetrics:
             assert sample(families, "nproxyd_actor_tick_duration_seconds_count", actor=actor) >= 1
             last = sample(families, "nproxyd_actor_last_success_timestamp_seconds", actor=actor)
             assert abs(last - time.time()) < 60
-        statuses = dict(
-            await db.pool.fetch("SELECT id, status FROM payment_invoices WHERE user_id = $1", buyer)
+        rows = await db.pool.fetch(
+            "SELECT id, status FROM payment_invoices WHERE user_id = $1", buyer
         )
+        statuses = {row["id"]: row["status"] for row in rows}
         assert statuses == {"inv_due": "expired", "inv_later": "pending"}
 
     async def test_a_restarted_actor_is_counted_in_metrics_and_status(
@@ -498,10 +493,10 @@ class TestStatus:
             await ready(running)
             _, body = await running.get("/status")
         table = render(body)
-        rows = {line.split()[0]: line for line in table.splitlines() if line.strip()}
+        rows = {line.split()[0]: line.split() for line in table.splitlines() if line.strip()}
         assert set(rows) >= ACTORS
-        for actor in ACTORS:
-            assert " ok " in rows[actor] or rows[actor].split()[2] == "ok"
+        outcome = rows["actor"].index("outcome")
+        assert {actor: rows[actor][outcome] for actor in ACTORS} == dict.fromkeys(ACTORS, "ok")
         assert "http-surface-test" in table
 
 
@@ -792,7 +787,7 @@ class TestHonestHealth:
         """Wake-ups offered to a full channel are dropped and counted in messages_dropped_total."""
         async with running_daemon(make_config(dsn, tmp_path)) as running:
             await ready(running)
-            channel = running.daemon.state.channel
+            channel = running.daemon.queries.channel
             for _ in range(200):
                 channel.offer(OutboxReady(count=1))
             dropped = channel.dropped

@@ -7,7 +7,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import structlog
 
-from nproxyd.actors.invoice_expirer import InvoiceExpirer
+from nproxyd.actors.invoice_expirer import ExpirerPorts, ExpirerSettings, InvoiceExpirer
+from nproxyd.core.clock import SystemClock
+from nproxyd.core.ports import ExpiryStore
 from nproxyd.store.database import Database
 from nproxyd.store.sql import QUERIES
 from nproxyd.store.stores import InvoiceStore
@@ -21,6 +23,11 @@ NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 async def statuses(db: Database) -> dict[str, tuple[str, datetime]]:
     rows = await db.pool.fetch("SELECT id, status, updated_at FROM payment_invoices")
     return {row["id"]: (row["status"], row["updated_at"]) for row in rows}
+
+
+def expirer_for(store: ExpiryStore, batch_size: int) -> InvoiceExpirer:
+    settings = ExpirerSettings(interval_seconds=60, batch_size=batch_size)
+    return InvoiceExpirer(settings, ExpirerPorts(store=store), SystemClock())
 
 
 class TestInvoiceExpirer:
@@ -37,7 +44,7 @@ class TestInvoiceExpirer:
         await seed.invoice(
             db.pool, "canceled", user_id=user, status="canceled", expires_at=NOW - timedelta(1)
         )
-        expirer = InvoiceExpirer(InvoiceStore(db), interval_seconds=60, batch_size=100)
+        expirer = expirer_for(InvoiceStore(db), 100)
 
         report = await expirer.tick(NOW)
 
@@ -64,7 +71,7 @@ class TestInvoiceExpirer:
             user,
             NOW,
         )
-        expirer = InvoiceExpirer(InvoiceStore(db), interval_seconds=60, batch_size=40)
+        expirer = expirer_for(InvoiceStore(db), 40)
 
         report = await expirer.tick(NOW)
 
@@ -80,7 +87,7 @@ class TestInvoiceExpirer:
         user = await seed.user(db.pool, "u1")
         for name in ("a", "b", "c"):
             await seed.invoice(db.pool, name, user_id=user, expires_at=NOW - timedelta(hours=1))
-        expirer = InvoiceExpirer(InvoiceStore(db), interval_seconds=60, batch_size=10)
+        expirer = expirer_for(InvoiceStore(db), 10)
         async with db.pool.acquire() as other, other.transaction():
             await other.execute("SELECT 1 FROM payment_invoices WHERE id = 'b' FOR UPDATE")
             report = await expirer.tick(NOW)
@@ -93,7 +100,7 @@ class TestInvoiceExpirer:
         user = await seed.user(db.pool, "u1")
         await seed.invoice(db.pool, "due", user_id=user, expires_at=NOW - timedelta(hours=1))
         with structlog.testing.capture_logs() as logs:
-            await InvoiceExpirer(InvoiceStore(db), interval_seconds=60, batch_size=10).tick(NOW)
+            await expirer_for(InvoiceStore(db), 10).tick(NOW)
         assert {
             "event": "pending_invoices_expired",
             "expired_count": 1,
@@ -129,13 +136,12 @@ class TestPhysicalOrder:
             "SELECT pg_relation_size('payment_invoices') / current_setting('block_size')::int"
         )
 
-        report = await InvoiceExpirer(store, interval_seconds=60, batch_size=100).tick(NOW)
+        report = await expirer_for(store, 100).tick(NOW)
 
-        counts = dict(
-            await db.pool.fetch(
-                "SELECT status, count(*) FROM payment_invoices GROUP BY status ORDER BY status"
-            )
+        rows = await db.pool.fetch(
+            "SELECT status, count(*) AS n FROM payment_invoices GROUP BY status ORDER BY status"
         )
+        counts = {row["status"]: row["n"] for row in rows}
         assert counts == {"expired": 1500, "pending": 1500}
         assert report.expired_count == 1500
         # Page ranges plus one final index batch: more statements than rows / batch size.
@@ -173,7 +179,7 @@ class TestPhysicalOrder:
         """A locked due row is not waited for by a sweep; the next tick expires it."""
         user = await seed.user(db.pool, "u1")
         await many_due(db, user, 500)
-        expirer = InvoiceExpirer(InvoiceStore(db), interval_seconds=60, batch_size=50)
+        expirer = expirer_for(InvoiceStore(db), 50)
         async with db.pool.acquire() as other, other.transaction():
             await other.execute("SELECT 1 FROM payment_invoices WHERE id = 'i7' FOR UPDATE")
             report = await expirer.tick(NOW)
@@ -195,7 +201,5 @@ class TestPhysicalOrder:
             await db.pool.execute(
                 "UPDATE payment_invoices SET status = 'pending' WHERE id IN ('ok', 'odd')"
             )
-            report = await InvoiceExpirer(
-                InvoiceStore(db), interval_seconds=60, batch_size=batch_size
-            ).tick(NOW)
+            report = await expirer_for(InvoiceStore(db), batch_size).tick(NOW)
             assert report.expired_count == 2

@@ -7,8 +7,9 @@ from decimal import Decimal
 
 import pytest
 
-from nproxyd.actors.key_pool_recoverer import KeyPoolRecoverer, KeyPoolSettings
+from nproxyd.actors.key_pool_recoverer import KeyPoolPorts, KeyPoolRecoverer, KeyPoolSettings
 from nproxyd.adapters.balance_simulated import SimulatedBalanceProbe
+from nproxyd.core.clock import SystemClock
 from nproxyd.store.database import Database
 from nproxyd.store.stores import KeyStore
 from tests import seed
@@ -21,7 +22,7 @@ SETTINGS = KeyPoolSettings(
     cooldown_minutes=10,
     failures_before_manual_review=3,
     balance_poll_seconds=60,
-    probe_concurrency=4,
+    balance_probe_concurrency=4,
 )
 
 
@@ -31,7 +32,8 @@ async def key_rows(db: Database) -> dict[str, dict[str, object]]:
 
 
 def recoverer(db: Database, probe: SimulatedBalanceProbe | None = None) -> KeyPoolRecoverer:
-    return KeyPoolRecoverer(KeyStore(db), probe or SimulatedBalanceProbe(), SETTINGS)
+    ports = KeyPoolPorts(store=KeyStore(db), probe=probe or SimulatedBalanceProbe())
+    return KeyPoolRecoverer(SETTINGS, ports, SystemClock())
 
 
 class TestRecovery:
@@ -97,12 +99,6 @@ class TestFailureAccounting:
             ["k"], ["e"], NOW, cooldown_minutes=10, failures_before_manual_review=3
         )
         assert (await key_rows(db))["k"]["cooldown_until"] == NOW + timedelta(minutes=10)
-
-    async def test_success_resets_the_failure_count(self, db: Database) -> None:
-        """A successful use sets consecutive_failures back to 0."""
-        await seed.key(db.pool, "k", failures=2)
-        assert await KeyStore(db).record_successes(["k"], NOW) == 1
-        assert (await key_rows(db))["k"]["consecutive_failures"] == 0
 
 
 class TestBalancePolling:

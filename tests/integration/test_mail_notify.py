@@ -16,11 +16,16 @@ import asyncpg
 import pytest
 
 from nproxyd.core.clock import SystemClock
+from nproxyd.core.records import MailOutcome
 from nproxyd.runtime.listener import MailDueListener
 from nproxyd.runtime.metrics import Metrics
 from nproxyd.store.database import Database
-from nproxyd.store.listener import APPLICATION_NAME, MAIL_DUE_CHANNEL, listening
-from nproxyd.store.rows import MailOutcome
+from nproxyd.store.listener import (
+    APPLICATION_NAME,
+    MAIL_DUE_CHANNEL,
+    listening,
+    mail_due_sessions,
+)
 from nproxyd.store.stores import OutboxStore
 
 pytestmark = pytest.mark.anyio
@@ -36,8 +41,8 @@ class Inbox:
         self.received: list[str] = []
         self.arrived = anyio.Event()
 
-    def __call__(self, _c: object, _pid: int, _channel: str, payload: str) -> None:
-        self.received.append(payload)
+    def __call__(self, _c: object, _pid: int, _channel: str, payload: object) -> None:
+        self.received.append(str(payload))
         self.arrived.set()
 
     async def wait(self, count: int) -> None:
@@ -140,7 +145,7 @@ class TestMailDueListener:
         wakes: list[int] = []
         metrics = Metrics(["mail-sender"])
         listener = MailDueListener(
-            dsn,
+            mail_due_sessions(dsn, timeout_seconds=5),
             wake=lambda: wakes.append(1),
             clock=SystemClock(),
             metrics=metrics,
@@ -178,7 +183,9 @@ class TestMailDueListener:
         logger = RecordingLogger()
         metrics = Metrics(["mail-sender"])
         listener = MailDueListener(
-            f"postgresql://nproxyd@127.0.0.1:{closed_port()}/nproxy",
+            mail_due_sessions(
+                f"postgresql://nproxyd@127.0.0.1:{closed_port()}/nproxy", timeout_seconds=1
+            ),
             wake=lambda: None,
             clock=SystemClock(),
             metrics=metrics,
@@ -206,6 +213,9 @@ class RecordingLogger:
 
     def bind(self, **_: Any) -> RecordingLogger:
         return self
+
+    def debug(self, event: str, **kw: Any) -> None:
+        pass
 
     def info(self, event: str, **kw: Any) -> None:
         pass

@@ -299,7 +299,9 @@ async def wait_until(condition: Callable[[], bool]) -> None:
             await anyio.sleep(0.01)
 
 
-async def send_all(transport: SmtpTransport, mails: list[tuple[str, int]], senders: int) -> dict:
+async def send_all(
+    transport: SmtpTransport, mails: list[tuple[str, int]], senders: int
+) -> dict[int, MailError | None]:
     """Send ``mails`` (recipient, number) from ``senders`` concurrent tasks; outcome by number."""
     outcomes: dict[int, MailError | None] = {}
     queue = iter(mails)

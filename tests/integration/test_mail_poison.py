@@ -23,7 +23,7 @@ from hypothesis import settings as examples
 from hypothesis import strategies as st
 from structlog.testing import LogCapture
 
-from nproxyd.actors.mail_sender import MailSender, MailSettings
+from nproxyd.actors.mail_sender import MailPorts, MailSender, MailSettings
 from nproxyd.adapters.mail_smtp import SmtpTransport
 from nproxyd.core.clock import SystemClock
 from nproxyd.core.config import SmtpConfig
@@ -56,6 +56,8 @@ def settings(**overrides: Any) -> MailSettings:
         "concurrency": 2,
         "from_address": FROM,
         "instance_id": "sender-a",
+        "retry_base_seconds": 30.0,
+        "retry_max_seconds": 3600.0,
     }
     values.update(overrides)
     return MailSettings(**values)
@@ -113,7 +115,8 @@ async def transport(raw_server: RawSmtpServer) -> AsyncIterator[SmtpTransport]:
 
 
 def sender_for(db: Database, transport: SmtpTransport, **overrides: Any) -> MailSender:
-    return MailSender(OutboxStore(db), transport, settings(**overrides), clock=SystemClock())
+    ports = MailPorts(store=OutboxStore(db), transport=transport)
+    return MailSender(settings(**overrides), ports, SystemClock())
 
 
 def events(logs: LogCapture, name: str) -> list[MutableMapping[str, Any]]:
@@ -496,7 +499,7 @@ class TestOutages:
         now = SystemClock().now()
         ids = await insert_mail(db, 5, now)
         raw_server.stop()
-        sender = sender_for(db, transport, max_attempts=2, retry_cap_seconds=60.0)
+        sender = sender_for(db, transport, max_attempts=2, retry_max_seconds=60.0)
 
         for tick in range(6):
             report = await sender.tick(now + timedelta(hours=tick))

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from nproxyd.store.database import Database
-from nproxyd.store.sql import QUERIES
+from nproxyd.store.sql import bind
 
 pytestmark = pytest.mark.anyio
 
@@ -64,24 +64,25 @@ async def seed(db: Database, rows: int, due: int = BATCH) -> list[str]:
     return [f"m{number:08d}" for number in range(1, BATCH + 1)]
 
 
-async def analyzed(db: Database, name: str, mode: str, *args: Any, hold: bool = False) -> Any:
+async def analyzed(
+    db: Database, name: str, mode: str, *args: Any, hold: list[str] | None = None, **params: Any
+) -> Any:
     """EXPLAIN ANALYZE of a named statement under ``plan_cache_mode = mode``, rolled back."""
     async with db.pool.acquire() as connection:
         transaction = connection.transaction()
         await transaction.start()
         try:
             await connection.execute(f"SET LOCAL plan_cache_mode = {mode}")
-            if hold:  # the batch leased to HOLDER, as the claim left it (statistics not told)
+            if hold is not None:  # leased to HOLDER, as the claim left it (statistics not told)
                 await connection.execute(
                     "UPDATE mail_outbox SET leased_by = $1, lease_until = $2"
                     " WHERE id = ANY($3::text[])",
                     HOLDER,
                     NOW + timedelta(minutes=5),
-                    args[0],
+                    hold,
                 )
-            raw = await connection.fetchval(
-                "EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES[name], *args
-            )
+            text, *values = bind(name, args, params)
+            raw = await connection.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + text, *values)
         finally:
             await transaction.rollback()
     return json.loads(raw) if isinstance(raw, str) else raw
@@ -95,14 +96,14 @@ async def plans(db: Database, ids: list[str], mode: str) -> dict[str, Any]:
         db,
         "record_mail_outcomes",
         mode,
-        ids,
-        ["sent"] * BATCH,
-        [None] * BATCH,
-        [NOW] * BATCH,
-        [True] * BATCH,
-        NOW,
-        HOLDER,
-        hold=True,
+        hold=ids,
+        ids=ids,
+        statuses=["sent"] * BATCH,
+        errors=[None] * BATCH,
+        next_attempt_at=[NOW] * BATCH,
+        counts_attempt=[True] * BATCH,
+        now=NOW,
+        holder=HOLDER,
     )
     return {"claim_due_mail": claim, "record_mail_outcomes": record}
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import email
 import email.policy
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from datetime import datetime, timedelta
-from email.message import EmailMessage
+from email.message import EmailMessage, Message
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +20,14 @@ import anyio
 import asyncpg
 import pytest
 
-from nproxyd.actors.mail_sender import MailSender, MailSettings
+from nproxyd.actors.mail_sender import MailPorts, MailSender, MailSettings
 from nproxyd.adapters.mail_maildir import MaildirTransport
 from nproxyd.adapters.mail_smtp import SmtpTransport
 from nproxyd.core.clock import SystemClock
 from nproxyd.core.config import SmtpConfig
 from nproxyd.core.ports import MailTransport
+from nproxyd.core.records import MailOutcome, OutboxCounts, OutboxMail
 from nproxyd.store.database import Database
-from nproxyd.store.rows import MailOutcome, OutboxCounts, OutboxMail
 from nproxyd.store.stores import OutboxStore
 from tests.fakes.smtp import FakeSmtpServer
 
@@ -54,6 +54,8 @@ def settings(**overrides: Any) -> MailSettings:
         "concurrency": 3,
         "from_address": FROM,
         "instance_id": "sender-a",
+        "retry_base_seconds": 30.0,
+        "retry_max_seconds": 3600.0,
     }
     values.update(overrides)
     return MailSettings(**values)
@@ -133,10 +135,9 @@ def make_sender(
         transport = SmtpTransport(smtp_config(server, max_connections))
         transports.append(transport)
         sender = MailSender(
-            OutboxStore(db),
-            transport,
             settings(concurrency=max_connections, **overrides),
-            clock=SystemClock(),
+            MailPorts(store=OutboxStore(db), transport=transport),
+            SystemClock(),
         )
         return sender, transport
 
@@ -416,15 +417,15 @@ class LedgerStore:
         self.ledger = ledger
         self.first = True
 
-    async def claim(
-        self, now: datetime, lease_until: datetime, holder: str, limit: int
-    ) -> list[OutboxMail]:
-        batch = await self.inner.claim(now, lease_until, holder, limit)
-        self.ledger.claimed(holder, batch)
-        if self.first and batch:
-            self.first = False
-            await self.ledger.first_batch_taken()
-        return batch
+    async def due_mail(
+        self, now: datetime, size: int, *, holder: str, lease_until: Callable[[], datetime]
+    ) -> AsyncGenerator[list[OutboxMail], None]:
+        async for batch in self.inner.due_mail(now, size, holder=holder, lease_until=lease_until):
+            self.ledger.claimed(holder, batch)
+            if self.first:
+                self.first = False
+                await self.ledger.first_batch_taken()
+            yield batch
 
     async def record(self, outcomes: Sequence[MailOutcome], now: datetime, holder: str) -> int:
         recorded = await self.inner.record(outcomes, now, holder)
@@ -450,10 +451,9 @@ class TestSeveralSenders:
             store = LedgerStore(OutboxStore(db), ledger)
             senders.append(
                 MailSender(
-                    store,
-                    transport,
                     settings(instance_id=instance, batch_size=25),
-                    clock=SystemClock(),
+                    MailPorts(store=store, transport=transport),
+                    SystemClock(),
                 )
             )
         reports = {}
@@ -490,10 +490,9 @@ class TestSeveralSenders:
             transports.append(transport)
             senders.append(
                 MailSender(
-                    OutboxStore(db),
-                    transport,
                     settings(instance_id=instance, lease_seconds=1.0, batch_size=40, concurrency=2),
-                    clock=SystemClock(),
+                    MailPorts(store=OutboxStore(db), transport=transport),
+                    SystemClock(),
                 )
             )
         first, second = senders
@@ -553,7 +552,7 @@ class TestMaildir:
             mail_ids.append(mail_id)
         transport = MaildirTransport(tmp_path / "Maildir")
         transports.append(transport)
-        sender = MailSender(store, transport, settings(), clock=SystemClock())
+        sender = MailSender(settings(), MailPorts(store=store, transport=transport), SystemClock())
 
         report = await sender.tick(now)
 
@@ -614,3 +613,50 @@ class TestLeaseFencing:
         row = await outbox_row(db, taken.id)
         assert (row["status"], row["leased_by"]) == ("pending", "fast")
         assert await store.record([outcome], later, "fast") == 1
+
+
+class BuggyTransport:
+    """The real SMTP transport, except that sending to ``bug@example.test`` hits a bug once
+    ``others`` other mails were delivered (so the bug lands amid a batch, whatever its order)."""
+
+    def __init__(self, inner: SmtpTransport, others: int) -> None:
+        self.inner = inner
+        self.others = others
+        self.delivered = 0
+        self.all_delivered = anyio.Event()
+
+    async def send(self, message: Message, recipient: str) -> None:
+        if recipient == "bug@example.test":
+            with anyio.fail_after(10):
+                await self.all_delivered.wait()
+            raise TypeError("a bug in the transport")
+        await self.inner.send(message, recipient)
+        self.delivered += 1
+        if self.delivered == self.others:
+            self.all_delivered.set()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class TestProgrammingErrors:
+    async def test_a_bug_fails_the_tick_after_recording_what_was_delivered(
+        self, db: Database, server: FakeSmtpServer, transports: list[MailTransport]
+    ) -> None:
+        """A non-mail error in one send fails the tick; the mails its neighbours delivered are
+        recorded sent first (never sent again), and the row at fault keeps its attempts."""
+        now = SystemClock().now()
+        good = await insert_mail(db, 3, now)
+        [bad] = await insert_mail(db, 1, now, start=10, to="bug@example.test")
+        transport = SmtpTransport(smtp_config(server, 4))
+        transports.append(transport)
+        ports = MailPorts(store=OutboxStore(db), transport=BuggyTransport(transport, others=3))
+        sender = MailSender(settings(concurrency=4), ports, SystemClock())
+
+        with pytest.raises(TypeError, match="a bug in the transport"):
+            await sender.tick(now)
+
+        rows = {mail_id: await outbox_row(db, mail_id) for mail_id in [*good, bad]}
+        assert [rows[mail_id]["status"] for mail_id in good] == ["sent"] * 3
+        assert sorted(received_ids(server).values()) == [1, 1, 1]
+        assert (rows[bad]["status"], rows[bad]["attempts"]) == ("pending", 0)

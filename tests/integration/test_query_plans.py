@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from nproxyd.store.database import Database
-from nproxyd.store.sql import QUERIES
+from nproxyd.store.sql import bind
 
 pytestmark = pytest.mark.anyio
 
@@ -33,8 +33,9 @@ def sequential_scans(plan: Any) -> list[str]:
     return found
 
 
-async def explain(db: Database, name: str, *args: Any) -> Any:
-    raw = await db.pool.fetchval("EXPLAIN (FORMAT JSON) " + QUERIES[name], *args)
+async def explain(db: Database, name: str, *args: Any, **params: Any) -> Any:
+    text, *values = bind(name, args, params)
+    raw = await db.pool.fetchval("EXPLAIN (FORMAT JSON) " + text, *values)
     return json.loads(raw) if isinstance(raw, str) else raw
 
 

@@ -8,7 +8,7 @@ every good subscription of the batch is invoiced exactly once with one mail.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -26,14 +26,19 @@ from tests.fakes.nowpayments import FakeNowPayments, Mode
 from tests.integration.test_renewal_scheduler import (
     Channel,
     WrappedProvider,
-    automatic_invoices,
     claims,
     count,
     make_scheduler,
     nowpayments,
     simulated,
 )
-from tests.renewal_checks import NOW, PERIOD_END, PERIOD_START, assert_renewal_invariants
+from tests.renewal_checks import (
+    NOW,
+    PERIOD_END,
+    PERIOD_START,
+    assert_renewal_invariants,
+    automatic_invoices,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -84,7 +89,7 @@ async def invoiced_once(db: Database) -> dict[str, int]:
     return per
 
 
-def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+def events(logs: Sequence[Mapping[str, Any]], name: str) -> list[Mapping[str, Any]]:
     return [entry for entry in logs if entry["event"] == name]
 
 
@@ -337,7 +342,8 @@ class TestProviderAnswers:
         claim = await the_claim(db, "poison")
         assert (claim["state"], claim["available_at"]) == ("failed", NOW + timedelta(hours=6))
         assert poison_order in claim["last_error"]
-        [payment] = [p for p in fake.payments if p["order_id"] == poison_order] or [None]
+        payments = [p for p in fake.payments if p["order_id"] == poison_order]
+        payment = payments[0] if payments else None
         if payment is not None and mode is not Mode.MISSING_ID:
             # The payment exists at the provider: the reason names it for an operator.
             assert str(payment["payment_id"]) in claim["last_error"]

@@ -13,7 +13,7 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from nproxyd.actors.renewal_scheduler import RenewalScheduler, RenewalSettings
+from nproxyd.actors.renewal_scheduler import RenewalPorts, RenewalScheduler, RenewalSettings
 from nproxyd.adapters.payment_nowpayments import NowPaymentsProvider
 from nproxyd.adapters.payment_simulated import SimulatedPaymentProvider
 from nproxyd.core.channels import Outbox
@@ -21,10 +21,10 @@ from nproxyd.core.clock import SystemClock
 from nproxyd.core.config import NowPaymentsConfig, SimulatedPaymentConfig
 from nproxyd.core.messages import OutboxReady
 from nproxyd.core.ports import InvoiceRequest, PaymentProvider, ProviderInvoice
+from nproxyd.core.records import RenewalCandidate, StoredInvoice, UnreadableCandidate
 from nproxyd.core.rules import order_id
 from nproxyd.store.database import Database
-from nproxyd.store.rows import RenewalCandidate, StoredInvoice, UnreadableCandidate
-from nproxyd.store.sql import QUERIES
+from nproxyd.store.sql import bind
 from nproxyd.store.stores import RenewalStore
 from tests import seed
 from tests.fakes.nowpayments import FakeNowPayments, Mode
@@ -134,7 +134,7 @@ def make_scheduler(
 ) -> RenewalScheduler:
     values: dict[str, Any] = {
         "interval_seconds": 300.0,
-        "lead_hours": 72.0,
+        "renewal_lead_time_hours": 72.0,
         "batch_size": 500,
         "provider_concurrency": 8,
         "claim_lease_seconds": 120.0,
@@ -142,16 +142,12 @@ def make_scheduler(
         "app_base_url": APP_BASE_URL,
         "from_address": "nproxy billing <billing@nproxy.example>",
         "instance_id": "test-instance",
+        "retry_base_seconds": 60.0,
+        "retry_max_seconds": 3600.0,
     }
     values.update(overrides)
-    return RenewalScheduler(
-        store or RenewalStore(db),
-        provider,
-        RenewalSettings(**values),
-        clock=SystemClock(),
-        outbox=channel.outbox,
-        rng=random.Random(11),
-    )
+    ports = RenewalPorts(store=store or RenewalStore(db), provider=provider, outbox=channel.outbox)
+    return RenewalScheduler(RenewalSettings(**values), ports, SystemClock(), rng=random.Random(11))
 
 
 def expected_body(address: str | None, expires_at: str | None) -> str:
@@ -238,11 +234,23 @@ class TestWorkedExample:
         assert channel.received() == []
         await assert_renewal_invariants(db.pool)
 
-    @pytest.mark.parametrize("status", ["expired", "pending", "paid", "canceled"])
-    async def test_invoice_in_the_cycle_blocks_creation(
-        self, db: Database, channel: Channel, status: str
+    @pytest.mark.parametrize(
+        ("status", "created_at", "created"),
+        [
+            ("expired", datetime(2026, 3, 9, 9, 0, tzinfo=UTC), 0),
+            ("pending", datetime(2026, 3, 9, 9, 0, tzinfo=UTC), 0),
+            ("paid", datetime(2026, 3, 9, 9, 0, tzinfo=UTC), 0),
+            ("canceled", datetime(2026, 3, 9, 9, 0, tzinfo=UTC), 0),
+            ("expired", PERIOD_START, 0),  # exactly at the cycle start is in the cycle
+            ("paid", PERIOD_START - timedelta(seconds=1), 1),  # the previous cycle's invoice
+        ],
+        ids=["expired", "pending", "paid", "canceled", "at-cycle-start", "previous-cycle"],
+    )
+    async def test_an_invoice_in_the_cycle_blocks_creation(
+        self, db: Database, channel: Channel, status: str, created_at: datetime, created: int
     ) -> None:
-        """Any invoice created in the cycle, whatever its status, means nothing is created."""
+        """An invoice created from the cycle start on, whatever its status, means nothing is
+        created (the provider is not asked); one created before it belongs to the last cycle."""
         await worked_example(db)
         await seed.invoice(
             db.pool,
@@ -250,49 +258,15 @@ class TestWorkedExample:
             user_id="user_sub_1",
             subscription_id="sub_1",
             status=status,
-            created_at=datetime(2026, 3, 9, 9, 0, tzinfo=UTC),
+            created_at=created_at,
         )
         provider = WrappedProvider(simulated())
         report = await make_scheduler(db, provider, channel).tick(NOW)
 
-        assert report.created_count == 0
-        assert provider.requests == []
-        assert await automatic_invoices(db.pool) == []
-        assert await count(db, "mail_outbox") == 0
-
-    async def test_invoice_at_cycle_start_blocks_creation(
-        self, db: Database, channel: Channel
-    ) -> None:
-        """An invoice created exactly at the cycle start counts as in the cycle."""
-        await worked_example(db)
-        await seed.invoice(
-            db.pool,
-            "seed-manual",
-            user_id="user_sub_1",
-            subscription_id="sub_1",
-            status="expired",
-            created_at=PERIOD_START,
-        )
-        report = await make_scheduler(db, simulated(), channel).tick(NOW)
-        assert report.created_count == 0
-        assert await automatic_invoices(db.pool) == []
-
-    async def test_invoice_of_the_previous_cycle_does_not_block(
-        self, db: Database, channel: Channel
-    ) -> None:
-        """An invoice created before the cycle start belongs to the last cycle: one is created."""
-        await worked_example(db)
-        await seed.invoice(
-            db.pool,
-            "seed-last-cycle",
-            user_id="user_sub_1",
-            subscription_id="sub_1",
-            status="paid",
-            created_at=PERIOD_START - timedelta(seconds=1),
-        )
-        report = await make_scheduler(db, simulated(), channel).tick(NOW)
-        assert report.created_count == 1
-        assert len(await automatic_invoices(db.pool)) == 1
+        assert report.created_count == created
+        assert len(provider.requests) == created
+        assert len(await automatic_invoices(db.pool)) == created
+        assert await count(db, "mail_outbox") == created
         await assert_renewal_invariants(db.pool)
 
     async def test_provider_is_called_only_for_a_claimed_slot(
@@ -363,7 +337,7 @@ class TestCandidates:
         await seed.subscription(
             db.pool, "later", period_start=PERIOD_START, period_end=NOW + timedelta(hours=71)
         )
-        await make_scheduler(db, simulated(), channel, lead_hours=24.0).tick(NOW)
+        await make_scheduler(db, simulated(), channel, renewal_lead_time_hours=24.0).tick(NOW)
         invoiced = {row["subscription_id"] for row in await automatic_invoices(db.pool)}
         assert invoiced == {"soon"}
 
@@ -434,6 +408,29 @@ class TestProviderFailures:
         assert await count(db, "payment_invoices") == 0
         assert await count(db, "mail_outbox") == 0
         assert channel.received() == []
+
+    async def test_a_programming_error_fails_the_tick_and_schedules_no_retry(
+        self, db: Database, channel: Channel
+    ) -> None:
+        """Only the provider error family is a failed call: a TypeError fails the tick and the
+        claim is left to its lease (no retry recorded with the bug as its reason)."""
+        await worked_example(db)
+
+        async def bug(request: InvoiceRequest) -> None:
+            raise TypeError("a bug")
+
+        provider = WrappedProvider(simulated(), before=bug)
+        with pytest.raises(BaseException) as caught:
+            await make_scheduler(db, provider, channel).tick(NOW)
+
+        assert (
+            caught.group_contains(TypeError)
+            if isinstance(caught.value, BaseExceptionGroup)
+            else isinstance(caught.value, TypeError)
+        )
+        [claim] = await claims(db)
+        assert (claim["state"], claim["last_error"]) == ("claimed", None)
+        assert await count(db, "payment_invoices") == 0
 
     async def test_retry_waits_for_its_time_then_creates_one(
         self, db: Database, channel: Channel
@@ -661,7 +658,7 @@ class TestBadRows:
         await seed.plan(db.pool, plan_id="plan_null", price=None)
         await seed.plan(db.pool, plan_id="plan_negative", price=Decimal("-5.00"))
         await seed.plan(db.pool, plan_id="plan_no_currency", currency="")
-        bad = {
+        bad: dict[str, dict[str, Any]] = {
             "bad_null_price": {"plan_id": "plan_null"},
             "bad_negative_price": {"plan_id": "plan_negative"},
             "bad_empty_currency": {"plan_id": "plan_no_currency"},
@@ -774,14 +771,18 @@ class TestCandidateQueryPlan:
         )
         await pool.execute("ANALYZE")
 
-        raw = await pool.fetchval(
-            "EXPLAIN (FORMAT JSON) " + QUERIES["renewal_candidates"],
-            NOW,
-            NOW + timedelta(hours=72),
-            datetime.min.replace(tzinfo=UTC),
-            "",
-            500,
+        text, *args = bind(
+            "renewal_candidates",
+            (),
+            {
+                "now": NOW,
+                "window_end": NOW + timedelta(hours=72),
+                "after_period_end": datetime.min.replace(tzinfo=UTC),
+                "after_id": "",
+                "size": 500,
+            },
         )
+        raw = await pool.fetchval("EXPLAIN (FORMAT JSON) " + text, *args)
         plan = json.loads(raw) if isinstance(raw, str) else raw
 
         nodes = plan_nodes(plan)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-import subprocess
+import os
+import signal
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -11,11 +14,55 @@ import asyncpg
 import pytest
 
 from tests import seed
-from tests.system.proc import NPROXYD, REPO_ROOT, nproxyd_env, run_nproxyd
+from tests.system.proc import (
+    Processes,
+    free_port,
+    json_lines,
+    nproxyd_env,
+    run_nproxyd,
+    wait_ready,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.system, pytest.mark.anyio]
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Postmaster:
+    """The running server of a data directory, from its ``postmaster.pid``."""
+
+    pid: int
+    port: int
+    socket_dir: str
+
+    @classmethod
+    def read(cls, pgdata: Path) -> Postmaster:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+        return cls(pid=int(lines[0]), port=int(lines[3]), socket_dir=lines[4])
+
+    def dsn(self, database: str) -> str:
+        return f"postgresql://postgres@/{database}?host={self.socket_dir}&port={self.port}"
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+async def seed_due_invoices(dsn: str, *, count: int) -> None:
+    connection = await asyncpg.connect(dsn)
+    try:
+        user = await seed.user(connection, "u1")
+        for number in range(count):
+            await seed.invoice(
+                connection, f"due{number}", user_id=user, expires_at=NOW - timedelta(1)
+            )
+    finally:
+        await connection.close()
 
 
 class TestOnce:
@@ -87,24 +134,45 @@ class TestOnce:
 
 class TestEmbeddedPostgres:
     def test_two_processes_share_one_embedded_server(self, tmp_path: Path) -> None:
-        """Without a DSN, two processes on one state directory both run on one embedded server."""
-        env = nproxyd_env(dsn="", state_dir=tmp_path / "state")
-        env["NPROXYD__EMAIL__MAILDIR__PATH"] = str(tmp_path / "mail")
-        processes = [
-            subprocess.Popen(
-                [*NPROXYD, "once", "invoice-expirer"],
-                env=env,
-                cwd=REPO_ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(2)
-        ]
-        outputs = [process.communicate(timeout=90) for process in processes]
-        assert [process.returncode for process in processes] == [0, 0], outputs
-        for stdout, _ in outputs:
-            assert json.loads(stdout)["actor"] == "invoice-expirer"
-        assert (tmp_path / "state" / "postgres" / "PG_VERSION").exists()
-        again = run_nproxyd(["once", "key-pool-recoverer"], env, timeout=90)
-        assert again.returncode == 0, again.stderr
+        """Processes on one state directory run on the one embedded server a daemon started:
+        its database, its postmaster (still running after they exit), no second data
+        directory; the last process out stops it."""
+        state = tmp_path / "state"
+        port = free_port()
+        settings: dict[str, object] = {
+            "http.listen": f"127.0.0.1:{port}",
+            "email.maildir.path": tmp_path / "mail",
+        }
+        # The daemon does not expire invoices itself: only the `once` processes do.
+        daemon_env = nproxyd_env(
+            dsn="", state_dir=state, settings={**settings, "actors.invoice_expirer.enabled": False}
+        )
+        once_env = nproxyd_env(dsn="", state_dir=state, settings=settings)
+        processes = Processes(tmp_path / "logs")
+        try:
+            daemon = processes.start(["run"], daemon_env)
+            wait_ready(processes, daemon, f"http://127.0.0.1:{port}", timeout=90)
+            postmaster = Postmaster.read(state / "postgres")
+            asyncio.run(seed_due_invoices(postmaster.dsn("nproxyd"), count=3))
+
+            started = [processes.start(["once", "invoice-expirer"], once_env) for _ in range(2)]
+            reports = []
+            for process in started:
+                code, stdout, stderr = processes.finish(process, timeout=90)
+                assert code == 0, stderr[-3000:]
+                [report] = json_lines(stdout)
+                reports.append(report)
+
+            # Both expired the invoices seeded in the daemon's database, between them.
+            assert sum(report["expired_count"] for report in reports) == 3
+            assert Postmaster.read(state / "postgres").pid == postmaster.pid
+            assert postmaster.alive()
+            assert sorted(path.parent for path in tmp_path.rglob("postgresql.conf")) == [
+                state / "postgres"
+            ]
+
+            daemon.send_signal(signal.SIGTERM)
+            assert processes.finish(daemon, timeout=60)[0] == 0
+            wait_until(lambda: not postmaster.alive(), timeout=30, what="the server to stop")
+        finally:
+            processes.kill_all()

@@ -3,6 +3,7 @@ embedded server's ownership file, ``once --dry-run`` and ``status`` (docs/operat
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import subprocess
@@ -64,7 +65,7 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def run(args: list[str], tmp_path: Path, dsn: str = "", **settings: object) -> Any:
+def run(args: list[str], tmp_path: Path, dsn: str = "", /, **settings: object) -> Any:
     env = nproxyd_env(
         dsn=dsn or "postgresql://u:pw@127.0.0.1:1/x", state_dir=tmp_path, settings=settings
     )
@@ -162,7 +163,7 @@ class TestCheckConfig:
         env_bytes[b"NPROXYD__EMAIL__FROM_ADDRESS"] = b"caf\xe9 <billing@nproxy.example>"
         result = subprocess.run(
             [*NPROXYD, "check-config"],
-            env=env_bytes,  # type: ignore[arg-type]
+            env=env_bytes,
             capture_output=True,
             text=True,
             timeout=60,
@@ -219,7 +220,7 @@ class TestExitCodes:
             system_dsn.replace(f"/{name}", "/no_such_database", 1),
         ):
             for command in (["once", "invoice-expirer"], ["run"]):
-                result = run(command, tmp_path, dsn=dsn)
+                result = run(command, tmp_path, dsn)
                 assert result.returncode == 78, (dsn, command, result.stderr[-3000:])
                 assert "database.dsn" in one_line_error(result)
 
@@ -235,7 +236,7 @@ class TestExitCodes:
         )
         dsn = postgres.dsn.replace("postgres@", "postgres:wrong-sekrit@", 1)
         for command in (["once", "invoice-expirer"], ["run"], ["migrate"]):
-            result = run(command, tmp_path, dsn=dsn)
+            result = run(command, tmp_path, dsn)
             assert result.returncode == 78, (command, result.stderr[-3000:])
             line = one_line_error(result)
             assert "database.dsn" in line
@@ -288,6 +289,14 @@ def daemon_env(dsn: str, tmp_path: Path, port: int, **settings: object) -> dict[
     )
 
 
+def signal_logged(processes: Processes, process: subprocess.Popen[bytes], name: str) -> bool:
+    """Whether ``process`` logged that it received signal ``name``."""
+    return any(
+        line.get("event") == "signal_received" and line.get("signal") == name
+        for line in events(processes, process)
+    )
+
+
 def events(processes: Processes, process: subprocess.Popen[bytes]) -> list[dict[str, Any]]:
     return json_lines(processes.output(process)[0])
 
@@ -304,10 +313,7 @@ class TestSignals:
         for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
             process.send_signal(sig)
             wait_until(
-                lambda sig=sig: any(
-                    line.get("event") == "signal_received" and line.get("signal") == sig.name
-                    for line in events(processes, process)
-                ),
+                functools.partial(signal_logged, processes, process, sig.name),
                 timeout=10,
                 what=f"signal_received for {sig.name}",
             )

@@ -228,8 +228,10 @@ def chaos_env(
 
 def quiet(dsn: str) -> bool:
     """Every due subscription has its invoice and no mail is pending."""
-    invoices = sql(dsn, "SELECT count(*) AS n FROM payment_invoices")[0]["n"]
-    pending = sql(dsn, "SELECT count(*) AS n FROM mail_outbox WHERE status = 'pending'")[0]["n"]
+    invoices: int = sql(dsn, "SELECT count(*) AS n FROM payment_invoices")[0]["n"]
+    pending: int = sql(dsn, "SELECT count(*) AS n FROM mail_outbox WHERE status = 'pending'")[0][
+        "n"
+    ]
     return invoices >= DUE and pending == 0
 
 

@@ -6,6 +6,7 @@ renewal-scheduler`` run as a subprocess against a real PostgreSQL.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -204,7 +205,7 @@ class TestSeveralInstances:
         reports = []
         for process in started:
             code, stdout, stderr = await anyio.to_thread.run_sync(
-                lambda process=process: processes.finish(process, timeout=25)
+                functools.partial(processes.finish, process, timeout=25)
             )
             assert code == 0, stderr[-4000:]
             [report] = json_lines(stdout)

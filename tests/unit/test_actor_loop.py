@@ -11,10 +11,10 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from nproxyd.core.errors import StoreError
+from nproxyd.core.errors import ProviderTransientError, StoreError
 from nproxyd.core.messages import ExpirerReport, MailReport, RenewalReport, Report
 from nproxyd.core.rules import backoff_seconds
-from nproxyd.runtime.actor import ActorLoop, TickOutcome
+from nproxyd.runtime.actor import BUG_TICKS_BEFORE_CRASH, ActorLoop, TickOutcome, root_cause
 from tests.fakes.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -58,7 +58,7 @@ class ScriptedActor:
             duration = self.durations.pop(0) if self.durations else 0.0
             await self.clock.sleep(duration)
             if len(self.starts) <= self.failures:
-                raise RuntimeError("provider down")
+                raise ProviderTransientError("provider down")
             return ExpirerReport(expired_count=len(self.starts))
         finally:
             self.active -= 1
@@ -202,7 +202,7 @@ class TestFailures:
         failed = [e for e in logs if e["event"] == "tick_failed"]
         assert [e["consecutive_failures"] for e in failed] == [1, 2, 3, 4, 5]
         assert failed[0]["actor"] == "test-actor"
-        assert failed[0]["error_class"] == "RuntimeError"
+        assert failed[0]["error_class"] == "ProviderTransientError"
         assert failed[0]["error_message"] == "provider down"
         assert [e["failed_ticks"] for e in logs if e["event"] == "tick_recovered"] == [5]
         assert loop.stats.consecutive_failures == 0
@@ -216,7 +216,10 @@ class TestFailures:
             await clock.settle()
         (outcome,) = observer.finished
         assert (outcome.ok, outcome.report) == (False, None)
-        assert (outcome.error_class, outcome.error_message) == ("RuntimeError", "provider down")
+        assert (outcome.error_class, outcome.error_message) == (
+            "ProviderTransientError",
+            "provider down",
+        )
 
     async def test_wakeup_does_not_cut_a_backoff_short(self, clock: FakeClock) -> None:
         """A wake-up during failure backoff waits for the retry, which serves it."""
@@ -353,3 +356,59 @@ class TestTruthfulOutcomes:
         outcome = await first_outcome(clock, ReportingActor(error=error))
         assert outcome.error_class == "StoreError"
         assert outcome.error_message == "first (and 1 more error)"
+
+
+class TestProgrammingErrors:
+    async def test_a_bug_fails_the_tick_logged_at_error_with_its_traceback(
+        self, clock: FakeClock
+    ) -> None:
+        """A tick raising a non-project error is counted and logged at error with exc_info."""
+        actor = ReportingActor(error=KeyError("plan"))
+        observer = RecordingObserver()
+        with capture_logs() as logs:
+            async with running(ActorLoop(actor, clock, observer), anyio.Event()):
+                await clock.advance(1)
+        failed = [e for e in logs if e["event"] == "tick_failed"]
+        assert observer.finished[0].error_class == "KeyError"
+        assert [e["log_level"] for e in failed] == ["error"]
+        assert isinstance(failed[0]["exc_info"], KeyError)
+
+    async def test_a_project_error_is_a_warning_without_traceback(self, clock: FakeClock) -> None:
+        """A tick failing on a project error is logged at warning, without exc_info."""
+        actor = ReportingActor(error=StoreError("relation gone"))
+        with capture_logs() as logs:
+            async with running(ActorLoop(actor, clock), anyio.Event()):
+                await clock.advance(1)
+        (failed,) = [e for e in logs if e["event"] == "tick_failed"]
+        assert failed["log_level"] == "warning"
+        assert "exc_info" not in failed
+
+    async def test_a_repeating_bug_leaves_the_loop_for_the_supervisor(
+        self, clock: FakeClock
+    ) -> None:
+        """The third consecutive tick failing on a bug raises it out of ``run``."""
+        actor = ReportingActor(error=TypeError("a bug"))
+        loop = ActorLoop(actor, clock, max_backoff_seconds=10, rng=TopRng())
+        raised: list[BaseException] = []
+
+        async def run() -> None:
+            try:
+                await loop.run(anyio.Event())
+            except Exception as exc:  # the loop's task group wraps it
+                raised.append(root_cause(exc))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await clock.advance(100)
+            tg.cancel_scope.cancel()
+        assert [(type(exc), str(exc)) for exc in raised] == [(TypeError, "a bug")]
+        assert loop.stats.ticks_failed == BUG_TICKS_BEFORE_CRASH
+
+    async def test_project_errors_never_leave_the_loop(self, clock: FakeClock) -> None:
+        """Ticks failing on project errors are retried forever, however many fail."""
+        actor = ReportingActor(error=StoreError("down"))
+        loop = ActorLoop(actor, clock, max_backoff_seconds=10, rng=TopRng())
+        async with running(loop, anyio.Event()) as done:
+            await clock.advance(100)
+            assert not done.is_set()
+        assert loop.stats.ticks_failed > BUG_TICKS_BEFORE_CRASH

@@ -6,7 +6,8 @@ import pytest
 
 from nproxyd import app
 from nproxyd.core.clock import SystemClock
-from nproxyd.core.config import ConfigError, load
+from nproxyd.core.config import load
+from nproxyd.core.errors import ConfigError
 
 
 class TestPaymentProvider:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from nproxyd.app import session_dsn
-from nproxyd.core.config import ConfigError, load, redact_text, redacted, secrets_of
+from nproxyd.core.config import load, redact_text, redacted, secrets_of
+from nproxyd.core.errors import ConfigError
 
 DIRECT = "postgresql://owner:s3cret-direct@db.internal:5432/nproxy"
 POOLED = "postgresql://app:hunter2@pgbouncer.internal:6432/nproxy"

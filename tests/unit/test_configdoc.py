@@ -29,14 +29,18 @@ class TestGeneratedReference:
     def test_every_key_is_documented_with_its_env_variable(self) -> None:
         """Each key of the Structs has a row naming its NPROXYD__ variable in the reference."""
         text = REFERENCE.read_text(encoding="utf-8")
-        for section, docs in configdoc.config_sections():
+        sections = configdoc.config_sections()
+        assert sections
+        for section, docs in sections:
             assert f"## `[{section}]`" in text
             for doc in docs:
                 assert f"| `{doc.env_name}` |" in text, doc.dotted
 
     def test_documented_env_variables_are_accepted(self) -> None:
         """Setting each documented variable to the documented default loads that default."""
-        for _, docs in configdoc.config_sections():
+        sections = configdoc.config_sections()
+        assert sections
+        for _, docs in sections:
             for doc in docs:
                 raw = json.loads(doc.default_text)
                 value = raw if isinstance(raw, str) else json.dumps(raw)

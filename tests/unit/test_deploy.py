@@ -292,7 +292,9 @@ class TestPrometheusRules:
     def test_runbooks_point_at_operations_anchors(self) -> None:
         """Every runbook annotation names a heading that exists in docs/operations.md."""
         anchors = heading_anchors(OPERATIONS.read_text(encoding="utf-8"))
-        for rule in alert_rules():
+        rules = alert_rules()
+        assert rules
+        for rule in rules:
             page, _, anchor = rule["annotations"]["runbook"].partition("#")
             assert page == "docs/operations.md"
             assert anchor in anchors, anchor

@@ -42,7 +42,9 @@ class TestCompose:
         assert raw.isascii()
         parsed = message_from_bytes(raw)
         assert str(make_header(decode_header(parsed["Subject"]))) == "Verlängerung, Rechnung"
-        assert parsed.get_payload(decode=True).decode("utf-8") == "Ärger = 29 USDT\n"
+        payload = parsed.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        assert payload.decode("utf-8") == "Ärger = 29 USDT\n"
 
     @pytest.mark.parametrize("field", ["subject", "to_address", "message_id", "from_address"])
     def test_line_breaks_in_headers_are_refused(self, field: str) -> None:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from prometheus_client.parser import text_string_to_metric_families
 
 from nproxyd import __version__
-from nproxyd.core.messages import MailReport, RenewalReport, Report
+from nproxyd.core.messages import MailReport, PaymentWatcherReport, RenewalReport, Report
 from nproxyd.core.payments import AwaitingSummary
 from nproxyd.runtime.actor import TickOutcome
 from nproxyd.runtime.catalogue import BY_NAME, CATALOGUE, database_metrics, series_names
@@ -102,6 +102,22 @@ class TestDatabaseGauges:
 
 
 class TestTickCounting:
+    def test_payment_watcher_checks_and_status_changes_are_counted(self) -> None:
+        """A payment-watcher tick feeds the check and status-change counters and the gauges."""
+        metrics = Metrics(["payment-watcher"])
+        report = PaymentWatcherReport(
+            checked=3,
+            checks={"ok": 2, "transient": 1},
+            status_changes={"finished": 1},
+            awaiting_count=1,
+            awaiting_oldest_seconds=12.0,
+        )
+        metrics.tick_finished(outcome(report), 1.0)
+        assert value(metrics, "nproxyd_payment_checks_total", outcome="ok") == 2
+        assert value(metrics, "nproxyd_payment_checks_total", outcome="transient") == 1
+        changes = "nproxyd_payment_status_changes_total"
+        assert value(metrics, changes, status="finished", source="poll") == 1
+
     def test_renewal_failures_and_skips_are_counted_by_kind_and_reason(self) -> None:
         """Transient/permanent failures and skipped candidates (named or not) are counted."""
         metrics = Metrics(["renewal-scheduler"])

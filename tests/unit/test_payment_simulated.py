@@ -38,17 +38,35 @@ def make_request(order_id: str = "renewal:sub-1:2026-02-12") -> InvoiceRequest:
     )
 
 
+class FixedRng(random.Random):
+    """A random source whose ``random()`` always returns one value: the edges of [0, 1)."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(0)
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+LOWEST = 0.0
+HIGHEST = 1.0 - 2**-53  # the largest float random() can return
+
+
 def make_provider(
     *,
     ttl_hours: float = 24.0,
     latency_ms: int = 0,
     failure_rate: float = 0.0,
     sleep: RecordingSleep | None = None,
+    rng: random.Random | None = None,
 ) -> SimulatedPaymentProvider:
     config = SimulatedPaymentConfig(
         invoice_ttl_hours=ttl_hours, latency_ms=latency_ms, failure_rate=failure_rate
     )
-    return SimulatedPaymentProvider(config, sleep or RecordingSleep(), random.Random(7))
+    return SimulatedPaymentProvider(
+        config, sleep or RecordingSleep(), rng if rng is not None else random.Random(7)
+    )
 
 
 @pytest.mark.anyio
@@ -93,18 +111,30 @@ class TestSimulatedPaymentProvider:
         assert sleep.calls == []
 
     async def test_failure_rate_one_always_raises_transient(self) -> None:
-        """failure_rate = 1 makes every call fail with a transient provider error."""
-        provider = make_provider(failure_rate=1.0)
-        for _ in range(20):
-            with pytest.raises(ProviderTransientError):
-                await provider.create_invoice(make_request(), NOW)
+        """failure_rate = 1 fails even when the random draw is the highest possible."""
+        provider = make_provider(failure_rate=1.0, rng=FixedRng(HIGHEST))
+        with pytest.raises(ProviderTransientError):
+            await provider.create_invoice(make_request(), NOW)
 
     async def test_failure_rate_zero_never_raises(self) -> None:
-        """failure_rate = 0 never fails."""
-        provider = make_provider(failure_rate=0.0)
-        for _ in range(200):
-            invoice = await provider.create_invoice(make_request(), NOW)
-            assert isinstance(invoice, ProviderInvoice)
+        """failure_rate = 0 succeeds even when the random draw is the lowest possible (0.0)."""
+        provider = make_provider(failure_rate=0.0, rng=FixedRng(LOWEST))
+        invoice = await provider.create_invoice(make_request(), NOW)
+        assert isinstance(invoice, ProviderInvoice)
+
+    @pytest.mark.parametrize(("draw", "fails"), [(0.49, True), (0.5, False), (0.51, False)])
+    async def test_a_call_fails_when_its_draw_is_below_the_failure_rate(
+        self, draw: float, fails: bool
+    ) -> None:
+        """failure_rate = 0.5 fails exactly the draws below 0.5."""
+        provider = make_provider(failure_rate=0.5, rng=FixedRng(draw))
+        try:
+            await provider.create_invoice(make_request(), NOW)
+        except ProviderTransientError:
+            failed = True
+        else:
+            failed = False
+        assert failed is fails
 
     async def test_failure_rate_half_fails_some_but_not_all(self) -> None:
         """failure_rate between 0 and 1 fails some calls and lets others through."""

@@ -11,7 +11,7 @@ from nproxyd.core.config import HealthConfig
 from nproxyd.core.messages import RenewalReport, Report
 from nproxyd.runtime.actor import ActorLoop, TickOutcome
 from nproxyd.runtime.metrics import DatabaseSnapshot, Metrics
-from nproxyd.runtime.ops import Monitor, OpsState
+from nproxyd.runtime.ops import Monitor, OpsQueries
 from nproxyd.runtime.supervisor import Supervisor
 from tests.fakes.clock import FakeClock
 
@@ -41,17 +41,16 @@ def snapshot(oldest_age: float = 0.0) -> DatabaseSnapshot:
     )
 
 
-def make_state(clock: FakeClock, *, interval: float = 3000) -> OpsState:
+def make_state(clock: FakeClock, *, interval: float = 3000) -> OpsQueries:
     monitor = Monitor(clock, Metrics([RENEWAL]))
     loop = ActorLoop(StubActor(RENEWAL, interval), clock, monitor)
-    state = OpsState(
+    state = OpsQueries(
         clock=clock,
         instance_id="test",
         loops={RENEWAL: loop},
         supervisor=Supervisor(clock, max_restarts=5, restart_window_seconds=60),
         monitor=monitor,
         health=cast(Any, None),
-        outbox=cast(Any, None),
         keys=cast(Any, None),
         channel=cast(Any, None),
         settings=HealthConfig(provider_failing_seconds=1800, outbox_stuck_seconds=900),
@@ -61,7 +60,7 @@ def make_state(clock: FakeClock, *, interval: float = 3000) -> OpsState:
     return state
 
 
-def tick(state: OpsState, clock: FakeClock, report: RenewalReport) -> None:
+def tick(state: OpsQueries, clock: FakeClock, report: RenewalReport) -> None:
     state.monitor.tick_started(RENEWAL)
     state.monitor.tick_finished(
         TickOutcome(
@@ -75,7 +74,7 @@ def tick(state: OpsState, clock: FakeClock, report: RenewalReport) -> None:
     )
 
 
-def codes(state: OpsState) -> set[str]:
+def codes(state: OpsQueries) -> set[str]:
     return {reason.reason for reason in state.reasons()}
 
 

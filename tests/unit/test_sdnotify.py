@@ -31,16 +31,21 @@ def listener() -> Iterator[tuple[socket.socket, str]]:
 
 class TestSend:
     def test_datagrams_reach_the_socket(self, listener: tuple[socket.socket, str]) -> None:
-        """READY=1, STATUS=..., WATCHDOG=1 and STOPPING=1 each arrive as one datagram."""
+        """READY=1, WATCHDOG=1 (with STATUS=...), and STOPPING=1 each arrive as one datagram."""
         sock, path = listener
         notifier = Notifier.from_environ({"NOTIFY_SOCKET": path})
         assert notifier.enabled
         assert notifier.ready()
-        assert notifier.status("4 actors running")
         assert notifier.watchdog()
+        assert notifier.watchdog("4 actors running")
         assert notifier.stopping()
         received = [sock.recv(4096) for _ in range(4)]
-        assert received == [b"READY=1", b"STATUS=4 actors running", b"WATCHDOG=1", b"STOPPING=1"]
+        assert received == [
+            b"READY=1",
+            b"WATCHDOG=1",
+            b"WATCHDOG=1\nSTATUS=4 actors running",
+            b"STOPPING=1",
+        ]
 
     def test_several_fields_share_one_datagram(self, listener: tuple[socket.socket, str]) -> None:
         """send() joins fields with newlines; a newline inside a field cannot split it."""

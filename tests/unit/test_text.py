@@ -25,7 +25,7 @@ class TestStorable:
 
     @given(
         st.text(
-            alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+            alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"),
             max_size=500,
         )
     )

@@ -31,25 +31,20 @@ FROM unnest($1::text[], $2::numeric[]) AS t(id, balance)
 WHERE k.id = t.id;
 
 -- record_key_failures --
--- Count one failure per key: cooldown, or manual_review at the threshold; $1 ids, $2 errors, $3 now, $4 cooldown minutes, $5 failures before manual review. Keys in manual_review or disabled are never touched.
+-- Count one failure per key: cooldown, or manual_review at the threshold; :failures_before_manual_review is the threshold. Keys in manual_review or disabled are never touched.
 UPDATE provider_keys AS k
 SET consecutive_failures = k.consecutive_failures + 1,
-    status = CASE WHEN k.consecutive_failures + 1 >= $5 THEN 'manual_review' ELSE 'cooldown' END,
+    status = CASE WHEN k.consecutive_failures + 1 >= :failures_before_manual_review
+        THEN 'manual_review' ELSE 'cooldown' END,
     cooldown_until = CASE
-        WHEN k.consecutive_failures + 1 >= $5 THEN NULL
-        ELSE $3::timestamptz + make_interval(secs => $4::float8 * 60)
+        WHEN k.consecutive_failures + 1 >= :failures_before_manual_review THEN NULL
+        ELSE :now::timestamptz + make_interval(secs => :cooldown_minutes::float8 * 60)
     END,
     last_error = t.error,
-    updated_at = $3
-FROM unnest($1::text[], $2::text[]) AS t(id, error)
+    updated_at = :now
+FROM unnest(:ids::text[], :errors::text[]) AS t(id, error)
 WHERE k.id = t.id AND k.status IN ('active', 'cooldown')
 RETURNING k.id, k.status;
-
--- record_key_successes --
--- A successful use resets the failure count; $1 ids, $2 now.
-UPDATE provider_keys
-SET consecutive_failures = 0, last_error = NULL, updated_at = $2
-WHERE id = ANY($1::text[]) AND consecutive_failures <> 0;
 
 -- provider_key_counts --
 -- Keys by status.

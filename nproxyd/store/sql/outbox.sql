@@ -20,7 +20,7 @@ WHERE m.id = ANY(ARRAY(
 RETURNING m.id, m.to_address, m.subject, m.body, m.message_id, m.attempts;
 
 -- record_mail_outcomes --
--- Record delivery outcomes of mail this holder still holds (a lease another instance took over is theirs); $1 ids, $2 statuses ('sent', 'pending' or 'dead'), $3 errors, $4 next attempt times, $5 whether each outcome uses up an attempt (false when the server was unavailable), $6 now, $7 holder.
+-- Record delivery outcomes of mail this holder still holds (a lease another instance took over is theirs); :statuses are 'sent', 'pending' or 'dead', :counts_attempt is false for an outcome that does not use up an attempt (the server was unavailable).
 -- The outcomes reach mail_outbox through its primary key, one probe each, whatever the size of
 -- the table or the statistics of leased_by: the arrays come from a subquery the planner does not
 -- flatten (OFFSET 0), so it cannot count them and drives the join from the batch; the holder and
@@ -31,15 +31,15 @@ SET status = t.status,
     attempts = m.attempts + CASE WHEN t.counts_attempt THEN 1 ELSE 0 END,
     last_error = t.error,
     next_attempt_at = t.next_attempt_at,
-    sent_at = CASE WHEN t.status = 'sent' THEN $6 ELSE m.sent_at END,
+    sent_at = CASE WHEN t.status = 'sent' THEN :now ELSE m.sent_at END,
     lease_until = NULL,
     leased_by = '',
-    updated_at = $6
+    updated_at = :now
 FROM (
     SELECT outcome.*, batch.holder, batch.held_status
     FROM (
-        SELECT $1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::boolean[],
-            $7::text, 'pending'::text
+        SELECT :ids::text[], :statuses::text[], :errors::text[], :next_attempt_at::timestamptz[],
+            :counts_attempt::boolean[], :holder::text, 'pending'::text
         OFFSET 0
     ) AS batch(ids, statuses, errors, next_attempts, counts, holder, held_status)
     CROSS JOIN LATERAL unnest(
@@ -49,10 +49,10 @@ FROM (
 WHERE m.id = t.id AND m.status = t.held_status AND m.leased_by = t.holder;
 
 -- enqueue_mail --
--- Queue one mail; $1 to, $2 subject, $3 body, $4 message id, $5 dedupe key (or NULL), $6 now. Returns its id, or nothing when the dedupe key exists.
+-- Queue one mail (:dedupe_key may be NULL). Returns its id, or nothing when the dedupe key exists.
 INSERT INTO mail_outbox
     (to_address, subject, body, message_id, dedupe_key, next_attempt_at, created_at, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $6, $6)
+VALUES (:to_address, :subject, :body, :message_id, :dedupe_key, :now, :now, :now)
 ON CONFLICT (dedupe_key) DO NOTHING
 RETURNING id;
 

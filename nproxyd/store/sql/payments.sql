@@ -53,12 +53,15 @@ LEFT JOIN subscription_plans AS pl ON pl.id = s.plan_id
 ORDER BY c.invoice_id;
 
 -- record_payment_results --
--- Record check results or notifications: an answer older than the stored one (by the provider's updated_at) never replaces it; a status change gets a history row and, the first time it is an awaiting status, one operator mail; $1 invoice ids, $2 outcomes, $3 payment ids, $4 statuses (NULL: no answer), $5 actually_paid, $6 pay amounts, $7 pay currencies, $8 outcome amounts, $9 outcome currencies, $10 provider updated_at, $11 errors, $12 next check times, $13 quiet checks, $14 failures, $15 mail subjects, $16 mail bodies, $17 mail message ids, $18 now, $19 source ('poll' or 'ipn'), $20 operator address (or NULL), $21 final statuses, $22 awaiting statuses. Returns the status changes.
+-- Record check results or notifications: an answer older than the stored one (by the provider's updated_at) never replaces it; a status change gets a history row and, the first time it is an awaiting status, one operator mail; the arrays hold one element per result (:statuses NULL: no answer), :source is 'poll' or 'ipn', :operator_email may be NULL. Returns the status changes.
 WITH input AS (
     SELECT *
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::numeric[], $6::numeric[],
-        $7::text[], $8::numeric[], $9::text[], $10::timestamptz[], $11::text[],
-        $12::timestamptz[], $13::int[], $14::int[], $15::text[], $16::text[], $17::text[])
+    FROM unnest(:invoice_ids::text[], :outcomes::text[], :payment_ids::text[],
+        :statuses::text[], :actually_paid::numeric[], :pay_amounts::numeric[],
+        :pay_currencies::text[], :outcome_amounts::numeric[], :outcome_currencies::text[],
+        :provider_updated_at::timestamptz[], :errors::text[], :next_check_at::timestamptz[],
+        :quiet_checks::int[], :failures::int[], :mail_subjects::text[], :mail_bodies::text[],
+        :mail_message_ids::text[])
         AS t(invoice_id, outcome, payment_id, status, actually_paid, pay_amount, pay_currency,
             outcome_amount, outcome_currency, provider_updated_at, error, next_check_at,
             quiet_checks, failures, subject, body, message_id)
@@ -96,28 +99,29 @@ WITH input AS (
         provider_updated_at = CASE WHEN a.fresh
             THEN coalesce(a.provider_updated_at, w.provider_updated_at)
             ELSE w.provider_updated_at END,
-        status_since = CASE WHEN a.changed THEN $18 ELSE w.status_since END,
-        awaiting = CASE WHEN a.changed THEN a.new_status = ANY($22::text[]) ELSE w.awaiting END,
-        last_checked_at = CASE WHEN $19 = 'poll' THEN $18 ELSE w.last_checked_at END,
-        last_notified_at = CASE WHEN $19 = 'ipn' THEN $18 ELSE w.last_notified_at END,
+        status_since = CASE WHEN a.changed THEN :now ELSE w.status_since END,
+        awaiting = CASE WHEN a.changed THEN a.new_status = ANY(:awaiting_statuses::text[])
+            ELSE w.awaiting END,
+        last_checked_at = CASE WHEN :source = 'poll' THEN :now ELSE w.last_checked_at END,
+        last_notified_at = CASE WHEN :source = 'ipn' THEN :now ELSE w.last_notified_at END,
         next_check_at = CASE
-            WHEN a.new_status = ANY($21::text[]) THEN NULL
-            WHEN $19 = 'poll' THEN a.next_check_at
+            WHEN a.new_status = ANY(:final_statuses::text[]) THEN NULL
+            WHEN :source = 'poll' THEN a.next_check_at
             ELSE w.next_check_at END,
-        attempts = w.attempts + CASE WHEN $19 = 'poll' THEN 1 ELSE 0 END,
-        quiet_checks = CASE WHEN $19 = 'poll' THEN a.quiet_checks
+        attempts = w.attempts + CASE WHEN :source = 'poll' THEN 1 ELSE 0 END,
+        quiet_checks = CASE WHEN :source = 'poll' THEN a.quiet_checks
             WHEN a.changed THEN 0 ELSE w.quiet_checks END,
-        failures = CASE WHEN $19 = 'poll' THEN a.failures ELSE w.failures END,
-        last_outcome = CASE WHEN $19 = 'poll' THEN a.outcome ELSE w.last_outcome END,
-        last_error = CASE WHEN $19 = 'poll' THEN a.error ELSE w.last_error END,
-        updated_at = $18
+        failures = CASE WHEN :source = 'poll' THEN a.failures ELSE w.failures END,
+        last_outcome = CASE WHEN :source = 'poll' THEN a.outcome ELSE w.last_outcome END,
+        last_error = CASE WHEN :source = 'poll' THEN a.error ELSE w.last_error END,
+        updated_at = :now
     FROM applied AS a
     WHERE w.invoice_id = a.invoice_id
     RETURNING w.invoice_id
 ), history AS (
     INSERT INTO nproxyd_invoice_payment_history
         (invoice_id, at, from_status, to_status, source, provider_updated_at)
-    SELECT a.invoice_id, $18, a.old_status, a.new_status, $19, a.provider_updated_at
+    SELECT a.invoice_id, :now, a.old_status, a.new_status, :source, a.provider_updated_at
     FROM applied AS a
     WHERE a.changed
     RETURNING invoice_id
@@ -125,16 +129,16 @@ WITH input AS (
     INSERT INTO mail_outbox
         (to_address, subject, body, message_id, dedupe_key, next_attempt_at, created_at,
             updated_at)
-    SELECT $20::text, a.subject, a.body, a.message_id,
-        'payment-status:' || a.invoice_id || ':' || a.new_status, $18, $18, $18
+    SELECT :operator_email::text, a.subject, a.body, a.message_id,
+        'payment-status:' || a.invoice_id || ':' || a.new_status, :now, :now, :now
     FROM applied AS a
-    WHERE a.changed AND $20::text IS NOT NULL AND a.body IS NOT NULL
-      AND a.new_status = ANY($22::text[])
+    WHERE a.changed AND :operator_email::text IS NOT NULL AND a.body IS NOT NULL
+      AND a.new_status = ANY(:awaiting_statuses::text[])
     ON CONFLICT (dedupe_key) DO NOTHING
     RETURNING dedupe_key
 )
 SELECT a.invoice_id, a.old_status AS from_status, a.new_status AS to_status,
-    $19::text AS source,
+    :source::text AS source,
     EXISTS (
         SELECT 1 FROM mail AS m
         WHERE m.dedupe_key = 'payment-status:' || a.invoice_id || ':' || a.new_status

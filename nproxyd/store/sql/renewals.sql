@@ -1,5 +1,5 @@
 -- renewal_candidates --
--- One keyset batch of subscriptions that need a renewal invoice now; $1 now, $2 window end (now + lead), $3 cursor period end, $4 cursor id, $5 batch size. Excludes slots with an invoice in the cycle or a claim that is done or not yet available. A cycle start Python cannot represent (±infinity, BC, year 10000 or later) is never returned: such a row comes back with cycle_start NULL and unreadable naming the column, so the batch proceeds without it (current_period_end is always within the finite window).
+-- One keyset batch of subscriptions that need a renewal invoice now; :window_end is now + lead, (:after_period_end, :after_id) the keyset cursor, :size the batch size. Excludes slots with an invoice in the cycle or a claim that is done or not yet available. A cycle start Python cannot represent (±infinity, BC, year 10000 or later) is never returned: such a row comes back with cycle_start NULL and unreadable naming the column, so the batch proceeds without it (current_period_end is always within the finite window).
 SELECT
     s.id AS subscription_id,
     s.user_id,
@@ -26,9 +26,9 @@ JOIN users AS u ON u.id = s.user_id
 JOIN subscription_plans AS p ON p.id = s.plan_id
 WHERE s.status = 'active'
   AND s.renews_manually
-  AND s.current_period_end > $1
-  AND s.current_period_end <= $2
-  AND (s.current_period_end, s.id) > ($3::timestamptz, $4::text)
+  AND s.current_period_end > :now
+  AND s.current_period_end <= :window_end
+  AND (s.current_period_end, s.id) > (:after_period_end::timestamptz, :after_id::text)
   AND NOT EXISTS (
       SELECT 1 FROM payment_invoices AS i
       WHERE i.subscription_id = s.id
@@ -38,18 +38,20 @@ WHERE s.status = 'active'
       SELECT 1 FROM nproxyd_renewal_claims AS c
       WHERE c.subscription_id = s.id
         AND c.cycle_start = x.cycle_start
-        AND (c.state = 'done' OR c.available_at > $1)
+        AND (c.state = 'done' OR c.available_at > :now)
   )
 ORDER BY s.current_period_end, s.id
-LIMIT $5;
+LIMIT :size;
 
 -- claim_renewal_slots --
--- Claim (subscription, cycle) slots; $1 subscription ids, $2 cycle starts, $3 order ids, $4 holder, $5 token, $6 now, $7 lease until. Returns the slots this call won.
+-- Claim (subscription, cycle) slots, one per element of the arrays, until :lease_until. Returns the slots this call won.
 INSERT INTO nproxyd_renewal_claims AS c
     (subscription_id, cycle_start, order_id, state, token, holder, available_at, attempts,
      created_at, updated_at)
-SELECT t.subscription_id, t.cycle_start, t.order_id, 'claimed', $5, $4, $7, 1, $6, $6
-FROM unnest($1::text[], $2::timestamptz[], $3::text[]) AS t(subscription_id, cycle_start, order_id)
+SELECT t.subscription_id, t.cycle_start, t.order_id, 'claimed', :token, :holder, :lease_until, 1,
+    :now, :now
+FROM unnest(:subscription_ids::text[], :cycle_starts::timestamptz[], :order_ids::text[])
+    AS t(subscription_id, cycle_start, order_id)
 ON CONFLICT (subscription_id, cycle_start) DO UPDATE
 SET state = 'claimed',
     token = excluded.token,
@@ -57,16 +59,18 @@ SET state = 'claimed',
     available_at = excluded.available_at,
     attempts = c.attempts + 1,
     updated_at = excluded.updated_at
-WHERE c.state <> 'done' AND c.available_at <= $6
+WHERE c.state <> 'done' AND c.available_at <= :now
 RETURNING c.subscription_id, c.cycle_start, c.order_id, c.attempts;
 
 -- commit_renewal_invoices --
--- Store invoices and their mail and complete their claims, fenced by claim token, in one statement; a slot whose cycle gained an invoice meanwhile is completed as superseded. $1 subscription ids, $2 cycle starts, $3 tokens, $4 invoice ids, $5 user ids, $6 provider invoice ids, $7 currencies, $8 amounts, $9 payment addresses, $10 expiries, $11 recipients, $12 bodies, $13 message ids, $14 provider, $15 now, $16 subject. Returns the completed slots.
+-- Store invoices and their mail and complete their claims, fenced by claim token, in one statement; a slot whose cycle gained an invoice meanwhile is completed as superseded. The arrays hold one element per invoice; :subject is the mail subject of all. Returns the completed slots.
 WITH t AS (
     SELECT *
-    FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::text[],
-                $7::text[], $8::numeric[], $9::text[], $10::timestamptz[], $11::text[],
-                $12::text[], $13::text[])
+    FROM unnest(:subscription_ids::text[], :cycle_starts::timestamptz[], :tokens::text[],
+                :invoice_ids::text[], :user_ids::text[], :provider_invoice_ids::text[],
+                :currencies::text[], :amounts::numeric[], :payment_addresses::text[],
+                :expires_at::timestamptz[], :to_addresses::text[], :bodies::text[],
+                :message_ids::text[])
         AS t(subscription_id, cycle_start, token, invoice_id, user_id, provider_invoice_id,
              currency, amount, payment_address, expires_at, to_address, body, message_id)
 ), checked AS MATERIALIZED (
@@ -82,8 +86,8 @@ WITH t AS (
         last_error = CASE WHEN x.superseded
                           THEN 'superseded: the cycle already has an invoice' END,
         token = '',
-        available_at = $15,
-        updated_at = $15
+        available_at = :now,
+        updated_at = :now
     FROM checked AS x
     WHERE c.subscription_id = x.subscription_id
       AND c.cycle_start = x.cycle_start
@@ -98,31 +102,34 @@ WITH t AS (
     INSERT INTO payment_invoices
         (id, user_id, subscription_id, provider, provider_invoice_id, status, currency,
          amount_crypto, amount_usd, payment_address, expires_at, created_at, updated_at)
-    SELECT invoice_id, user_id, subscription_id, $14, provider_invoice_id, 'pending', currency,
-           amount, amount, payment_address, expires_at, $15, $15
+    SELECT invoice_id, user_id, subscription_id, :provider, provider_invoice_id, 'pending',
+           currency,
+           amount, amount, payment_address, expires_at, :now, :now
     FROM stored
     RETURNING id
 ), mails AS (
     INSERT INTO mail_outbox
         (to_address, subject, body, message_id, dedupe_key, next_attempt_at, created_at,
          updated_at)
-    SELECT to_address, $16, body, message_id, 'renewal-invoice:' || invoice_id, $15, $15, $15
+    SELECT to_address, :subject, body, message_id, 'renewal-invoice:' || invoice_id,
+           :now, :now, :now
     FROM stored
     RETURNING id
 )
 SELECT subscription_id, superseded FROM completed;
 
 -- release_renewal_claims --
--- Give claims back after a provider failure, fenced by token; $1 subscription ids, $2 cycle starts, $3 tokens, $4 states ('retry' or 'failed'), $5 available at, $6 errors, $7 now.
+-- Give claims back after a provider failure, fenced by token; :states are 'retry' or 'failed', one element per slot in each array.
 UPDATE nproxyd_renewal_claims AS c
 SET state = t.state,
     available_at = t.available_at,
     last_error = t.error,
     token = '',
     holder = '',
-    updated_at = $7
-FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::timestamptz[],
-            $6::text[]) AS t(subscription_id, cycle_start, token, state, available_at, error)
+    updated_at = :now
+FROM unnest(:subscription_ids::text[], :cycle_starts::timestamptz[], :tokens::text[],
+            :states::text[], :available_at::timestamptz[], :errors::text[])
+    AS t(subscription_id, cycle_start, token, state, available_at, error)
 WHERE c.subscription_id = t.subscription_id
   AND c.cycle_start = t.cycle_start
   AND c.state = 'claimed'
