@@ -183,7 +183,9 @@ def mail_transport(config: Config) -> MailTransport:
 
 
 def mail_concurrency(config: Config) -> int:
-    return config.email.smtp.max_connections if config.email.transport == "smtp" else 4
+    """Mail sends in flight: two per SMTP connection, so that one message's body and the next
+    message's envelope share a write when the server offers PIPELINING."""
+    return 2 * config.email.smtp.max_connections if config.email.transport == "smtp" else 4
 
 
 class Wiring(msgspec.Struct, frozen=True, kw_only=True):

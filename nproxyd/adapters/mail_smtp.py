@@ -1,12 +1,20 @@
-"""SMTP mail transport over aiosmtplib, with a small pool of reused connections.
+"""SMTP mail transport with a small pool of reused, pipelined connections.
 
-Every send borrows one connection exclusively: an idle one from the stack, or a new one while
-fewer than ``max_connections`` exist. A connection goes back to the stack only when its state
-is known to be clean; anything else (a timeout, a cancelled send, a failed reset) closes it.
-Driver exceptions are translated in :meth:`SmtpTransport._translate` and nowhere else, into
-three kinds: the server is unavailable (nothing was said about the message), it refused the
-message for now, or for good. Every reply text is made storable there (a server may answer in
-Latin-1, with a NUL, or at any length).
+aiosmtplib opens each connection (TCP, TLS or STARTTLS, AUTH, EHLO); the messages then go
+through :class:`nproxyd.adapters.smtp_client.Pipe` on the same transport. When the server offers
+RFC 2920 PIPELINING, MAIL, RCPT and DATA go in one write, and once DATA got its 354 the send
+hands the connection on: the next send's envelope goes out in the same write as this body and
+its ".", and the replies come back in order. Without PIPELINING every command waits for its
+reply (lock-step) and a connection serves one send at a time.
+
+Every send borrows a connection: an idle one from the stack, or a new one while fewer than
+``max_connections`` exist (without any lock or checkpoint when one is idle). A connection goes
+back to the stack only when its state is known to be clean; anything else (a timeout, a
+cancelled send, a failed reset) closes it. Driver exceptions are translated in
+:meth:`SmtpTransport._translate` and nowhere else, into three kinds: the server is unavailable
+(nothing was said about the message), it refused the message for now, or for good. Every reply
+text is made storable there from its raw bytes (a server may answer in Latin-1, with a NUL, or
+at any length).
 
 Recipients follow the one address rule (:func:`nproxyd.core.rules.address_problem`); a
 non-ASCII domain travels as IDNA, a non-ASCII local part only with SMTPUTF8 when the server
@@ -15,18 +23,31 @@ offers it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import re
 import socket
 import ssl
+from collections import deque
 from email.message import Message
 from email.utils import parseaddr
 
 import aiosmtplib
 import anyio
-from aiosmtplib.typing import SMTPStatus
 
+from nproxyd.adapters.smtp_client import (
+    DATA_OK,
+    MAIL_OK,
+    RCPT_OK,
+    Dropped,
+    Pipe,
+    Reply,
+    ReplyError,
+    ReplyTimeout,
+    command,
+    data_block,
+)
 from nproxyd.core.config import SmtpConfig, redact_text
 from nproxyd.core.errors import (
     MailError,
@@ -37,9 +58,6 @@ from nproxyd.core.errors import (
 from nproxyd.core.rules import address_problem, ascii_domain, needs_smtputf8
 from nproxyd.core.text import storable
 
-# Replies after which the server has answered and aiosmtplib has already sent RSET: the
-# connection is reusable once a reset of our own confirms the envelope is clean.
-_REPLY_ERRORS = (aiosmtplib.SMTPResponseException,)
 # Refused before any command was sent (bad address, missing From): the connection is untouched.
 _LOCAL_REFUSALS = (ValueError, aiosmtplib.SMTPNotSupported)
 _SERVICE_CLOSING = 421
@@ -70,6 +88,22 @@ class _Progress:
     recipient_accepted = False
 
 
+class _Connection:
+    """One open connection: its pipe and what its server offers."""
+
+    __slots__ = ("pipe", "pipelining", "smtputf8")
+
+    def __init__(self, pipe: Pipe, *, pipelining: bool, smtputf8: bool) -> None:
+        self.pipe = pipe
+        self.pipelining = pipelining
+        self.smtputf8 = smtputf8
+
+
+# What each reply of the envelope group must be; anything else is the server's refusal.
+_ENVELOPE = ("mail", "rcpt", "data")
+_WANTED = {"mail": (MAIL_OK,), "rcpt": RCPT_OK, "data": (DATA_OK,)}
+
+
 def _envelope(message: Message) -> tuple[str, bytes]:
     """The envelope sender (from the From header) and the message as bytes."""
     from_header = message["From"]
@@ -84,8 +118,10 @@ class SmtpTransport:
     def __init__(self, config: SmtpConfig, tls_context: ssl.SSLContext | None = None) -> None:
         self._config = config
         self._tls_context = tls_context
-        self._idle: list[aiosmtplib.SMTP] = []
-        self._slots = anyio.Semaphore(config.max_connections)
+        self._idle: list[_Connection] = []
+        self._open_count = 0  # connections open or being opened (idle or lent out)
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._connect_failed: MailError | None = None  # the last connect's failure
         self._connections_opened = 0
         self._local_hostname: str | None = None
         self._closed = False
@@ -103,43 +139,104 @@ class SmtpTransport:
         problem = address_problem(recipient)
         if problem is not None:
             raise MailPermanentError(f"invalid recipient address: {problem}")
-        async with self._slots:
-            connection, reused = await self._checkout()
-            progress = _Progress()
-            try:
-                await self._transmit(connection, message, recipient, progress)
-            except Exception as exc:
-                if not (reused and _dropped(exc)):
-                    raise self._translate(exc, progress=progress) from None
-            else:
-                return
-            # The server closed a pooled connection while it sat idle (idle timeout, restart).
-            # Retrying once on a fresh connection keeps that from costing the message an
-            # attempt; delivery is at-least-once and the Message-ID marks any duplicate.
-            connection = await self._open()
-            progress = _Progress()
-            try:
-                await self._transmit(connection, message, recipient, progress)
-            except Exception as exc:
+        connection, reused = await self._checkout(fresh=False)
+        progress = _Progress()
+        try:
+            await self._transmit(connection, message, recipient, progress)
+        except Exception as exc:
+            if not (reused and _dropped(exc)):
                 raise self._translate(exc, progress=progress) from None
+        else:
+            return
+        # The server closed a pooled connection while it sat idle (idle timeout, restart), or
+        # it failed on the message pipelined ahead of this one. Retrying once on a fresh
+        # connection keeps that from costing the message an attempt; delivery is
+        # at-least-once and the Message-ID marks any duplicate.
+        connection, _ = await self._checkout(fresh=True)
+        progress = _Progress()
+        try:
+            await self._transmit(connection, message, recipient, progress)
+        except Exception as exc:
+            raise self._translate(exc, progress=progress) from None
 
     async def aclose(self) -> None:
         """Refuse new sends and QUIT every idle connection."""
         self._closed = True
         idle, self._idle = self._idle, []
+        self._open_count -= len(idle)
         async with anyio.create_task_group() as group:
             for connection in idle:
-                group.start_soon(_quit, connection, name="smtp-quit")
+                group.start_soon(connection.pipe.quit, name="smtp-quit")
+        self._wake_all()  # every waiting send learns that the transport is closed
 
-    async def _checkout(self) -> tuple[aiosmtplib.SMTP, bool]:
-        while self._idle:
-            connection = self._idle.pop()
-            if connection.is_connected:
-                return connection, True
-            connection.close()
-        return await self._open(), False
+    # -- the pool --------------------------------------------------------------------------
 
-    async def _open(self) -> aiosmtplib.SMTP:
+    async def _checkout(self, *, fresh: bool) -> tuple[_Connection, bool]:
+        """An idle connection (reused: True), else a new one, else wait for a check-in."""
+        while True:
+            if self._closed:
+                raise MailUnavailableError("SMTP transport is closed")
+            while self._idle and not fresh:
+                connection = self._idle.pop()
+                if connection.pipe.usable:
+                    return connection, True
+                self._discard(connection)
+            if fresh and self._idle and self._open_count >= self._config.max_connections:
+                self._discard(self._idle.pop(0))  # make room for the fresh one
+            if self._open_count < self._config.max_connections:
+                self._open_count += 1
+                try:
+                    return await self._open(), False
+                except BaseException:
+                    self._release()
+                    raise
+            failed = self._connect_failed
+            await self._wait()
+            if self._connect_failed is not failed and self._connect_failed is not None:
+                # A connect failed while this send waited: the server is unavailable for it
+                # too, and it does not ask again (one connect per connection slot at most).
+                raise MailUnavailableError(self._connect_failed.message)
+
+    async def _wait(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._wake()  # woken, then cancelled: hand the wake-up on
+            raise
+        finally:
+            if not waiter.done():
+                self._waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _wake_all(self) -> None:
+        while self._waiters:
+            self._wake()
+
+    def _checkin(self, connection: _Connection, *, clean: bool) -> None:
+        if clean and connection.pipe.usable and not self._closed:
+            self._idle.append(connection)
+            self._wake()
+        else:
+            self._discard(connection)
+
+    def _discard(self, connection: _Connection) -> None:
+        connection.pipe.close()
+        self._release()
+
+    def _release(self) -> None:
+        self._open_count -= 1
+        self._wake()
+
+    async def _open(self) -> _Connection:
         config = self._config
         if self._local_hostname is None:
             self._local_hostname = await anyio.to_thread.run_sync(socket.getfqdn)
@@ -156,34 +253,59 @@ class SmtpTransport:
         )
         try:
             await connection.connect()  # closes itself on any failure
+            if connection.is_ehlo_or_helo_needed:
+                await connection.ehlo()
         except Exception as exc:
-            raise self._translate(exc, progress=None) from None
+            connection.close()
+            self._connect_failed = self._translate(exc, progress=None)
+            self._wake_all()  # every waiting send learns of it
+            raise self._connect_failed from None
+        transport = connection.transport
+        if not isinstance(transport, asyncio.Transport):  # pragma: no cover - aiosmtplib's
+            connection.close()
+            raise MailUnavailableError("SMTP connect failed: no transport")
         self._connections_opened += 1
-        return connection
+        return _Connection(
+            Pipe(transport, config.timeout_seconds),
+            pipelining=connection.supports_extension("pipelining"),
+            smtputf8=connection.supports_extension("smtputf8"),
+        )
+
+    # -- one message -----------------------------------------------------------------------
 
     async def _transmit(
-        self, connection: aiosmtplib.SMTP, message: Message, recipient: str, progress: _Progress
+        self, connection: _Connection, message: Message, recipient: str, progress: _Progress
     ) -> None:
-        clean = False
         try:
-            sender, data = _envelope(message)
-            await _send_envelope(connection, sender, _wire_address(recipient), data, progress)
-            clean = True
-        except _REPLY_ERRORS as exc:
-            # A garbled reply (code -1) leaves the stream out of step: never reuse it.
-            clean = exc.code > 0 and await _reset(connection)
-            raise
+            envelope, block = _prepare(connection, message, recipient)
         except _LOCAL_REFUSALS:
+            self._checkin(connection, clean=True)  # nothing was sent
+            raise
+        clean = handed_on = False
+        pipe = connection.pipe
+        try:
+            await _send_envelope(connection, envelope, progress)
+            final: list[Reply] = []
+            if connection.pipelining:
+                # The body and its "." go out with what the next send writes in this loop
+                # iteration (its envelope): the connection is the next send's from here on,
+                # and this message's reply comes before any of the next one's.
+                follower = any(not waiter.done() for waiter in self._waiters)
+                self._checkin(connection, clean=True)
+                handed_on = True
+                await pipe.wait(pipe.expect(block, 1, final, defer=follower))
+            else:
+                await pipe.wait(pipe.expect(block, 1, final))
+            _accepted(final[0])
             clean = True
+        except ReplyError as exc:
+            if not handed_on:
+                # A garbled reply (code -1) leaves the stream out of step: never reuse it.
+                clean = exc.resettable and exc.reply.code > 0 and await _reset(pipe)
             raise
         finally:
-            self._checkin(connection, clean=clean)
-
-    def _checkin(self, connection: aiosmtplib.SMTP, *, clean: bool) -> None:
-        if clean and connection.is_connected and not self._closed:
-            self._idle.append(connection)
-        else:
-            connection.close()
+            if not handed_on:
+                self._checkin(connection, clean=clean)
 
     def _translate(self, exc: Exception, *, progress: _Progress | None) -> MailError:
         """The one place where SMTP driver errors become unavailable, transient or permanent.
@@ -194,20 +316,22 @@ class SmtpTransport:
         the message's attempts, so an outage or a wrong password never kills queued mail.
         Only the server's answers about this message count: 4xx transient, 5xx permanent.
         """
+        if isinstance(exc, ReplyError):
+            return self._reply_error(exc.reply.code, storable(exc.reply.text), progress)
         if isinstance(exc, aiosmtplib.SMTPResponseException):
-            return self._reply_error(exc.code, exc.message, progress)
+            return self._reply_error(exc.code, _undecodable_as_one(exc.message), progress)
         if isinstance(exc, _LOCAL_REFUSALS) and progress is not None:
             return MailPermanentError(self._clean(f"SMTP refused the message locally: {exc}"))
         stage = "connect" if progress is None else "send"
         detail = self._clean(f"SMTP {stage} failed: {_describe(exc)}")
         accepted = progress is not None and progress.recipient_accepted
-        if isinstance(exc, aiosmtplib.SMTPTimeoutError) and accepted:
+        if isinstance(exc, aiosmtplib.SMTPTimeoutError | ReplyTimeout) and accepted:
             return MailTransientError(detail)  # the server went quiet on this very message
         return MailUnavailableError(detail)
 
     def _reply_error(self, code: int, text: str, progress: _Progress | None) -> MailError:
         where = f"{self._config.host}:{self._config.port}"
-        detail = self._clean(f"SMTP {code} from {where}: {_undecodable_as_one(text)}")
+        detail = self._clean(f"SMTP {code} from {where}: {text}")
         if progress is None or code == _SERVICE_CLOSING or code in _AUTH_REPLIES:
             return MailUnavailableError(detail)
         if code >= 500:
@@ -219,30 +343,60 @@ class SmtpTransport:
         return storable(redact_text(text, self._secrets))
 
 
-async def _send_envelope(
-    connection: aiosmtplib.SMTP, sender: str, recipient: str, data: bytes, progress: _Progress
-) -> None:
-    """MAIL, RCPT and DATA for one recipient, on addresses already checked.
+def _prepare(connection: _Connection, message: Message, recipient: str) -> tuple[bytes, bytes]:
+    """The ``MAIL`` and ``RCPT`` lines and the DATA block of one message; refused locally
+    (``ValueError``, ``SMTPNotSupported``) before anything is sent.
 
     aiosmtplib's sendmail/send_message re-parse both addresses with ``email.utils`` on every
     message (and send_message re-folds every header): that cost more than the SMTP exchange.
     """
-    if connection.is_ehlo_or_helo_needed:
-        await connection.ehlo()
-    options: list[bytes] = []
+    sender, data = _envelope(message)
+    recipient = _wire_address(recipient)
+    options: tuple[bytes, ...] = ()
     needing = _needs_smtputf8(sender, recipient, data)
     if needing is not None:
-        if not connection.supports_extension("smtputf8"):
+        if not connection.smtputf8:
             raise aiosmtplib.SMTPNotSupported(f"{needing} {_NOT_OFFERED}")
-        options.append(b"SMTPUTF8")
-    mail = await connection.execute_command(b"MAIL", b"FROM:<" + sender.encode() + b">", *options)
-    if mail.code != SMTPStatus.completed:
-        raise aiosmtplib.SMTPSenderRefused(mail.code, mail.message, sender)
-    rcpt = await connection.execute_command(b"RCPT", b"TO:<" + recipient.encode() + b">")
-    if rcpt.code not in (SMTPStatus.completed, SMTPStatus.will_forward):
-        raise aiosmtplib.SMTPRecipientRefused(rcpt.code, rcpt.message, recipient)
-    progress.recipient_accepted = True
-    await connection.data(data)
+        options = (b"SMTPUTF8",)
+    mail = command(b"MAIL", b"FROM:<" + sender.encode() + b">", *options)
+    rcpt = command(b"RCPT", b"TO:<" + recipient.encode() + b">")
+    return mail + rcpt + b"DATA\r\n", data_block(data)
+
+
+async def _send_envelope(connection: _Connection, envelope: bytes, progress: _Progress) -> None:
+    """MAIL, RCPT and DATA: in one write when pipelining, else command by command."""
+    if connection.pipelining:
+        await _group(connection.pipe, envelope, _ENVELOPE, progress)
+        return
+    for line, stage in zip(envelope.splitlines(keepends=True), _ENVELOPE, strict=True):
+        await _group(connection.pipe, line, (stage,), progress)
+
+
+async def _group(pipe: Pipe, data: bytes, stages: tuple[str, ...], progress: _Progress) -> None:
+    """Write ``data`` and judge its replies in order; a refusal that arrived comes first."""
+    replies: list[Reply] = []
+    try:
+        await pipe.wait(pipe.expect(data, len(stages), replies))
+    except (Dropped, ReplyTimeout, ReplyError):
+        _judge(replies, stages, progress)
+        raise
+    _judge(replies, stages, progress)
+
+
+def _accepted(reply: Reply) -> None:
+    """The end-of-data reply: anything but 250 refuses the message."""
+    if reply.code != MAIL_OK:
+        raise ReplyError(reply)
+
+
+def _judge(replies: list[Reply], stages: tuple[str, ...], progress: _Progress) -> None:
+    for index, (reply, stage) in enumerate(zip(replies, stages, strict=False)):
+        if reply.code not in _WANTED[stage]:
+            # A server that still said 354 after a refusal waits for a body: no RSET can help.
+            later = replies[index + 1 :]
+            raise ReplyError(reply, resettable=all(r.code != DATA_OK for r in later))
+        if stage == "rcpt":
+            progress.recipient_accepted = True
 
 
 def _needs_smtputf8(sender: str, recipient: str, data: bytes) -> str | None:
@@ -271,29 +425,20 @@ def _undecodable_as_one(text: str) -> str:
 
 def _dropped(exc: Exception) -> bool:
     """The server went away under a connection (not a reply about this message)."""
-    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+    if isinstance(exc, Dropped):
         return True
-    return isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code == _SERVICE_CLOSING
+    return isinstance(exc, ReplyError) and exc.reply.code == _SERVICE_CLOSING
 
 
-async def _reset(connection: aiosmtplib.SMTP) -> bool:
-    """RSET after a refusal; aiosmtplib's own RSET swallows failures, so confirm it here."""
-    if not connection.is_connected:
+async def _reset(pipe: Pipe) -> bool:
+    """RSET after a refusal, confirmed by its 250 before the connection is reused."""
+    if not pipe.usable:
         return False
     try:
-        await connection.rset()
-    except (aiosmtplib.SMTPException, OSError):
+        replies = await pipe.exchange(b"RSET\r\n", 1)
+    except (Dropped, ReplyTimeout, ReplyError, OSError):
         return False
-    return True
-
-
-async def _quit(connection: aiosmtplib.SMTP) -> None:
-    try:
-        await connection.quit()
-    except (aiosmtplib.SMTPException, OSError):
-        pass
-    finally:
-        connection.close()
+    return replies[0].code == MAIL_OK
 
 
 def _describe(exc: Exception) -> str:

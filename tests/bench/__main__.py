@@ -23,6 +23,7 @@ from tests.bench import (
     bench_idle,
     bench_mail,
     bench_mail_latency,
+    bench_mail_smtp_source,
     bench_renewal,
     bench_renewal_limits,
     bench_soak,
@@ -44,6 +45,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "startup": bench_startup.run,
     "renewal_vs_set_based": bench_renewal_limits.vs_set_based,
     "renewal_idle_window": bench_renewal_limits.idle_window,
+    "mail_vs_smtp_source": bench_mail_smtp_source.run,
 }
 # On demand only, by name: it runs for NPROXYD_SOAK_MINUTES (default 20).
 SLOW_BENCHMARKS: dict[str, Benchmark] = {"soak": bench_soak.run}

@@ -50,6 +50,7 @@ class _Script:
     pipelining: bool = False
     trickle_seconds: float = 0.0
     mail_reply: bytes = b"250 2.1.0 OK"
+    data_reply: bytes = b"354 End data with <CR><LF>.<CR><LF>"
     rcpt_replies: dict[str, bytes] = field(default_factory=dict)
     data_end_replies: dict[str, bytes] = field(default_factory=dict)
     drops: Counter[Stage] = field(default_factory=Counter)
@@ -59,6 +60,7 @@ class _Script:
 @dataclass
 class _Envelope:
     mail_from: str = ""
+    started: bool = False  # MAIL was accepted
     options: tuple[str, ...] = ()
     rcpt_tos: list[str] = field(default_factory=list)
 
@@ -76,6 +78,8 @@ class RawSmtpServer:
         self._messages: list[RawMessage] = []
         self._connections = 0
         self._commands: list[bytes] = []
+        self._groups: list[list[bytes]] = []
+        self._followed_data = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -129,6 +133,11 @@ class RawSmtpServer:
         with self._lock:
             self._script.mail_reply = reply
 
+    def answer_data(self, reply: bytes) -> None:
+        """Answer every ``DATA`` command (that has a recipient) with ``reply`` from now on."""
+        with self._lock:
+            self._script.data_reply = reply
+
     def drop_at(self, stage: Stage, count: int = 1) -> None:
         """Close the connection instead of answering at ``stage``, ``count`` times."""
         with self._lock:
@@ -162,6 +171,20 @@ class RawSmtpServer:
         """Every command line received, without its line end."""
         with self._lock:
             return list(self._commands)
+
+    @property
+    def command_groups(self) -> list[list[bytes]]:
+        """Command lines grouped by arrival: a line read while the next was already buffered
+        shares its group (a pipelining client's ``MAIL``, ``RCPT`` and ``DATA``)."""
+        with self._lock:
+            return [list(group) for group in self._groups]
+
+    @property
+    def commands_after_data(self) -> int:
+        """How many times the next command had already arrived with a message's final ``.``
+        (a pipelining client writing one message's body and the next envelope together)."""
+        with self._lock:
+            return self._followed_data
 
     def message_ids(self) -> Counter[str]:
         """How many times each Message-ID was accepted."""
@@ -210,11 +233,17 @@ class RawSmtpServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         envelope = _Envelope()
+        joined = False  # the previous line arrived with this one
         while True:
             line = await reader.readuntil(b"\n")
             command = line.rstrip(b"\r\n")
             with self._lock:
                 self._commands.append(command)
+                if joined:
+                    self._groups[-1].append(command)
+                else:
+                    self._groups.append([command])
+                joined = bool(reader._buffer)  # type: ignore[attr-defined]  # what already arrived
             verb = command[:4].upper()
             if verb == b"QUIT":
                 await self._reply(writer, None, b"221 2.0.0 Bye")
@@ -238,8 +267,11 @@ class RawSmtpServer:
             if verb == b"MAIL":
                 envelope.mail_from = _address(command)
                 envelope.options = tuple(command.decode("utf-8", "replace").split()[2:])
+                envelope.started = script.mail_reply[:1] == b"2"
                 return "mail", script.mail_reply
             if verb == b"RCPT":
+                if not envelope.started:  # as a real server: no recipient without a sender
+                    return "rcpt", b"503 5.5.1 Error: need MAIL command"
                 address = _address(command)
                 reply = script.rcpt_replies.get(address.lower(), b"250 2.1.5 OK")
                 if reply[:1] == b"2":
@@ -248,6 +280,7 @@ class RawSmtpServer:
         if verb in (b"RSET", b"NOOP"):
             if verb == b"RSET":
                 envelope.rcpt_tos.clear()
+                envelope.started = False
             return None, b"250 2.0.0 OK"
         return None, b"500 5.5.2 Command not recognized"
 
@@ -269,13 +302,19 @@ class RawSmtpServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, envelope: _Envelope
     ) -> bool:
         if not envelope.rcpt_tos:
-            return await self._reply(writer, None, b"503 5.5.1 No valid recipients")
-        if not await self._reply(writer, "data", b"354 End data with <CR><LF>.<CR><LF>"):
+            return await self._reply(writer, "data", b"503 5.5.1 No valid recipients")
+        with self._lock:
+            data_reply = self._script.data_reply
+        if data_reply[:3] != b"354":
+            return await self._reply(writer, "data", data_reply)
+        if not await self._reply(writer, "data", data_reply):
             return False
         lines: list[bytes] = []
         while True:
             line = await reader.readuntil(b"\n")
             if line in (b".\r\n", b".\n"):
+                with self._lock:
+                    self._followed_data += bool(reader._buffer)  # type: ignore[attr-defined]
                 break
             lines.append(line[1:] if line.startswith(b".") else line)
         with self._lock:

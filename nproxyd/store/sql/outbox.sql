@@ -2,7 +2,12 @@
 -- Lease a batch of due pending mail to this instance; $1 now, $2 lease until, $3 holder, $4 batch size.
 -- Only what delivery needs is returned: no timestamp column, so a created_at or next_attempt_at
 -- that Python cannot represent (BC, year 10000, ±infinity) never fails the batch.
-WITH due AS (
+-- The locked ids reach mail_outbox through its primary key whatever its size: as an array the
+-- planner cannot count (ARRAY(...) is computed once), not as a join it might turn into a hash
+-- of the whole table (docs/design.md §6).
+UPDATE mail_outbox AS m
+SET lease_until = $2, leased_by = $3
+WHERE m.id = ANY(ARRAY(
     SELECT id
     FROM mail_outbox
     WHERE status = 'pending'
@@ -11,15 +16,16 @@ WITH due AS (
     ORDER BY next_attempt_at, id
     LIMIT $4
     FOR UPDATE SKIP LOCKED
-)
-UPDATE mail_outbox AS m
-SET lease_until = $2, leased_by = $3
-FROM due
-WHERE m.id = due.id
+))
 RETURNING m.id, m.to_address, m.subject, m.body, m.message_id, m.attempts;
 
 -- record_mail_outcomes --
 -- Record delivery outcomes of mail this holder still holds (a lease another instance took over is theirs); :statuses are 'sent', 'pending' or 'dead', :counts_attempt is false for an outcome that does not use up an attempt (the server was unavailable).
+-- The outcomes reach mail_outbox through its primary key, one probe each, whatever the size of
+-- the table or the statistics of leased_by: the arrays come from a subquery the planner does not
+-- flatten (OFFSET 0), so it cannot count them and drives the join from the batch; the holder and
+-- status checks are conditions of that join, never a filter it would guess matches ~1 row and
+-- scan the table for (docs/design.md §6).
 UPDATE mail_outbox AS m
 SET status = t.status,
     attempts = m.attempts + CASE WHEN t.counts_attempt THEN 1 ELSE 0 END,
@@ -29,10 +35,18 @@ SET status = t.status,
     lease_until = NULL,
     leased_by = '',
     updated_at = :now
-FROM unnest(:ids::text[], :statuses::text[], :errors::text[], :next_attempt_at::timestamptz[],
-        :counts_attempt::boolean[])
-    AS t(id, status, error, next_attempt_at, counts_attempt)
-WHERE m.id = t.id AND m.status = 'pending' AND m.leased_by = :holder;
+FROM (
+    SELECT outcome.*, batch.holder, batch.held_status
+    FROM (
+        SELECT :ids::text[], :statuses::text[], :errors::text[], :next_attempt_at::timestamptz[],
+            :counts_attempt::boolean[], :holder::text, 'pending'::text
+        OFFSET 0
+    ) AS batch(ids, statuses, errors, next_attempts, counts, holder, held_status)
+    CROSS JOIN LATERAL unnest(
+        batch.ids, batch.statuses, batch.errors, batch.next_attempts, batch.counts
+    ) AS outcome(id, status, error, next_attempt_at, counts_attempt)
+) AS t
+WHERE m.id = t.id AND m.status = t.held_status AND m.leased_by = t.holder;
 
 -- enqueue_mail --
 -- Queue one mail (:dedupe_key may be NULL). Returns its id, or nothing when the dedupe key exists.
