@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.pg import TestServer
+from tests.system.proc import Processes
 
 
 @pytest.fixture
@@ -16,3 +18,11 @@ def system_dsn(pg_server: TestServer) -> Iterator[str]:
     dsn = asyncio.run(pg_server.clone("sys"))
     yield dsn
     asyncio.run(pg_server.drop(dsn))
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    """Started nproxyd processes; whatever still runs at the end of the test is killed."""
+    started = Processes(tmp_path / "logs")
+    yield started
+    started.kill_all()

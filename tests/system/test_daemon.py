@@ -70,13 +70,6 @@ def drop_database(admin_dsn: str, name: str) -> None:
 
 
 @pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    started = Processes(tmp_path / "logs")
-    yield started
-    started.kill_all()
-
-
-@pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A directory with a short path (an AF_UNIX socket path must fit in 108 bytes)."""
     path = Path(tempfile.mkdtemp(prefix="nproxyd-sys-"))

@@ -38,13 +38,6 @@ def smtp() -> Iterator[FakeSmtpServer]:
         yield server
 
 
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    started = Processes(tmp_path / "logs")
-    yield started
-    started.kill_all()
-
-
 def listener_env(
     dsn: str, tmp_path: Path, smtp: FakeSmtpServer, port: int, **settings: object
 ) -> dict[str, str]:

@@ -64,13 +64,6 @@ def smtp() -> Iterator[FakeSmtpServer]:
         yield server
 
 
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    started = Processes(tmp_path / "logs")
-    yield started
-    started.kill_all()
-
-
 def mail_env(dsn: str, tmp_path: Path, smtp: FakeSmtpServer, **settings: object) -> dict[str, str]:
     return nproxyd_env(
         dsn=dsn,

@@ -39,13 +39,6 @@ NOW = datetime(2026, 3, 9, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    started = Processes(tmp_path / "logs")
-    yield started
-    started.kill_all()
-
-
-@pytest.fixture
 def postgres() -> Iterator[ThrowawayPostgres]:
     """A PostgreSQL server of the test's own, that the test may stop."""
     server = ThrowawayPostgres()

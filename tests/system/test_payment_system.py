@@ -7,7 +7,6 @@ never changes a subscription (docs/design.md, invariant 9).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -37,13 +36,6 @@ pytestmark = pytest.mark.system
 
 SECRET = "system-ipn-secret"
 OPERATOR = "operator@example.com"
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    started = Processes(tmp_path / "logs")
-    yield started
-    started.kill_all()
 
 
 def seed_invoices(dsn: str, provider: str, ids: list[str]) -> None:

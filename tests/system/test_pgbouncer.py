@@ -56,13 +56,6 @@ def smtp() -> Iterator[FakeSmtpServer]:
         yield server
 
 
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    started = Processes(tmp_path / "logs")
-    yield started
-    started.kill_all()
-
-
 def pooled_env(
     pgbouncer: PgBouncer,
     dsn: str,

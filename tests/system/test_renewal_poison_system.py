@@ -40,13 +40,6 @@ GOOD = [f"good_{number}" for number in range(1, 5)]
 
 
 @pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    started = Processes(tmp_path / "logs")
-    yield started
-    started.kill_all()
-
-
-@pytest.fixture
 def fake() -> Iterator[FakeNowPayments]:
     server = FakeNowPayments()
     with server.running_in_thread():

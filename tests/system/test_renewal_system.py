@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from decimal import Decimal
@@ -40,13 +40,6 @@ AFTER_LEASE_ARG = "2026-03-09T12:00:30Z"
 # After the default 120 s lease (whose heartbeat never fires within the test).
 AFTER_LONG_LEASE_ARG = "2026-03-09T12:10:00Z"
 APP_BASE_URL = "https://app.nproxy.example"
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    started = Processes(tmp_path / "logs")
-    yield started
-    started.kill_all()
 
 
 def renewal_env(

@@ -293,29 +293,9 @@ class TestRedaction:
 
 def _parse_with_asyncpg(dsn: str) -> bool:
     """Whether asyncpg's own DSN parser accepts ``dsn`` (the driver nproxyd connects with)."""
-    from asyncpg import connect_utils  # noqa: PLC0415 - the driver, only to compare with
+    from nproxyd.store.database import driver_dsn_problem  # noqa: PLC0415 - the driver side
 
-    try:
-        connect_utils._parse_connect_dsn_and_args(  # type: ignore[attr-defined]
-            dsn=dsn,
-            host=None,
-            port=None,
-            user=None,
-            password=None,
-            passfile=None,
-            database=None,
-            ssl=None,
-            service=None,
-            servicefile=None,
-            direct_tls=None,
-            server_settings=None,
-            target_session_attrs=None,
-            krbsrvname=None,
-            gsslib=None,
-        )
-    except Exception:
-        return False
-    return True
+    return driver_dsn_problem(dsn, []) is None
 
 
 BAD_DSNS = [
