@@ -119,6 +119,14 @@ def sender_for(db: Database, transport: SmtpTransport, **overrides: Any) -> Mail
     return MailSender(settings(**overrides), ports, SystemClock())
 
 
+def answer_at(server: RawSmtpServer, stage: str, recipient: str, reply: bytes) -> None:
+    """Script ``reply`` for ``recipient`` at RCPT (``"rcpt"``) or at the end of DATA."""
+    if stage == "rcpt":
+        server.answer_rcpt(recipient, reply)
+    else:
+        server.answer_data_end(recipient, reply)
+
+
 def events(logs: LogCapture, name: str) -> list[MutableMapping[str, Any]]:
     return [entry for entry in logs.entries if entry["event"] == name]
 
@@ -137,10 +145,7 @@ class TestNonUtf8Replies:
         now = SystemClock().now()
         ids = await insert_mail(db, 5, now)
         reply = b"554 5.7.1 " + LATIN1_REPLY
-        if stage == "rcpt":
-            raw_server.answer_rcpt(address(2), reply)
-        else:
-            raw_server.answer_data_end(address(2), reply)
+        answer_at(raw_server, stage, address(2), reply)
 
         report = await sender_for(db, transport).tick(now)
 
@@ -165,10 +170,7 @@ class TestNonUtf8Replies:
         now = SystemClock().now()
         ids = await insert_mail(db, 4, now)
         reply = b"451 4.7.1 " + LATIN1_REPLY
-        if stage == "rcpt":
-            raw_server.answer_rcpt(address(1), reply)
-        else:
-            raw_server.answer_data_end(address(1), reply)
+        answer_at(raw_server, stage, address(1), reply)
 
         report = await sender_for(db, transport).tick(now)
 
@@ -596,10 +598,7 @@ class TestArbitraryReplies:
         base = next(_EXAMPLES)
         ids = await insert_mail(db, 3, now, start=base)
         reply = code + b" " + text
-        if stage == "rcpt":
-            raw_server.answer_rcpt(address(base + 1), reply)
-        else:
-            raw_server.answer_data_end(address(base + 1), reply)
+        answer_at(raw_server, stage, address(base + 1), reply)
 
         await sender_for(db, transport).tick(now)
 
