@@ -296,3 +296,12 @@ def sql(dsn: str, query: str, *args: Any) -> list[Any]:
             await connection.close()
 
     return asyncio.run(fetch())
+
+
+def quiet(dsn: str, due: int) -> bool:
+    """Every one of ``due`` subscriptions has its invoice and no mail is pending."""
+    invoices: int = sql(dsn, "SELECT count(*) AS n FROM payment_invoices")[0]["n"]
+    pending: int = sql(dsn, "SELECT count(*) AS n FROM mail_outbox WHERE status = 'pending'")[0][
+        "n"
+    ]
+    return invoices >= due and pending == 0

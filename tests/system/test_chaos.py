@@ -23,6 +23,7 @@ from tests.system.proc import (
     free_port,
     http_status,
     nproxyd_env,
+    quiet,
     sql,
     wait_ready,
     wait_until,
@@ -94,15 +95,6 @@ def daemon_env(
     )
 
 
-def quiet(dsn: str) -> bool:
-    """Every due subscription has its invoice and no mail is pending."""
-    invoices: int = sql(dsn, "SELECT count(*) AS n FROM payment_invoices")[0]["n"]
-    pending: int = sql(dsn, "SELECT count(*) AS n FROM mail_outbox WHERE status = 'pending'")[0][
-        "n"
-    ]
-    return invoices >= DUE and pending == 0
-
-
 class TestChaos:
     def test_kill9_flaky_provider_flaky_smtp_two_instances(
         self, system_dsn: str, tmp_path: Path, smtp: FakeSmtpServer
@@ -128,7 +120,9 @@ class TestChaos:
                     time.sleep(1.5)
                     smtp.start()
                 running[victim] = processes.start(["run"], envs[victim])
-            wait_until(lambda: quiet(dsn), timeout=60, interval=0.25, what="the work to finish")
+            wait_until(
+                lambda: quiet(dsn, DUE), timeout=60, interval=0.25, what="the work to finish"
+            )
             for name, process in running.items():
                 wait_ready(processes, process, f"http://127.0.0.1:{ports[name]}", timeout=20)
             alive = {name: process.poll() is None for name, process in running.items()}

@@ -30,6 +30,7 @@ from tests.system.proc import (
     http_status,
     json_lines,
     nproxyd_env,
+    quiet,
     sql,
     wait_ready,
     wait_until,
@@ -219,15 +220,6 @@ def chaos_env(
     )
 
 
-def quiet(dsn: str) -> bool:
-    """Every due subscription has its invoice and no mail is pending."""
-    invoices: int = sql(dsn, "SELECT count(*) AS n FROM payment_invoices")[0]["n"]
-    pending: int = sql(dsn, "SELECT count(*) AS n FROM mail_outbox WHERE status = 'pending'")[0][
-        "n"
-    ]
-    return invoices >= DUE and pending == 0
-
-
 class TestChaosBehindPgBouncer:
     def test_four_instances_kill9_flaky_provider_through_pgbouncer(
         self, pgbouncer: PgBouncer, system_dsn: str, tmp_path: Path, smtp: FakeSmtpServer
@@ -254,7 +246,9 @@ class TestChaosBehindPgBouncer:
                 victim = rng.choice(sorted(running))
                 processes.kill(running[victim])
                 running[victim] = processes.start(["run"], envs[victim])
-            wait_until(lambda: quiet(dsn), timeout=60, interval=0.25, what="the work to finish")
+            wait_until(
+                lambda: quiet(dsn, DUE), timeout=60, interval=0.25, what="the work to finish"
+            )
             for name, process in running.items():
                 wait_ready(processes, process, f"http://127.0.0.1:{ports[name]}", timeout=20)
             ready = {
