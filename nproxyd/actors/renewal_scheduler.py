@@ -55,6 +55,7 @@ from nproxyd.core.rules import (
 from nproxyd.core.text import storable
 
 _COMMIT_GROUP = 500
+_MICROSECOND = timedelta(microseconds=1)  # PostgreSQL's timestamp resolution, and Python's
 _LOG_AGAIN_AFTER = timedelta(hours=1)  # a warning about one bad row, at most this often
 _MEMO_SIZE = 10_000  # rows remembered for that; the oldest are forgotten first
 SlotResult = StoredInvoice | ReleasedSlot  # what a provider call left for its claimed slot
@@ -74,6 +75,7 @@ class RenewalSettings(msgspec.Struct, frozen=True, kw_only=True):
     app_base_url: str
     from_address: str
     instance_id: str
+    full_pass_seconds: float = 3600.0
 
 
 class RenewalPorts(msgspec.Struct, frozen=True, kw_only=True):
@@ -130,6 +132,41 @@ class LogMemo:
         return True
 
 
+class Watermark:
+    """How far this process has examined the renewal window (docs/design.md §2, renewal).
+
+    Every subscription whose period end lies at or below ``through`` was examined by an earlier
+    tick of this process and resolved: invoiced (by nproxyd or the web API), its claim done,
+    or not eligible. A slot left unresolved has an open claim (a retry, a lease held by
+    another instance or left by a crash): once it is available again, the tick reads the
+    window from its period end on (:meth:`RenewalClaimStore.retry_floor`). A full pass every
+    ``full_pass_every`` (and at start, and when the clock went back) catches what the web API
+    changed in the window after it was examined. Only an optimisation: claims still arbitrate
+    between instances, and losing it costs one full pass.
+    """
+
+    def __init__(self, full_pass_every: timedelta) -> None:
+        self.full_pass_every = full_pass_every
+        self.through: datetime | None = None
+        self.full_pass_at: datetime | None = None
+        self.last_now: datetime | None = None
+
+    def through_at(self, now: datetime) -> datetime | None:
+        """The mark a tick at ``now`` may read after; None when a full pass is due."""
+        if self.through is None or self.full_pass_at is None or self.last_now is None:
+            return None
+        if now < self.last_now or now >= self.full_pass_at + self.full_pass_every:
+            return None
+        return self.through
+
+    def examined(self, now: datetime, window_end: datetime, *, full: bool) -> None:
+        """A tick at ``now`` read the window up to ``window_end`` and returned."""
+        self.through = window_end
+        self.last_now = now
+        if full:
+            self.full_pass_at = now
+
+
 class _Run:
     """What one tick's producer, provider workers and committer share."""
 
@@ -164,23 +201,51 @@ class RenewalScheduler:
         self.interval_seconds = settings.interval_seconds
         self.log = structlog.get_logger().bind(actor=self.name)
         self.skip_memo = LogMemo()
+        self.watermark = Watermark(timedelta(seconds=settings.full_pass_seconds))
         # A renewal mail's Message-ID is its invoice's uuid in the sender's domain.
         self.message_domain = message_id_domain(settings.from_address)
 
     async def tick(self, now: datetime) -> RenewalReport:
+        """Read the window after the watermark (all of it on a full pass), then advance it.
+
+        A tick that raises leaves the watermark where it was, so its range is read again.
+        """
+        window_end = now + timedelta(hours=self.settings.renewal_lead_time_hours)
+        start = await self._scan_start(now, window_end)
+        report = await self._run(now, window_end, start)
+        self.watermark.examined(now, window_end, full=start is None)
+        return report
+
+    async def _scan_start(self, now: datetime, window_end: datetime) -> datetime | None:
+        """The earliest period end this tick must read; None for a full pass."""
+        through = self.watermark.through_at(now)
+        if through is None:
+            return None
+        start = through + _MICROSECOND
+        floor = await self.store.retry_floor(now, window_end)
+        return start if floor is None else min(start, floor)
+
+    async def _run(
+        self, now: datetime, window_end: datetime, start: datetime | None
+    ) -> RenewalReport:
         """A pipeline: read and claim batches -> provider workers -> grouped commits.
 
         The next batch is read and claimed while the provider calls of the previous one run,
-        so a batch boundary never leaves the provider idle.
+        so a batch boundary never leaves the provider idle. Reads period ends from ``start``
+        on (keyset position (start, ""): every id comes after ""), or all of them.
         """
         leases = LeaseDeadlines(self.clock, now, self.settings.claim_lease_seconds)
         run = _Run(uuid.uuid4().hex, leases, _Totals())
-        window_end = now + timedelta(hours=self.settings.renewal_lead_time_hours)
-        batches = aiter(self.store.due_candidates(now, window_end, self.settings.batch_size))
+        size = self.settings.batch_size
+        candidates = (
+            self.store.due_candidates(now, window_end, size)
+            if start is None
+            else self.store.due_candidates(now, window_end, size, after=(start, ""))
+        )
+        batches = aiter(candidates)
         first: Batch = await anext(batches, [])
         if not first:  # nothing due: no pipeline, no lease keeper, no provider workers
             return run.totals.report()
-        size = self.settings.batch_size
 
         async def extend(until: datetime) -> int:
             return await self.store.extend(run.token, until)

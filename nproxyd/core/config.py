@@ -138,6 +138,7 @@ class RenewalSchedulerConfig(Section, frozen=True, forbid_unknown_fields=True, k
     enabled: bool = True
     interval_seconds: Positive = 300.0
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 500
+    full_pass_seconds: Positive = 3600.0
 
 
 class MailSenderConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

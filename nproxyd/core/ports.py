@@ -186,9 +186,20 @@ class RenewalClaimStore(Protocol):
     """What the renewal scheduler reads and writes: due candidates, claims, grouped commits."""
 
     def due_candidates(
-        self, now: datetime, window_end: datetime, size: int
+        self,
+        now: datetime,
+        window_end: datetime,
+        size: int,
+        *,
+        after: tuple[datetime, str] = ...,
     ) -> AsyncIterator[list[RenewalCandidate | UnreadableCandidate]]:
-        """Every subscription due for renewal in ``(now, window_end]``, ``size`` at a time."""
+        """Every subscription due for renewal in ``(now, window_end]``, ``size`` at a time,
+        from the keyset position ``after`` (period end, id) on (default: the start)."""
+        ...
+
+    async def retry_floor(self, now: datetime, window_end: datetime) -> datetime | None:
+        """The earliest period end in the window whose current cycle has an open claim
+        available at ``now``, or None."""
         ...
 
     async def claim(

@@ -167,14 +167,20 @@ class RenewalStore:
         self.db = db
 
     async def due_candidates(
-        self, now: datetime, window_end: datetime, size: int
+        self,
+        now: datetime,
+        window_end: datetime,
+        size: int,
+        *,
+        after: tuple[datetime, str] = KEYSET_START,
     ) -> AsyncIterator[list[RenewalCandidate | UnreadableCandidate]]:
-        """Every candidate due in ``(now, window_end]``, one keyset batch of ``size`` per query.
+        """Every candidate due in ``(now, window_end]`` whose (period end, id) comes after
+        ``after``, one keyset batch of ``size`` per query.
 
         The caller may claim a batch before it asks for the next: the keyset continues after
         the last row read, whatever was written since.
         """
-        cursor = KEYSET_START
+        cursor = after
         while True:
             batch = await self.candidates(now, window_end, cursor, size)
             if batch:
@@ -195,6 +201,12 @@ class RenewalStore:
             size=limit,
         )
         return convert_candidates(rows)
+
+    async def retry_floor(self, now: datetime, window_end: datetime) -> datetime | None:
+        """The earliest period end in the window whose cycle has an open claim available at
+        ``now`` (a retry due, a lease elapsed), or None."""
+        floor: datetime | None = await self.db.fetchval("renewal_retry_floor", now, window_end)
+        return floor
 
     async def claim(
         self,

@@ -43,6 +43,22 @@ WHERE s.status = 'active'
 ORDER BY s.current_period_end, s.id
 LIMIT :size;
 
+-- renewal_retry_floor --
+-- The earliest period end in the window ($1 now, $2 window end) of a subscription whose current cycle has an open claim available again at $1 (a retry due, a lease elapsed), or NULL: the renewal scheduler examines the window again from there. Driven by the open claims due (their partial index); each looks up its subscription by primary key in a subquery the planner cannot turn into a scan of the window.
+SELECT min((
+    SELECT s.current_period_end
+    FROM subscriptions AS s
+    WHERE s.id = c.subscription_id
+      AND s.status = 'active'
+      AND s.renews_manually
+      AND s.current_period_end > $1
+      AND s.current_period_end <= $2
+      AND c.cycle_start = coalesce(s.current_period_start, s.activated_at, s.created_at)
+))
+FROM nproxyd_renewal_claims AS c
+WHERE c.state <> 'done'
+  AND c.available_at <= $1;
+
 -- claim_renewal_slots --
 -- Claim (subscription, cycle) slots, one per element of the arrays, until :lease_until. Returns the slots this call won.
 INSERT INTO nproxyd_renewal_claims AS c
