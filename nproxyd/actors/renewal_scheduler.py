@@ -19,6 +19,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 import anyio
 import msgspec
@@ -58,6 +59,7 @@ _COMMIT_GROUP = 500
 _MICROSECOND = timedelta(microseconds=1)  # PostgreSQL's timestamp resolution, and Python's
 _LOG_AGAIN_AFTER = timedelta(hours=1)  # a warning about one bad row, at most this often
 _MEMO_SIZE = 10_000  # rows remembered for that; the oldest are forgotten first
+T = TypeVar("T")
 SlotResult = StoredInvoice | ReleasedSlot  # what a provider call left for its claimed slot
 
 
@@ -181,6 +183,32 @@ Work = tuple[RenewalCandidate, ClaimedSlot]
 Batch = list[RenewalCandidate | UnreadableCandidate]
 
 
+async def _put(stream: MemoryObjectSendStream[T], item: T) -> None:
+    """Send ``item``; waits (and yields to the event loop) only when the buffer is full.
+
+    A hand-off that fits needs no trip through the event loop: with thousands of slots per
+    tick those trips were a large share of the scheduler's CPU time.
+    """
+    try:
+        stream.send_nowait(item)
+    except anyio.WouldBlock:
+        await stream.send(item)
+
+
+async def _taken(stream: MemoryObjectReceiveStream[T]) -> T | None:
+    """The next item of ``stream``, waiting only when it is empty; None once it is closed."""
+    try:
+        return stream.receive_nowait()
+    except anyio.WouldBlock:
+        pass
+    except anyio.EndOfStream:
+        return None
+    try:
+        return await stream.receive()
+    except anyio.EndOfStream:
+        return None
+
+
 class RenewalScheduler:
     name = "renewal-scheduler"
 
@@ -284,7 +312,7 @@ class RenewalScheduler:
         while batch:
             run.totals.candidates += len(batch)
             for pair in await self._claim(self._valid(batch, run), run):
-                await work.send(pair)
+                await _put(work, pair)
             batch = await anext(rest, [])
 
     def _valid(
@@ -338,8 +366,8 @@ class RenewalScheduler:
         run: _Run,
     ) -> None:
         async with work, results:
-            async for candidate, slot in work:
-                await results.send(await self._request(candidate, slot, run))
+            while (item := await _taken(work)) is not None:
+                await _put(results, await self._request(*item, run))
 
     async def _request(
         self, candidate: RenewalCandidate, slot: ClaimedSlot, run: _Run
