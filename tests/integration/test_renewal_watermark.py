@@ -231,6 +231,41 @@ class TestUnresolvedCandidates:
         assert await created_for(db) == [held]
         await assert_renewal_invariants(db.pool)
 
+    async def test_a_retry_settled_by_a_web_invoice_does_not_hold_the_watermark(
+        self, db: Database, one_connection: Database, channel: Channel
+    ) -> None:
+        """A due retry whose cycle the web API invoiced meanwhile is not read again each tick."""
+        await seed.plan(db.pool)
+        await web_invoiced(db, 30)
+        settled = await seed.subscription(
+            db.pool, "settled", period_start=PERIOD_START, period_end=INSIDE
+        )
+        await db.pool.execute(
+            "INSERT INTO nproxyd_renewal_claims (subscription_id, cycle_start, order_id, state,"
+            " available_at, attempts) VALUES ($1, $2, $3, 'retry', $4, 1)",
+            settled,
+            PERIOD_START,
+            order_id(settled, PERIOD_START),
+            NOW + TICK,
+        )
+        await seed.invoice(
+            db.pool,
+            f"{SEEDED_PREFIX}{settled}",
+            user_id=f"user_{settled}",
+            subscription_id=settled,
+            created_at=PERIOD_START + timedelta(days=2),
+        )
+        scheduler = scheduler_on(one_connection, channel)
+        await scheduler.tick(NOW)
+
+        before = await rows_read(one_connection, db)
+        report = await scheduler.tick(NOW + 2 * TICK)
+        after = await rows_read(one_connection, db)
+
+        assert (report.candidates, report.created_count) == (0, 0)
+        assert after - before <= 2  # the settled slot's own look-ups, not the window's 31 rows
+        assert await created_for(db) == []
+
 
 class TestFullPass:
     async def test_a_subscription_changed_inside_the_window_waits_for_the_full_pass(

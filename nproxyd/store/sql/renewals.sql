@@ -44,7 +44,7 @@ ORDER BY s.current_period_end, s.id
 LIMIT :size;
 
 -- renewal_retry_floor --
--- The earliest period end in the window ($1 now, $2 window end) of a subscription whose current cycle has an open claim available again at $1 (a retry due, a lease elapsed), or NULL: the renewal scheduler examines the window again from there. Driven by the open claims due (their partial index); each looks up its subscription by primary key in a subquery the planner cannot turn into a scan of the window.
+-- The earliest period end in the window ($1 now, $2 window end) of a subscription whose current cycle has an open claim available again at $1 (a retry due, a lease elapsed) and no invoice yet (one the web API made settles the cycle as the candidate query does), or NULL: the renewal scheduler examines the window again from there. Driven by the open claims due (their partial index); each looks up its subscription by primary key in a subquery the planner cannot turn into a scan of the window.
 SELECT min((
     SELECT s.current_period_end
     FROM subscriptions AS s
@@ -54,6 +54,11 @@ SELECT min((
       AND s.current_period_end > $1
       AND s.current_period_end <= $2
       AND c.cycle_start = coalesce(s.current_period_start, s.activated_at, s.created_at)
+      AND NOT EXISTS (
+          SELECT 1 FROM payment_invoices AS i
+          WHERE i.subscription_id = s.id
+            AND i.created_at >= c.cycle_start
+      )
 ))
 FROM nproxyd_renewal_claims AS c
 WHERE c.state <> 'done'
