@@ -87,8 +87,9 @@ class MailSender:
     async def tick(self, now: datetime) -> MailReport:
         """Deliver everything due at ``now`` once.
 
-        While one batch is on the wire, a background task records the batch before it and then
-        leases the next one, so the database's round trips overlap delivery. A mail is recorded
+        While one batch is on the wire, the batch before it is recorded and the next one leased
+        (two statements at once, in the background), so the database's round trips overlap
+        delivery. A mail is recorded
         sent only after the server accepted it; whatever stops the tick leaves every row not yet
         recorded leased, delivered again once its lease elapsed (at least once, never lost).
         """
@@ -111,7 +112,7 @@ class MailSender:
                 outage = _Outage(leases.now, after=outage)
                 async with anyio.create_task_group() as group:
                     group.start_soon(
-                        self._record_then_claim, previous, batches, ahead, outage, tally.counts
+                        self._record_and_claim, previous, batches, ahead, outage, tally.counts
                     )
                     outcomes = await self._send_batch(batch, ahead.held, leases, outage, tally)
                 if tally.bugs or ahead.error is not None:
@@ -121,7 +122,7 @@ class MailSender:
         _raise_first(tally.bugs, ahead.error)
         return self._report(tally.counts, tally.failures)
 
-    async def _record_then_claim(
+    async def _record_and_claim(
         self,
         outcomes: list[MailOutcome],
         batches: AsyncGenerator[list[OutboxMail], None],
@@ -129,16 +130,29 @@ class MailSender:
         outage: _Outage,
         counts: Counter[str],
     ) -> None:
-        """Record the previous batch's outcomes, then lease the next batch into ``ahead``
-        (its ids join ``ahead.held``, whose leases are kept alive), unless the server is
-        unavailable: it would refuse the next batch too."""
-        try:
-            await self._record(outcomes, outage.now, counts)
+        """Record the previous batch's outcomes and, at the same time, lease the next batch into
+        ``ahead`` (its ids join ``ahead.held``, whose leases are kept alive), unless the server
+        is unavailable: it would refuse the next batch too.
+
+        The two statements touch different rows: the previous batch's rows stay leased to this
+        instance until their outcome is committed, and are no longer due once it is.
+        """
+
+        async def record() -> None:
+            try:
+                await self._record(outcomes, outage.now, counts)
+            except Exception as exc:  # raised by the tick once the batch on the wire is recorded
+                ahead.error = exc
+
+        async with anyio.create_task_group() as group:
+            if outcomes:
+                group.start_soon(record, name="mail-record")
             if outage.reason is None:
-                ahead.batch = await anext(batches, None)
-        except Exception as exc:  # raised by the tick once the batch on the wire is recorded
-            ahead.error = exc
-            return
+                try:
+                    ahead.batch = await anext(batches, None)
+                except Exception as exc:
+                    ahead.error = exc
+                    return
         if ahead.batch is not None:
             ahead.held.extend(mail.id for mail in ahead.batch)
 
