@@ -89,9 +89,9 @@ class MailSender:
 
         While one batch is on the wire, the batch before it is recorded and the next one leased
         (two statements at once, in the background), so the database's round trips overlap
-        delivery. A mail is recorded
-        sent only after the server accepted it; whatever stops the tick leaves every row not yet
-        recorded leased, delivered again once its lease elapsed (at least once, never lost).
+        delivery. A mail is recorded sent only after the server accepted it; whatever stops the
+        tick leaves every row not yet recorded leased, delivered again once its lease elapsed
+        (at least once, never lost).
         """
         leases = LeaseDeadlines(self.clock, now, self.settings.lease_seconds)
         tally = _Tally()
