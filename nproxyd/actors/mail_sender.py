@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from datetime import datetime, timedelta
 from email.message import Message
@@ -85,45 +85,93 @@ class MailSender:
         self._delivered_unrecorded: set[str] = set()
 
     async def tick(self, now: datetime) -> MailReport:
-        """Deliver everything due at ``now`` once."""
+        """Deliver everything due at ``now`` once.
+
+        While one batch is on the wire, the batch before it is recorded and the next one leased
+        (two statements at once, in the background), so the database's round trips overlap
+        delivery. A mail is recorded sent only after the server accepted it; whatever stops the
+        tick leaves every row not yet recorded leased, delivered again once its lease elapsed
+        (at least once, never lost).
+        """
         leases = LeaseDeadlines(self.clock, now, self.settings.lease_seconds)
-        holder = self.settings.instance_id
-        counts: Counter[str] = Counter()
-        failures: Counter[str] = Counter()
+        tally = _Tally()
         batches = self.store.due_mail(
-            now, self.settings.batch_size, holder=holder, lease_until=leases.deadline
+            now,
+            self.settings.batch_size,
+            holder=self.settings.instance_id,
+            lease_until=leases.deadline,
         )
         async with aclosing(batches):
-            async for batch in batches:
-                counts["claimed"] += len(batch)
-                if not await self._send_batch(batch, leases, counts, failures):
-                    break  # an unavailable server would refuse the next batch too
-        return self._report(counts, failures)
+            ahead = _Ahead(await anext(batches, None))
+            outcomes: list[MailOutcome] = []
+            outage: _Outage | None = None
+            while ahead.batch is not None:
+                batch, previous = ahead.batch, outcomes
+                ahead = _Ahead(None, held=[mail.id for mail in batch])
+                tally.counts["claimed"] += len(batch)
+                outage = _Outage(leases.now, after=outage)
+                async with anyio.create_task_group() as group:
+                    group.start_soon(
+                        self._record_and_claim, previous, batches, ahead, outage, tally.counts
+                    )
+                    outcomes = await self._send_batch(batch, ahead.held, leases, outage, tally)
+                if tally.bugs or ahead.error is not None:
+                    break
+            # The last batch; or, before a bug or a database error is raised, what was delivered.
+            await self._record(outcomes, leases.now, tally.counts)
+        _raise_first(tally.bugs, ahead.error)
+        return self._report(tally.counts, tally.failures)
+
+    async def _record_and_claim(
+        self,
+        outcomes: list[MailOutcome],
+        batches: AsyncGenerator[list[OutboxMail], None],
+        ahead: _Ahead,
+        outage: _Outage,
+        counts: Counter[str],
+    ) -> None:
+        """Record the previous batch's outcomes and, at the same time, lease the next batch into
+        ``ahead`` (its ids join ``ahead.held``, whose leases are kept alive), unless the server
+        is unavailable: it would refuse the next batch too.
+
+        The two statements touch different rows: the previous batch's rows stay leased to this
+        instance until their outcome is committed, and are no longer due once it is.
+        """
+
+        async def record() -> None:
+            try:
+                await self._record(outcomes, outage.now, counts)
+            except Exception as exc:  # raised by the tick once the batch on the wire is recorded
+                ahead.error = exc
+
+        async with anyio.create_task_group() as group:
+            if outcomes:
+                group.start_soon(record, name="mail-record")
+            if outage.reason is None:
+                try:
+                    ahead.batch = await anext(batches, None)
+                except Exception as exc:
+                    ahead.error = exc
+                    return
+        if ahead.batch is not None:
+            ahead.held.extend(mail.id for mail in ahead.batch)
 
     async def _send_batch(
         self,
         batch: list[OutboxMail],
+        held: list[str],
         leases: LeaseDeadlines,
-        counts: Counter[str],
-        failures: Counter[str],
-    ) -> bool:
-        """Deliver and record one leased batch; False when the server was unavailable."""
-        ids = [mail.id for mail in batch]
+        outage: _Outage,
+        tally: _Tally,
+    ) -> list[MailOutcome]:
+        """Deliver one leased batch, keeping the leases of ``held`` alive; returns its outcomes."""
         holder = self.settings.instance_id
 
         async def extend(until: datetime) -> int:
-            return await self.store.extend(ids, holder, until)
+            return await self.store.extend(held, holder, until)
 
-        outage = _Outage(leases.now)
-        bugs: list[Exception] = []
         async with kept_alive(leases, extend, what="mail"):
-            outcomes = await self._deliver_all(batch, leases.now, failures, outage, bugs)
-        await self._record(outcomes, leases.now, counts)
-        if bugs:
-            # A bug fails the tick, after what was delivered is recorded: a delivered mail is
-            # never sent again because of a neighbour. Rows left keep their lease and attempts.
-            raise bugs[0] if len(bugs) == 1 else ExceptionGroup("mail delivery bugs", bugs)
-        return outage.reason is None
+            return await self._deliver_all(batch, leases.now, tally.failures, outage, tally.bugs)
 
     def _report(self, counts: Counter[str], failures: Counter[str]) -> MailReport:
         if counts["sent"]:
@@ -172,7 +220,8 @@ class MailSender:
         async with anyio.create_task_group() as group:
             for number in range(min(self.settings.concurrency, len(batch))):
                 group.start_soon(worker, name=f"mail-worker-{number}")
-        self._note_outage(outage)
+        if not outage.inherited:
+            self._note_outage(outage)
         return outcomes
 
     async def _deliver(
@@ -344,19 +393,58 @@ class MailSender:
 
 
 class _Outage:
-    """Whether one batch found the server unavailable, why, and until when it defers its rows."""
+    """Whether one batch found the server unavailable, why, and until when it defers its rows.
 
-    def __init__(self, now: datetime) -> None:
+    A batch leased while the one before it found the server unavailable inherits that outage:
+    its rows are deferred as well, without asking the server again.
+    """
+
+    def __init__(self, now: datetime, *, after: _Outage | None = None) -> None:
         self.now = now
         self.reason: str | None = None
         self.delay_seconds = 0.0
         self.until = now
+        self.inherited = after is not None and after.reason is not None
+        if after is not None and after.reason is not None:
+            self.reason, self.delay_seconds, self.until = (
+                after.reason,
+                after.delay_seconds,
+                after.until,
+            )
 
     def begin(self, reason: str, delay_seconds: float) -> None:
         """The first unavailability of the batch decides the deferral of every remaining row."""
         if self.reason is None:
             self.reason, self.delay_seconds = reason, delay_seconds
             self.until = self.now + timedelta(seconds=delay_seconds)
+
+
+class _Ahead:
+    """The next batch, leased while the current one is delivered, or why it could not be;
+    ``held``: the ids whose leases are kept alive meanwhile (the current batch's and its)."""
+
+    def __init__(self, batch: list[OutboxMail] | None, *, held: list[str] | None = None) -> None:
+        self.batch = batch
+        self.held = held or []
+        self.error: Exception | None = None
+
+
+class _Tally:
+    """What one tick counted, the failures by kind, and the bugs that stopped it."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()
+        self.bugs: list[Exception] = []
+
+
+def _raise_first(bugs: list[Exception], error: Exception | None) -> None:
+    """A bug in delivery first (the tick fails), else the database's error while recording or
+    leasing in the background."""
+    if bugs:
+        raise bugs[0] if len(bugs) == 1 else ExceptionGroup("mail delivery bugs", bugs)
+    if error is not None:
+        raise error
 
 
 def _reason(exc: BaseException) -> str:

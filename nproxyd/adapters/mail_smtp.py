@@ -401,6 +401,8 @@ def _judge(replies: list[Reply], stages: tuple[str, ...], progress: _Progress) -
 
 def _needs_smtputf8(sender: str, recipient: str, data: bytes) -> str | None:
     """What needs SMTPUTF8 (a non-ASCII local part, or UTF-8 in a header), or None."""
+    if data.isascii() and sender.isascii() and recipient.isascii():
+        return None  # the common case, in three passes of C
     if needs_smtputf8(recipient):
         return "recipient needs"
     if needs_smtputf8(sender):

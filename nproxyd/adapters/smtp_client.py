@@ -189,18 +189,17 @@ class Pipe(asyncio.Protocol):
         if self._partial:
             data = self._partial + data
             self._partial = b""
-        start = 0
-        while self._failure is None:
-            end = data.find(b"\n", start)
-            if end == -1:
-                rest = data[start:]
-                if len(rest) > MAX_LINE_LENGTH:
-                    self._garbled(b"Response too long")
-                else:
-                    self._partial = rest
+        lines = data.split(b"\n")
+        rest = lines.pop()  # what follows the last line end: the start of a line, or nothing
+        for line in lines:
+            if self._failure is not None:
                 return
-            self._line(data[start : end + 1])
-            start = end + 1
+            self._line(line)
+        if rest and self._failure is None:
+            if len(rest) > MAX_LINE_LENGTH:
+                self._garbled(b"Response too long")
+            else:
+                self._partial = rest
 
     def eof_received(self) -> bool:
         self._fail(Dropped("the server closed the connection"))
@@ -213,8 +212,8 @@ class Pipe(asyncio.Protocol):
     # -- internals -------------------------------------------------------------------------
 
     def _line(self, line: bytes) -> None:
-        """One complete reply line (with its line end): part of a reply, or its last line."""
-        if len(line) > MAX_LINE_LENGTH:
+        """One complete reply line (without its LF): part of a reply, or its last line."""
+        if len(line) >= MAX_LINE_LENGTH:  # with its LF, longer than a line may be
             self._garbled(b"Response too long")
             return
         code = line[:3]
@@ -224,7 +223,7 @@ class Pipe(asyncio.Protocol):
         text = line[4:].strip(b" \t\r\n")
         if line[3:4] == b"-":
             self._lines.append(text)
-            self._size += len(line)
+            self._size += len(line) + 1
             if self._size > MAX_REPLY_LENGTH:
                 self._garbled(b"Response too long")
             return

@@ -11,6 +11,8 @@ an SMTPUTF8 transport carries (the SMTP transport checks that).
 from __future__ import annotations
 
 import email.policy
+import functools
+import re
 from datetime import datetime
 from email.charset import QP, Charset
 from email.header import Header
@@ -22,6 +24,10 @@ from nproxyd.core.rules import ascii_domain
 
 _UTF8_QP = Charset("utf-8")
 _UTF8_QP.body_encoding = QP
+_CONTENT_TYPE = 'text/plain; charset="utf-8"'
+# Text that quoted-printable leaves as it is (see _quoted_printable).
+_QP_ITSELF = re.compile(r"[\t\n -<>-~]*")
+_QP_LINE = 76
 _MAX_PLAIN_HEADER = 900  # below RFC 5322's 998-octet line limit, with room for the name
 
 
@@ -32,16 +38,25 @@ class _ComposedMessage(Message):
     of the generic folding machinery (which builds a ``Header`` per header and re-encodes it).
     """
 
+    def __init__(self, headers: list[tuple[str, str]], payload: str) -> None:
+        super().__init__(policy=email.policy.compat32)
+        # What one ``message[name] = value`` per header stores under compat32, in one step.
+        self._headers = headers
+        self.set_payload(payload)
+
     def as_bytes(self, unixfrom: bool = False, policy: Any = None) -> bytes:
-        items = self.items()
+        # The stored pairs, as items() would return them: compat32 stores and fetches a str
+        # value unchanged (its surrogate check never applies to a value composed here).
+        items: list[tuple[str, Any]] = self._headers
+        payload = getattr(self, "_payload", None)  # get_payload() without its checks
         plain = all(
             isinstance(value, str) and len(value) <= _MAX_PLAIN_HEADER for _, value in items
         )
-        if unixfrom or policy is not None or not plain:
+        if unixfrom or policy is not None or not plain or not isinstance(payload, str):
             return super().as_bytes(unixfrom=unixfrom, policy=policy)
-        head = "".join(f"{name}: {value}\n" for name, value in items)
+        head = "".join([f"{name}: {value}\n" for name, value in items])
         # UTF-8 only where an address has a non-ASCII local part (RFC 6532); else ASCII.
-        return (head + "\n" + str(self.get_payload())).encode("utf-8")
+        return (head + "\n" + payload).encode("utf-8")
 
 
 def compose_message(
@@ -54,16 +69,44 @@ def compose_message(
     date: datetime,
 ) -> Message:
     """Build the message; raises ValueError when a header value cannot be used."""
-    message = _ComposedMessage(policy=email.policy.compat32)
-    message["From"] = _address(from_address)
-    message["To"] = _address(to_address)
-    message["Subject"] = _text(subject)
-    message["Date"] = format_datetime(date)
-    message["Message-ID"] = _checked(message_id)
-    message["MIME-Version"] = "1.0"
+    headers = [
+        ("From", _address(from_address)),
+        ("To", _address(to_address)),
+        ("Subject", _text(subject)),
+        ("Date", _date_header(date)),
+        ("Message-ID", _checked(message_id)),
+        ("MIME-Version", "1.0"),
+        # What set_payload(body, charset) adds, without the generic charset machinery (it
+        # re-reads and rewrites these headers: most of the cost of composing a message).
+        ("Content-Type", _CONTENT_TYPE),
+        ("Content-Transfer-Encoding", "quoted-printable"),
+    ]
     # Like EmailMessage.set_content, the body ends with a line break.
-    message.set_payload(body if body.endswith("\n") else body + "\n", _UTF8_QP)
-    return message
+    return _ComposedMessage(
+        headers, _quoted_printable(body if body.endswith("\n") else body + "\n")
+    )
+
+
+def _quoted_printable(body: str) -> str:
+    """The body quoted-printable encoded, as ``email.quoprimime`` encodes it.
+
+    Printable ASCII without ``=``, in lines of at most 76 characters that do not end in a
+    space or a tab, encodes as itself: such a body is returned as it is.
+    """
+    if (
+        _QP_ITSELF.fullmatch(body)
+        and " \n" not in body
+        and "\t\n" not in body
+        and max(map(len, body.split("\n"))) <= _QP_LINE
+    ):
+        return body
+    return _UTF8_QP.body_encode(body)
+
+
+@functools.lru_cache(maxsize=8)
+def _date_header(date: datetime) -> str:
+    """The Date header: one tick stamps every message with the same ``now``."""
+    return format_datetime(date)
 
 
 def _checked(value: str) -> str:

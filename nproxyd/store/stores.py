@@ -288,7 +288,8 @@ class OutboxStore:
         """Lease the mail due at ``now``, ``size`` rows per statement, until none is left.
 
         Each batch is leased to ``holder`` until ``lease_until()`` (asked per batch); the
-        caller records a batch before it asks for the next, and may stop early.
+        caller may ask for the next batch while it delivers one (the rows it holds stay leased,
+        so they are never returned twice), and may stop early.
         """
         while True:
             batch = await self.claim(now, lease_until(), holder, size)

@@ -25,6 +25,7 @@ from nproxyd.adapters.mail_maildir import MaildirTransport
 from nproxyd.adapters.mail_smtp import SmtpTransport
 from nproxyd.core.clock import SystemClock
 from nproxyd.core.config import SmtpConfig
+from nproxyd.core.errors import DatabaseUnavailable
 from nproxyd.core.ports import MailTransport
 from nproxyd.core.records import MailOutcome, OutboxCounts, OutboxMail
 from nproxyd.store.database import Database
@@ -660,3 +661,119 @@ class TestProgrammingErrors:
         assert [rows[mail_id]["status"] for mail_id in good] == ["sent"] * 3
         assert sorted(received_ids(server).values()) == [1, 1, 1]
         assert (rows[bad]["status"], rows[bad]["attempts"]) == ("pending", 0)
+
+
+class WatchingTransport:
+    """The real SMTP transport; the first send waits until ``leased`` rows are leased
+    (``seen`` records whether that happened) while its own batch is still on the wire."""
+
+    def __init__(self, inner: SmtpTransport, db: Database, leased: int) -> None:
+        self.inner = inner
+        self.db = db
+        self.leased = leased
+        self.seen: bool | None = None
+        self.sends = 0
+
+    async def send(self, message: Message, recipient: str) -> None:
+        self.sends += 1
+        if self.seen is None:
+            self.seen = False
+            with anyio.move_on_after(5):
+                while (
+                    await self.db.pool.fetchval(
+                        "SELECT count(*) FROM mail_outbox"
+                        " WHERE status = 'pending' AND leased_by <> ''"
+                    )
+                    < self.leased
+                ):
+                    await anyio.sleep(0.01)
+                self.seen = True
+        await self.inner.send(message, recipient)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class FailingRecordStore(OutboxStore):
+    """An outbox whose first ``record`` fails as if the database had gone away."""
+
+    failed = False
+
+    async def record(self, outcomes: Sequence[MailOutcome], now: datetime, holder: str) -> int:
+        if not self.failed:
+            self.failed = True
+            raise DatabaseUnavailable("the database went away")
+        return await super().record(outcomes, now, holder)
+
+
+class TestOverlap:
+    async def test_next_batch_is_leased_while_one_is_on_the_wire(
+        self, db: Database, server: FakeSmtpServer, transports: list[MailTransport]
+    ) -> None:
+        """The batch after the one being delivered is leased before that delivery ends."""
+        now = SystemClock().now()
+        await insert_mail(db, 6, now)
+        inner = SmtpTransport(smtp_config(server, 1))
+        transports.append(inner)
+        transport = WatchingTransport(inner, db, leased=4)
+        ports = MailPorts(store=OutboxStore(db), transport=transport)
+        sender = MailSender(settings(batch_size=2, concurrency=1), ports, SystemClock())
+
+        report = await sender.tick(now)
+
+        assert transport.seen is True
+        assert (report.claimed, report.sent_count) == (6, 6)
+        assert received_ids(server) == Counter({message_id(i): 1 for i in range(6)})
+
+    async def test_outage_defers_the_batch_leased_behind_without_asking_the_server(
+        self, db: Database, server: FakeSmtpServer, transports: list[MailTransport]
+    ) -> None:
+        """With the server down, the batch leased meanwhile is deferred without a send, and no
+        further batch is leased: its rows stay untouched."""
+        now = SystemClock().now()
+        ids = await insert_mail(db, 6, now)
+        server.stop()
+        inner = SmtpTransport(smtp_config(server, 1))
+        transports.append(inner)
+        transport = WatchingTransport(inner, db, leased=4)
+        ports = MailPorts(store=OutboxStore(db), transport=transport)
+        sender = MailSender(settings(batch_size=2, concurrency=1), ports, SystemClock())
+
+        report = await sender.tick(now)
+
+        assert transport.seen is True
+        assert transport.sends == 1  # the first refusal defers the rest, leased or not
+        assert (report.claimed, report.deferred_count, report.sent_count) == (4, 4, 0)
+        rows = [await outbox_row(db, mail_id) for mail_id in ids]
+        deferred = [row for row in rows if row["last_error"] is not None]
+        untouched = [row for row in rows if row["last_error"] is None]
+        assert len(deferred) == 4
+        for row in deferred:
+            assert (row["status"], row["attempts"], row["leased_by"]) == ("pending", 0, "")
+            assert row["next_attempt_at"] > now
+        assert [(row["status"], row["next_attempt_at"], row["leased_by"]) for row in untouched] == [
+            ("pending", now, "")
+        ] * 2
+
+    async def test_a_recording_failure_is_raised_after_the_batch_on_the_wire_is_recorded(
+        self, db: Database, server: FakeSmtpServer, transports: list[MailTransport]
+    ) -> None:
+        """A batch delivered while the database refused to record the one before is recorded
+        before the tick fails: only the unrecorded batch is ever sent again."""
+        now = SystemClock().now()
+        ids = await insert_mail(db, 6, now)
+        transport = SmtpTransport(smtp_config(server, 1))
+        transports.append(transport)
+        ports = MailPorts(store=FailingRecordStore(db), transport=transport)
+        sender = MailSender(settings(batch_size=2, concurrency=1), ports, SystemClock())
+
+        with pytest.raises(DatabaseUnavailable):
+            await sender.tick(now)
+
+        rows = [await outbox_row(db, mail_id) for mail_id in ids]
+        states = Counter((row["status"], bool(row["leased_by"])) for row in rows)
+        # The first batch delivered but unrecorded and the third (leased while the first was
+        # being recorded) keep their leases: both are taken again once the leases elapse. The
+        # second, delivered meanwhile, is recorded sent.
+        assert states == {("pending", True): 4, ("sent", False): 2}
+        assert sorted(received_ids(server).values()) == [1, 1, 1, 1]

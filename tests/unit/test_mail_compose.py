@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from email import message_from_bytes, policy
+from email.charset import QP, Charset
 from email.header import decode_header, make_header
+from email.message import Message
 
 import pytest
 
@@ -56,3 +58,32 @@ class TestCompose:
         """A header longer than a line may be is rendered by the folding generator instead."""
         raw = compose(subject="word " * 300)
         assert max(len(line) for line in raw.split(b"\n")) < 998
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            "plain line\nand another",
+            "x" * 76 + "\n" + "y" * 77,
+            "trailing space \nand tab\t\nend",
+            "a = b\n.leading dot\n\nFrom here",
+            "Ärger € 29\r\nmixed\rends\x0bvertical",
+            "",
+        ],
+    )
+    def test_body_is_encoded_as_the_generic_charset_encodes_it(self, body: str) -> None:
+        """The composed message renders as the generic ``set_payload(body, utf-8 QP)`` would."""
+        generic = Message(policy=policy.compat32)
+        for name, value in [
+            ("From", "nproxy billing <billing@nproxy.example>"),
+            ("To", "user@example.com"),
+            ("Subject", "Your nproxy subscription renewal invoice"),
+            ("Date", "Mon, 09 Mar 2026 12:00:00 +0000"),
+            ("Message-ID", "<abc@nproxy.example>"),
+            ("MIME-Version", "1.0"),
+        ]:
+            generic[name] = value
+        charset = Charset("utf-8")
+        charset.body_encoding = QP
+        generic.set_payload(body if body.endswith("\n") else body + "\n", charset)
+
+        assert compose(body=body) == generic.as_bytes()

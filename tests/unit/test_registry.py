@@ -54,3 +54,13 @@ class TestSettingsFrom:
         assert msgspec.structs.asdict(settings)["concurrency"] == 2
         with pytest.raises(TypeError, match=r"RenewalSettings\.interval_seconds names no key"):
             app.settings_from(RenewalSettings, config.billing, instance_id="x")
+
+
+class TestMailConcurrency:
+    def test_three_sends_per_smtp_connection(self) -> None:
+        """Over SMTP, three sends per connection are in flight: one waiting with the next
+        envelope when a message's 354 comes, so its body and that envelope share a write."""
+        config = Config()
+        smtp = msgspec.structs.replace(config.email.smtp, max_connections=4)
+        email = msgspec.structs.replace(config.email, transport="smtp", smtp=smtp)
+        assert app.mail_concurrency(msgspec.structs.replace(config, email=email)) == 12
