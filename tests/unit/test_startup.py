@@ -82,6 +82,36 @@ class TestImports:
         )
         assert loaded_after(code, ("nproxyd.app", *DRIVERS)) == []
 
+    def test_the_composition_root_imports_no_http_framework(self) -> None:
+        """``import nproxyd.app`` loads no aiohttp: the HTTP surfaces run on the standard
+        library; only the NOWPayments adapters (built when configured) use aiohttp."""
+        assert loaded_after("import nproxyd.app", ("aiohttp",)) == []
+
+    def test_the_package_and_the_command_line_do_not_look_up_the_version(self) -> None:
+        """``import nproxyd.cli`` does not load ``importlib.metadata``; the version is looked up
+        when first read, and then it is the installed distribution's."""
+        assert loaded_after("import nproxyd.cli", ("importlib.metadata",)) == []
+        code = (
+            "import importlib.metadata, nproxyd\n"
+            "assert nproxyd.__version__ == importlib.metadata.version('nproxyd')\n"
+        )
+        assert loaded_after(code, ()) == []
+
+    def test_a_command_loads_structlog_without_its_optional_extras(self) -> None:
+        """A command (here ``check-config``) imports structlog without rich or colorama, which
+        stay importable; console tracebacks are plain either way."""
+        pytest.importorskip("rich")
+        code = (
+            "import contextlib, io\n"
+            "from nproxyd import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert cli.main(['check-config']) == cli.EXIT_OK\n"
+            "import importlib.util, structlog.dev\n"
+            "assert structlog.dev.rich is None\n"
+            "assert importlib.util.find_spec('rich') is not None\n"
+        )
+        assert loaded_after(code, ("rich", "colorama", "aiohttp")) == []
+
 
 class TestPaymentStatusSource:
     def test_a_nowpayments_provider_is_asked_through_its_own_session(self) -> None:
