@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from email.utils import format_datetime
 from http import HTTPStatus
 from typing import Any
@@ -47,20 +46,18 @@ _VERSION = re.compile(rb"HTTP/1\.[01]")
 _END_OF_HEAD = b"\r\n\r\n"
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(msgspec.Struct, frozen=True):
     method: str
     path: str  # percent-decoded, without the query
     headers: dict[str, str]  # lower-case names; the first of repeated fields
     body: bytes = b""
 
 
-@dataclass(frozen=True)
-class Response:
+class Response(msgspec.Struct, frozen=True):
     status: int
     body: bytes = b""
     content_type: str = JSON
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 def json_response(value: Any, status: int = 200) -> Response:
@@ -83,8 +80,7 @@ class _Refused(Exception):
         self.status = status
 
 
-@dataclass(frozen=True)
-class _Head:
+class _Head(msgspec.Struct, frozen=True):
     method: str
     target: bytes
     version: bytes
