@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     import logging
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 HANDLE_PIDS = ".handle_pids.json"
 LOCK_FILE = "postgres.lock"
 DATA_DIRECTORY = "postgres"
+IMPORT_WAIT_SECONDS = 5.0  # start_early waits at most this long for pgserver's import
 
 
 class Started(NamedTuple):
@@ -74,18 +75,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _start(pgdata: Path) -> tuple[str, list[int]]:
+def _import_pgserver() -> Any:
     import logging  # noqa: PLC0415 - see the start-up note at the top
     import warnings  # noqa: PLC0415
 
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-        logging.getLogger("pgserver").setLevel(logging.WARNING)
         import pgserver  # noqa: PLC0415 - heavy import, only when embedded
+    return pgserver
 
+
+def _start(pgdata: Path) -> tuple[str, list[int]]:
+    import warnings  # noqa: PLC0415
+
+    pgserver = _import_pgserver()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
         pgdata.parent.mkdir(parents=True, exist_ok=True)
         dropped = forget_dead_handles(pgdata)
-        server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")
         uri: str = server.get_uri()
     return uri, dropped
 
@@ -196,15 +205,27 @@ def start_early(state_dir: Path) -> None:
     if hold_here:
         _hold_pgserver_logs()
 
+    imported = threading.Event()
+
     def run() -> None:
         try:
             if not hold_here:
                 _hold_pgserver_logs()
+            _import_pgserver()
+        except Exception:  # noqa: S110 - start() imports it again and reports the error
+            pass
+        finally:
+            imported.set()
+        try:
             early.set(start(state_dir), None)
         except BaseException as exc:  # handed to whoever takes the outcome
             early.set(None, exc)
 
     threading.Thread(target=run, name="embedded-postgres-start", daemon=True).start()
+    # Let the thread import pgserver alone (both threads would take turns on the interpreter
+    # otherwise, doubling it): then pg_ctl starts sooner, and the daemon's imports run while
+    # it waits for the server.
+    imported.wait(IMPORT_WAIT_SECONDS)
 
 
 def take_early(state_dir: Path) -> Early | None:
