@@ -207,10 +207,7 @@ class Site:
             pass  # the peer went away or stalled: nothing to answer
         finally:
             self.connections.discard(task)
-            if clean:
-                writer.close()
-            else:
-                writer.transport.abort()  # never wait to flush to a peer that does not read
+            await _close(writer, flush=clean)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer requests on one connection until it is not kept alive."""
@@ -297,6 +294,17 @@ class Site:
         if method != "HEAD":
             writer.write(response.body)
         await writer.drain()
+
+
+async def _close(writer: asyncio.StreamWriter, *, flush: bool) -> None:
+    """Close the connection, flushing what is written for a while when ``flush``; never wait
+    longer on a peer that does not read."""
+    if flush:
+        writer.close()
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(WRITE_TIMEOUT_SECONDS):
+                await writer.wait_closed()
+    writer.transport.abort()
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
