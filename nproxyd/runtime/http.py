@@ -6,8 +6,9 @@ contexts at import; that was a quarter of ``nproxyd run``'s start (docs/benchmar
 "Start-up"). The two surfaces are a few fixed routes answering small bodies, so this serves
 exactly that, and defensively: ``Content-Length`` bodies only (``Transfer-Encoding`` is
 answered 411), bounded request line (414), head (431), header count (431) and body (413),
-read timeouts, keep-alive, ``HEAD``, ``Expect: 100-continue``; a malformed request is
-answered 400 and its connection closed; no input makes a connection raise past its handler.
+read and write timeouts, a connection limit, keep-alive, ``HEAD``, ``Expect: 100-continue``;
+a malformed request is answered 400 and its connection closed; no input makes a connection
+raise past its handler (tests/integration/test_http_server.py).
 """
 
 from __future__ import annotations
@@ -205,6 +206,10 @@ class Site:
             clean = True
         except (OSError, asyncio.IncompleteReadError, TimeoutError):
             pass  # the peer went away or stalled: nothing to answer
+        except Exception as exc:  # a bug here ends this connection, never the server
+            structlog.get_logger().error(  # the class only, as for a handler's failure
+                "http_connection_failed", error_class=type(exc).__name__
+            )
         finally:
             self.connections.discard(task)
             await _close(writer, flush=clean)

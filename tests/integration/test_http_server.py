@@ -344,6 +344,21 @@ class TestHostileBytes:
         assert (await served.exchange(get("/hello"))).status == 200
 
 
+class TestFailures:
+    async def test_a_failure_while_answering_ends_only_its_connection(self, served: Served) -> None:
+        """An answer the server cannot write (a status code HTTP does not know) closes that
+        connection; the server keeps answering others."""
+
+        async def unknown_status(_: Request) -> Response:
+            return Response(299)
+
+        served.site.route("GET", "/odd", unknown_status)
+        async with served.peer() as peer:
+            await peer.send(get("/odd"))
+            assert await peer.closed()
+        assert (await served.exchange(get("/hello"))).status == 200
+
+
 class TestBinding:
     async def test_a_busy_port_is_a_config_error_with_the_os_error_as_cause(self) -> None:
         """Binding a port in use fails ``start`` naming the setting, the OSError its cause."""
