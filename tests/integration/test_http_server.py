@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from nproxyd.core.errors import ConfigError
 from nproxyd.runtime import http
@@ -347,16 +348,19 @@ class TestHostileBytes:
 class TestFailures:
     async def test_a_failure_while_answering_ends_only_its_connection(self, served: Served) -> None:
         """An answer the server cannot write (a status code HTTP does not know) closes that
-        connection; the server keeps answering others."""
+        connection and is logged by its class; the server keeps answering others."""
 
         async def unknown_status(_: Request) -> Response:
             return Response(299)
 
         served.site.route("GET", "/odd", unknown_status)
-        async with served.peer() as peer:
-            await peer.send(get("/odd"))
-            assert await peer.closed()
+        with capture_logs() as logs:
+            async with served.peer() as peer:
+                await peer.send(get("/odd"))
+                assert await peer.closed()
         assert (await served.exchange(get("/hello"))).status == 200
+        failures = [e for e in logs if e["event"] == "http_connection_failed"]
+        assert [e["error_class"] for e in failures] == ["ValueError"]
 
 
 class TestBinding:
