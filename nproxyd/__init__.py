@@ -1,8 +1,6 @@
 """nproxyd: the background daemon of nproxy."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("nproxyd")  # the installed distribution's version (pyproject.toml)
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+# The one place of the version: the package's metadata takes it from here (pyproject.toml,
+# ``[tool.setuptools.dynamic]``), so nothing looks it up at start (docs/benchmarks.md
+# "Start-up": ``importlib.metadata`` cost ~8 ms of every start).
+__version__ = "0.1.0"

@@ -211,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load(args.config or os.environ.get("NPROXYD_CONFIG"), os.environ)
         if args.command in OPENS_DATABASE and not config.database.dsn:
             start_early(state_directory(config))
+        import_structlog_plainly()
         from nproxyd import app  # noqa: PLC0415
 
         app.preflight(config)
@@ -218,6 +219,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nproxyd: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return _dispatch(args, config)
+
+
+# structlog imports rich, colorama and better_exceptions at its own import when they are
+# installed, for the colours and tracebacks of its development console renderer. nproxyd uses
+# none of them (its console renderer is colourless with plain tracebacks, runtime/logs.py), and
+# rich alone cost ~30-50 ms of every start where a development tool had installed it
+# (docs/benchmarks.md "Start-up").
+STRUCTLOG_EXTRAS = ("rich", "colorama", "better_exceptions")
+
+
+def import_structlog_plainly() -> None:
+    """Import structlog as if its optional extras were not installed; they stay importable
+    for anything else. Nothing when structlog is already imported."""
+    if "structlog" in sys.modules:
+        return
+    hidden = [name for name in STRUCTLOG_EXTRAS if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # import raises ImportError
+    try:
+        import structlog  # noqa: F401, PLC0415
+    finally:
+        for name in hidden:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
 
 
 def _usage_problem(args: argparse.Namespace) -> str | None:

@@ -9,8 +9,6 @@ import time
 from datetime import UTC, datetime
 from typing import Protocol
 
-import anyio
-
 
 class Clock(Protocol):
     def now(self) -> datetime:
@@ -33,6 +31,10 @@ class SystemClock:
         return time.monotonic()
 
     async def sleep(self, seconds: float) -> None:
+        # anyio here, not at the top: the command line reads the configuration (and begins
+        # the embedded server's start) before importing any of the async stack.
+        import anyio  # noqa: PLC0415
+
         await anyio.sleep(seconds)
 
 

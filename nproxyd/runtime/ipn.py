@@ -9,11 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from aiohttp import web
 
 from nproxyd.core.errors import NproxydError
 from nproxyd.core.ports import IpnSink
-from nproxyd.runtime.http import Site
+from nproxyd.runtime.http import Request, Response, Site, error_response, json_response
 from nproxyd.runtime.payment_metrics import PaymentMetrics
 
 MAX_BODY_BYTES = 64 * 1024
@@ -23,7 +22,10 @@ _STATUS = {"rejected": 401}
 
 class IpnServer:
     def __init__(self, sink: IpnSink, listen: str, metrics: PaymentMetrics) -> None:
-        self.site = Site(listen, "ipn.listen")
+        self.site = Site(
+            listen, "ipn.listen", max_body=MAX_BODY_BYTES, on_too_large=self._too_large
+        )
+        self.site.route("POST", "/ipn/nowpayments", self.nowpayments)
         self.sink = sink
         self.metrics = metrics
         self.log = structlog.get_logger()
@@ -32,39 +34,30 @@ class IpnServer:
     def port(self) -> int:
         return self.site.port
 
-    def application(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
-        app.router.add_post("/ipn/nowpayments", self.nowpayments)
-        return app
-
     async def start(self) -> None:
         """Bind the socket before the daemon reports ready."""
-        await self.site.start(self.application())
+        await self.site.start()
         self.log.info("ipn_listening", host=self.site.host, port=self.site.port)
 
     async def stop(self) -> None:
         await self.site.stop()
 
-    async def nowpayments(self, request: web.Request) -> web.Response:
-        if (request.content_length or 0) > MAX_BODY_BYTES:
-            return self._too_large(request.content_length)
+    async def nowpayments(self, request: Request) -> Response:
         try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return self._too_large(None)
-        try:
-            outcome = await self.sink.receive_ipn(body, request.headers.get(SIGNATURE_HEADER))
+            signature = request.headers.get(SIGNATURE_HEADER)
+            outcome = await self.sink.receive_ipn(request.body, signature)
         except NproxydError as exc:
             # The provider retries a notification that was not answered 2xx.
             self.metrics.count_ipn("error")
             self.log.warning("ipn_failed", error_class=type(exc).__name__, error=exc.message)
-            return web.json_response({"error": "try again later"}, status=503)
+            return error_response(503, "try again later")
         self.metrics.count_ipn(outcome)
         status = _STATUS.get(outcome.outcome, 200)
         body_out: dict[str, Any] = {"status": "refused" if status == 401 else "ok"}
-        return web.json_response(body_out, status=status)
+        return json_response(body_out, status=status)
 
-    def _too_large(self, size: int | None) -> web.Response:
+    def _too_large(self, size: int) -> Response:
+        """A body over the limit: the server answers this without reading the body."""
         self.metrics.count_ipn("too_large")
         self.log.warning("ipn_too_large", content_length=size, limit_bytes=MAX_BODY_BYTES)
-        return web.json_response({"error": "body too large"}, status=413)
+        return error_response(413, "body too large")

@@ -119,7 +119,9 @@ def configure(
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
+        else structlog.dev.ConsoleRenderer(
+            colors=False, exception_formatter=structlog.dev.plain_traceback
+        )
     )
     numeric_level = logging.getLevelNamesMapping()[level.upper()]
     shared: list[Any] = [

@@ -10,24 +10,27 @@ starts the server and creates the database.
 
 from __future__ import annotations
 
-import fcntl
-import json
-import logging
 import os
+import sys
 import threading
-import warnings
-from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    import logging
+
+# Start-up (docs/benchmarks.md "Start-up"): this module is imported before the configuration
+# is read, so it imports only what starting the thread needs; the rest (logging, json, fcntl,
+# pgserver) is imported by the thread itself, while the main thread imports the daemon.
 
 # pgserver's list of the processes using the server; the last one to exit stops it.
 HANDLE_PIDS = ".handle_pids.json"
 LOCK_FILE = "postgres.lock"
 DATA_DIRECTORY = "postgres"
+IMPORT_WAIT_SECONDS = 5.0  # start_early waits at most this long for pgserver's import
 
 
-@dataclass(frozen=True)
-class Started:
+class Started(NamedTuple):
     """A started (or reused) server, with the state directory's lock still held."""
 
     admin_uri: str
@@ -46,6 +49,8 @@ def forget_dead_handles(pgdata: Path) -> list[int]:
     then no later process is ever the last one, so the server would never be stopped again.
     Called under the state directory's lock, before this process adds itself.
     """
+    import json  # noqa: PLC0415 - see the start-up note at the top
+
     path = pgdata / HANDLE_PIDS
     try:
         pids = json.loads(path.read_text())
@@ -70,20 +75,33 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _start(pgdata: Path) -> tuple[str, list[int]]:
+def _import_pgserver() -> Any:
+    import logging  # noqa: PLC0415 - see the start-up note at the top
+    import warnings  # noqa: PLC0415
+
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-        logging.getLogger("pgserver").setLevel(logging.WARNING)
         import pgserver  # noqa: PLC0415 - heavy import, only when embedded
+    return pgserver
 
+
+def _start(pgdata: Path) -> tuple[str, list[int]]:
+    import warnings  # noqa: PLC0415
+
+    pgserver = _import_pgserver()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
         pgdata.parent.mkdir(parents=True, exist_ok=True)
         dropped = forget_dead_handles(pgdata)
-        server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")
         uri: str = server.get_uri()
     return uri, dropped
 
 
 def lock(path: Path) -> int:
+    import fcntl  # noqa: PLC0415 - see the start-up note at the top
+
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(descriptor, fcntl.LOCK_EX)
@@ -91,6 +109,8 @@ def lock(path: Path) -> int:
 
 
 def unlock(descriptor: int) -> None:
+    import fcntl  # noqa: PLC0415 - see the start-up note at the top
+
     fcntl.flock(descriptor, fcntl.LOCK_UN)
     os.close(descriptor)
 
@@ -109,38 +129,59 @@ def start(state_dir: Path) -> Started:
     return Started(admin_uri=uri, lock=descriptor, dropped_handles=dropped)
 
 
-_early: dict[Path, Future[Started]] = {}
-
-
-class _Held(logging.Handler):
-    """pgserver's log records of an early start, kept until logging is configured."""
+class Early:
+    """The outcome of a start begun in a thread: :meth:`result` waits for it."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
+        self._done = threading.Event()
+        self._started: Started | None = None
+        self._error: BaseException | None = None
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+    def set(self, started: Started | None, error: BaseException | None) -> None:
+        self._started, self._error = started, error
+        self._done.set()
+
+    def result(self) -> Started:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._started is not None
+        return self._started
 
 
-_held = _Held()
+_early: dict[Path, Early] = {}
+_held: list[logging.LogRecord] = []  # pgserver's records of an early start
+_holding: list[logging.Handler] = []  # the handler holding them, while it does
 
 
 def _hold_pgserver_logs() -> None:
+    """Keep pgserver's log records until :func:`release_held_logs` (logging is not configured
+    yet)."""
+    import logging  # noqa: PLC0415 - see the start-up note at the top
+
+    class Held(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            _held.append(record)
+
     logger = logging.getLogger("pgserver")
-    logger.addHandler(_held)
+    handler = Held()
+    _holding.append(handler)
+    logger.addHandler(handler)
     logger.propagate = False
 
 
 def release_held_logs() -> None:
     """Log what pgserver logged during an early start, now that logging is configured; its
     later records go the usual way."""
+    import logging  # noqa: PLC0415
+
     logger = logging.getLogger("pgserver")
-    if _held not in logger.handlers:
+    if not _holding:
         return
-    logger.removeHandler(_held)
+    logger.removeHandler(_holding.pop())
     logger.propagate = True
-    records, _held.records = _held.records, []
+    records = list(_held)
+    _held.clear()
     for record in records:
         logger.handle(record)
 
@@ -155,19 +196,38 @@ def start_early(state_dir: Path) -> None:
     """
     if state_dir in _early:
         return
-    _hold_pgserver_logs()
-    future: Future[Started] = Future()
-    _early[state_dir] = future
+    early = Early()
+    _early[state_dir] = early
+    # Only pgserver logs to its logger. With logging not imported yet, nothing can log before
+    # the thread holds the records (first thing, before it imports pgserver); importing
+    # logging here would only delay the thread.
+    hold_here = "logging" in sys.modules
+    if hold_here:
+        _hold_pgserver_logs()
+
+    imported = threading.Event()
 
     def run() -> None:
         try:
-            future.set_result(start(state_dir))
-        except BaseException as exc:  # handed to whoever takes the future
-            future.set_exception(exc)
+            if not hold_here:
+                _hold_pgserver_logs()
+            _import_pgserver()
+        except Exception:  # noqa: S110 - start() imports it again and reports the error
+            pass
+        finally:
+            imported.set()
+        try:
+            early.set(start(state_dir), None)
+        except BaseException as exc:  # handed to whoever takes the outcome
+            early.set(None, exc)
 
     threading.Thread(target=run, name="embedded-postgres-start", daemon=True).start()
+    # Let the thread import pgserver alone (both threads would take turns on the interpreter
+    # otherwise, doubling it): then pg_ctl starts sooner, and the daemon's imports run while
+    # it waits for the server.
+    imported.wait(IMPORT_WAIT_SECONDS)
 
 
-def take_early(state_dir: Path) -> Future[Started] | None:
+def take_early(state_dir: Path) -> Early | None:
     """The start begun by :func:`start_early` for ``state_dir``, once; None without one."""
     return _early.pop(state_dir, None)

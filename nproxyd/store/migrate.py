@@ -79,6 +79,8 @@ async def migrate(
     """
     wait = sleep or SystemClock().sleep
     with map_errors():
+        if await _up_to_date(connection):
+            return []  # nothing pending: no lock to take (every start checks this)
         if lock_connection is not None:
             async with _transaction_lock(lock_connection, wait):
                 return await _create_and_apply(connection)
@@ -169,6 +171,15 @@ async def _take_lock(connection: Connection, sleep: Callable[[float], Awaitable[
     while not await connection.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
         await sleep(delay)
         delay = min(delay * 2, 1.0)
+
+
+async def _up_to_date(connection: Connection) -> bool:
+    """Whether every shipped migration is recorded (one read; False without the table)."""
+    try:
+        done = await applied_versions(connection)
+    except asyncpg.UndefinedTableError:
+        return False
+    return all(migration.version in done for migration in available())
 
 
 async def applied_versions(connection: Connection) -> set[int]:

@@ -32,9 +32,6 @@ from importlib import resources
 from typing import Any
 
 _HEADER = re.compile(r"^-- ([a-z0-9_]+) --$", re.MULTILINE)
-_NAME = re.compile(r"[a-z_][a-z0-9_]*")
-_POSITIONAL = re.compile(r"\$([0-9]+)")
-_DOLLAR_TAG = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$")
 
 
 class ParameterMismatch(TypeError):
@@ -76,46 +73,30 @@ class Statement:
         return args
 
 
-def _escape_prefix(sql: str, quote: int) -> bool:
-    """Whether the quote at ``quote`` opens an ``E'…'`` string (a lone E, not a word's end)."""
-    before = sql[quote - 2] if quote >= 2 else " "
-    return sql[quote - 1 : quote] in ("e", "E") and not (before.isalnum() or before in "_$")
-
-
-def _skip_quoted(sql: str, start: int) -> int:
-    """The index after the literal, identifier, comment or dollar-quoted string at ``start``,
-    or ``start`` when none begins there."""
-    char = sql[start]
-    if char in "'\"":
-        # A doubled quote is an escaped quote; E'…' strings may also escape with a backslash.
-        escapes = char == "'" and _escape_prefix(sql, start)
-        index = start + 1
-        while index < len(sql):
-            if escapes and sql[index] == "\\":
-                index += 2
-                continue
-            if sql[index] == char:
-                if sql.startswith(char, index + 1):
-                    index += 2
-                    continue
-                return index + 1
-            index += 1
-        raise ValueError(f"unterminated {char} at offset {start}")
-    if sql.startswith("--", start):
-        end = sql.find("\n", start)
-        return len(sql) if end < 0 else end
-    if sql.startswith("/*", start):
-        end = sql.find("*/", start + 2)
-        if end < 0:
-            raise ValueError(f"unterminated comment at offset {start}")
-        return end + 2
-    tag = _DOLLAR_TAG.match(sql, start)
-    if char == "$" and tag:
-        end = sql.find(tag.group(0), tag.end())
-        if end < 0:
-            raise ValueError(f"unterminated dollar quote at offset {start}")
-        return end + len(tag.group(0))
-    return start
+# One token of a block: what ``:name``/``$n`` scanning must step over whole (string literals,
+# E'…' strings with backslash escapes, quoted identifiers, comments, dollar-quoted strings,
+# ``::`` casts), a parameter, or the opener of an unterminated one. ``finditer`` tries it at
+# each offset in turn, like a character loop but in C (the blocks are parsed at import).
+# A quote right after a lone E (not the end of a word) opens an E'…' string; possessive
+# repeats never give back a doubled quote, so an unterminated literal is never split in two.
+_LONE_E = r"(?<=[eE])(?<![\w$][eE])"
+_TOKEN = re.compile(
+    rf"""
+      {_LONE_E}'(?:[^'\\]|\\.|'')*+'
+    | (?P<open_e>{_LONE_E}')
+    | '(?:[^']|'')*+'
+    | "(?:[^"]|"")*+"
+    | --[^\n]*
+    | /\*.*?\*/
+    | \$(?P<tag>(?:[A-Za-z_][A-Za-z0-9_]*)?)\$.*?\$(?P=tag)\$
+    | ::
+    | :(?P<name>[a-z_][a-z0-9_]*)
+    | \$(?P<number>[0-9]+)
+    | (?P<open>['"]|/\*|\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+_UNTERMINATED = {"/*": "comment", "'": "'", '"': '"'}
 
 
 def number_parameters(sql: str) -> tuple[str, tuple[str, ...], int]:
@@ -125,30 +106,24 @@ def number_parameters(sql: str) -> tuple[str, tuple[str, ...], int]:
     names: list[str] = []
     highest = 0
     index = 0
-    while index < len(sql):
-        after = _skip_quoted(sql, index)
-        if after > index:
-            out.append(sql[index:after])
-            index = after
-            continue
-        if sql.startswith("::", index):
-            out.append("::")
-            index += 2
-            continue
-        named = _NAME.match(sql, index + 1) if sql[index] == ":" else None
-        positional = _POSITIONAL.match(sql, index)
-        if named:
-            if named.group(0) not in names:
-                names.append(named.group(0))
-            out.append(f"${names.index(named.group(0)) + 1}")
-            index = named.end()
-        elif positional:
-            highest = max(highest, int(positional.group(1)))
-            out.append(positional.group(0))
-            index = positional.end()
+    for token in _TOKEN.finditer(sql):
+        out.append(sql[index : token.start()])
+        index = token.end()
+        name, number, opener = token.group("name", "number", "open")
+        opener = opener or token.group("open_e")
+        if name is not None:
+            if name not in names:
+                names.append(name)
+            out.append(f"${names.index(name) + 1}")
+        elif number is not None:
+            highest = max(highest, int(number))
+            out.append(token.group(0))
+        elif opener is not None:
+            kind = _UNTERMINATED.get(opener, "dollar quote")
+            raise ValueError(f"unterminated {kind} at offset {token.start()}")
         else:
-            out.append(sql[index])
-            index += 1
+            out.append(token.group(0))
+    out.append(sql[index:])
     if names and highest:
         raise ValueError("both :name and $n parameters")
     return "".join(out), tuple(names), highest

@@ -5,7 +5,13 @@ done, the ``nproxyd`` database created, every migration applied by an earlier
 ``nproxyd migrate``), the server itself is stopped (the previous process using it exited
 cleanly, so pgserver's ``cleanup_mode="stop"`` stopped it), and the operating system's page
 cache holds the Python packages and the cluster's files (one untimed start of each side first).
-So both sides pay for starting the postgres server; neither pays for initdb.
+So both sides pay for starting the postgres server; neither pays for initdb. Warm also means
+compiled: both sides run with a bytecode cache of their own (``PYTHONPYCACHEPREFIX`` in the
+temporary directory, written by the untimed first start), as an installed package has its
+``.pyc`` files; without it, a source tree run with ``PYTHONDONTWRITEBYTECODE`` (as in this
+project's development environment) compiles every nproxyd module on every start while
+pgserver's own are precompiled in site-packages. ``BYTECODE=0`` in the environment measures
+without the cache.
 
 A: ``python -m nproxyd run`` with an empty ``database.dsn`` (the embedded server), from the
 ``exec`` until ``/readyz`` answers 200 (polled every 5 ms). B: a fresh Python process calling
@@ -42,8 +48,17 @@ sys.stdin.read()
 """
 
 
-def _environment(state_dir: Path, port: int) -> dict[str, str]:
+def _python_environment(state_dir: Path) -> dict[str, str]:
+    """The environment of either side: the caller's, with the bench's bytecode cache."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("NPROXYD")}
+    if os.environ.get("BYTECODE", "1") != "0":
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(state_dir / "pycache")
+    return env
+
+
+def _environment(state_dir: Path, port: int) -> dict[str, str]:
+    env = _python_environment(state_dir)
     env.update(
         NPROXYD__DAEMON__STATE_DIR=str(state_dir),
         NPROXYD__HTTP__LISTEN=f"127.0.0.1:{port}",
@@ -96,6 +111,7 @@ def _pgserver_start(state_dir: Path) -> float:
     started = time.perf_counter()
     process = subprocess.Popen(
         [sys.executable, "-c", PGSERVER_START, str(state_dir / "postgres")],
+        env=_python_environment(state_dir),
         cwd=REPO_ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -118,6 +134,8 @@ async def run(_: TestServer) -> list[Figure]:
     bench = "startup"
     with tempfile.TemporaryDirectory(prefix="nproxyd-bench-startup-") as directory:
         state_dir = Path(directory)
+        cached = os.environ.get("BYTECODE", "1") != "0"
+        note(bench, f"bytecode cache {'on' if cached else 'off (BYTECODE=0)'}")
         note(bench, "initialising the embedded cluster (nproxyd migrate)")
         _prepare(state_dir)
         _daemon_start(state_dir)  # untimed: page cache

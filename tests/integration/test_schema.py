@@ -6,6 +6,7 @@ import asyncpg
 import pytest
 
 from nproxyd.store.database import Database
+from nproxyd.store.migrate import _LOCK_KEY as LOCK_KEY
 from nproxyd.store.migrate import available, migrate
 
 pytestmark = pytest.mark.anyio
@@ -81,3 +82,20 @@ class TestMigrations:
             applied = await migrate(connection)
         assert applied == [m.version for m in available()]
         assert await db.pool.fetchval("SELECT count(*) FROM users") == 1
+
+    async def test_an_up_to_date_database_is_checked_without_the_lock(
+        self, db: Database, dsn: str
+    ) -> None:
+        """With every migration recorded, a start's check returns at once even while another
+        session holds the migration lock (a start reads; only a migrating one waits)."""
+        holder = await asyncpg.connect(dsn)
+
+        async def must_not_wait(_: float) -> None:
+            raise AssertionError("waited for the migration lock")
+
+        try:
+            await holder.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+            async with db.pool.acquire() as connection:
+                assert await migrate(connection, sleep=must_not_wait) == []
+        finally:
+            await holder.close()

@@ -100,6 +100,21 @@ class TestNotParameters:
         with pytest.raises(ValueError, match="unterminated"):
             number_parameters("SELECT ':x")
 
+    @pytest.mark.parametrize(
+        ("sql", "message"),
+        [
+            ("SELECT ''', :x", "unterminated ' at offset 7"),
+            ("SELECT E'a\\', :x", "unterminated ' at offset 8"),
+            ('SELECT "a""', 'unterminated " at offset 7'),
+            ("SELECT 1 /* :x", "unterminated comment at offset 9"),
+            ("SELECT $q$ :x $$", "unterminated dollar quote at offset 7"),
+        ],
+    )
+    def test_an_unterminated_token_is_named_at_its_opening(self, sql: str, message: str) -> None:
+        """A doubled or escaped quote never ends a literal: the error names where it began."""
+        with pytest.raises(ValueError, match=message):
+            number_parameters(sql)
+
 
 NAMED = Statement("named", "By name.", "SELECT $1, $2", 2, ("now", "ids"))
 POSITIONAL = Statement("positional", "$1 now.", "SELECT $1", 1)

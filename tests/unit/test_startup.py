@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from nproxyd.core.errors import DatabaseUnavailable
 from nproxyd.store.embedded import start_embedded
 from nproxyd.store.embedded_process import LOCK_FILE, start_early, take_early
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DRIVERS = ("asyncpg", "aiohttp", "aiosmtplib", "structlog", "prometheus_client", "tenacity")
 UNUSED_ADAPTERS = (
     "nproxyd.adapters.payment_nowpayments",
@@ -81,6 +83,41 @@ class TestImports:
             "assert out.getvalue().startswith('nproxyd '), out.getvalue()\n"
         )
         assert loaded_after(code, ("nproxyd.app", *DRIVERS)) == []
+
+    def test_the_composition_root_imports_no_http_framework(self) -> None:
+        """``import nproxyd.app`` loads no aiohttp: the HTTP surfaces run on the standard
+        library; only the NOWPayments adapters (built when configured) use aiohttp."""
+        assert loaded_after("import nproxyd.app", ("aiohttp",)) == []
+
+    def test_the_version_needs_no_metadata_look_up(self) -> None:
+        """The command line and the daemon's modules do not load ``importlib.metadata``;
+        ``__version__`` is the installed distribution's version and pyproject.toml's source."""
+        daemon = "from nproxyd import cli\ncli.import_structlog_plainly()\nimport nproxyd.app"
+        assert loaded_after(daemon, ("importlib.metadata",)) == []
+        code = (
+            "import importlib.metadata, nproxyd\n"
+            "assert nproxyd.__version__ == importlib.metadata.version('nproxyd')\n"
+        )
+        assert loaded_after(code, ()) == []
+        pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+        assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {
+            "attr": "nproxyd.__version__"
+        }
+
+    def test_a_command_loads_structlog_without_its_optional_extras(self) -> None:
+        """A command (here ``check-config``) imports structlog without rich or colorama, which
+        stay importable; console tracebacks are plain either way."""
+        pytest.importorskip("rich")
+        code = (
+            "import contextlib, io\n"
+            "from nproxyd import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert cli.main(['check-config']) == cli.EXIT_OK\n"
+            "import importlib.util, structlog.dev\n"
+            "assert structlog.dev.rich is None\n"
+            "assert importlib.util.find_spec('rich') is not None\n"
+        )
+        assert loaded_after(code, ("rich", "colorama", "aiohttp")) == []
 
 
 class TestPaymentStatusSource:
