@@ -4,10 +4,10 @@
 -- Transition tables have no statistics and PL/pgSQL keeps the plan made at the session's first
 -- call, so a session whose first UPDATE touched one row nested-looped every later statement:
 -- cost in the square of the rows updated. With 100,000 rows in mail_outbox, a lease of 1,000
--- rows spent 143 ms in the trigger, of 3,000 rows 1.3 s, of 10,000 rows 35 s. Even with a hash
--- join every UPDATE of mail_outbox copied its old and new rows into the transition tables
+-- rows spent 143-163 ms in the trigger, of 3,000 rows 1.3 s, of 10,000 rows 35 s. Even with a
+-- hash join every UPDATE of mail_outbox copied its old and new rows into the transition tables
 -- (1,869 temporary blocks written for 10,000 rows, past work_mem), the sender's own leases and
--- outcomes included, to find nothing.
+-- outcomes included, to find nothing (docs/benchmarks.md: the mail-due trigger).
 --
 -- Here the check is the trigger's WHEN clause, evaluated as each row is updated: where it is
 -- false (every update of the mail sender: leases, extensions, recorded outcomes) nothing is
@@ -15,8 +15,8 @@
 -- notification, and PostgreSQL delivers identical notifications of one transaction once, at
 -- commit. So the listeners see what they saw before: one notification per transaction that
 -- inserted pending mail, made mail pending again, or moved a pending mail's next_attempt_at
--- earlier. A row that wakes the senders costs about 3 µs (100,000 dead mails retried by one
--- statement: 0.33 s of a 2.7-3.2 s statement). Rows are paired by identity, not by id, so an
+-- earlier. A row that wakes the senders costs about 3.4 µs (100,000 dead mails retried by one
+-- statement: 0.33 s of a 2.6-3.7 s statement). Rows are paired by identity, not by id, so an
 -- UPDATE that changes a mail's id is judged on that row too (0005 missed it; nothing does it).
 -- The INSERT trigger of 0005 stays: it stops at the first pending row, linear.
 --
@@ -35,8 +35,9 @@ END
 $$;
 
 -- The old trigger goes first: its ACCESS EXCLUSIVE lock is the strongest this needs, taken
--- before any weaker one (no lock upgrade a writer could deadlock with). Both in one transaction:
--- no writer ever sees mail_outbox without one of them. Nothing is locked when both are in place.
+-- before any weaker one (no lock upgrade a writer could deadlock with). One transaction: no
+-- writer ever sees mail_outbox without one of the two. When the row-level trigger is in place
+-- and the old one gone, nothing is locked.
 DO $$
 BEGIN
     IF EXISTS (
