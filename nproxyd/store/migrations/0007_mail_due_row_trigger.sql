@@ -16,8 +16,9 @@
 -- commit. So the listeners see what they saw before: one notification per transaction that
 -- inserted pending mail, made mail pending again, or moved a pending mail's next_attempt_at
 -- earlier. A row that wakes the senders costs about 3.4 µs (100,000 dead mails retried by one
--- statement: 0.33 s of a 2.6-3.7 s statement). Rows are paired by identity, not by id, so an
--- UPDATE that changes a mail's id is judged on that row too (0005 missed it; nothing does it).
+-- statement: 0.33 s of a 2.6-3.7 s statement) and a queued event of about 23 bytes in memory
+-- until the statement ends. Rows are paired by identity, not by id, so an UPDATE that changes
+-- a mail's id is judged on that row too (0005 missed it; nothing does it).
 -- The INSERT trigger of 0005 stays: it stops at the first pending row, linear.
 --
 -- Idempotent: it may run again, also after 0005 ran again and put its trigger back.
