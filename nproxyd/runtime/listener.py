@@ -1,10 +1,11 @@
 """NOTIFY wake-ups: a supervised task that turns ``nproxyd_mail_due`` into mail-sender ticks.
 
 Mail committed by anyone (the web API, another instance, ``nproxyd mail retry``) fires a
-NOTIFY (migration 0005). This task keeps one LISTEN session open, wakes the mail sender through
-its coalescing wake channel for each notification, and once more after every (re)connect for
-what was committed while it was away. When the session drops it reconnects with capped,
-jittered backoff; meanwhile the mail sender's sweep still finds every row, only later.
+NOTIFY (migrations 0005 and 0007). This task keeps one LISTEN session open, wakes the mail
+sender through its coalescing wake channel for each notification, and once more after every
+(re)connect for what was committed while it was away. When the session drops it reconnects
+with capped, jittered backoff; meanwhile the mail sender's sweep still finds every row, only
+later.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@
 -- never looks before the rows are visible; the mail sender's sweep remains the fallback.
 -- Statement-level with transition tables: one check per statement, not per row, and the
 -- daemon's own updates (leases, recorded outcomes) stay quiet.
+-- Migration 0007 replaces the UPDATE trigger with a row-level one (the join below could cost
+-- the square of a statement's rows).
 
 -- Creating a trigger locks mail_outbox against writes for a moment: never wait long for it.
 SET LOCAL lock_timeout = '5s';
