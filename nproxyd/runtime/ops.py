@@ -14,6 +14,8 @@ import anyio
 import msgspec
 import structlog
 
+from nproxyd.actors.mail_sender import MailSender
+from nproxyd.actors.renewal_scheduler import RenewalScheduler
 from nproxyd.core.channels import Channel
 from nproxyd.core.clock import Clock, format_instant
 from nproxyd.core.config import HealthConfig
@@ -30,8 +32,8 @@ DB_TIMEOUT_SECONDS = 2.0
 HEALTH_CHECK_SECONDS = 10.0
 # Which actor's degraded streak means what, and the health key bounding it.
 DEGRADED_REASONS = {
-    "renewal-scheduler": ("provider_failing", "provider_failing_seconds"),
-    "mail-sender": ("mail_failing", "mail_failing_seconds"),
+    RenewalScheduler.name: ("provider_failing", "provider_failing_seconds"),
+    MailSender.name: ("mail_failing", "mail_failing_seconds"),
 }
 
 
@@ -192,7 +194,7 @@ class OpsQueries:
         """Mail-sender wake-ups kept as counts elsewhere: in-process messages and sweeps."""
         metrics = self.monitor.metrics
         metrics.count_wakeups("local", self.channel.sent)
-        mail = self.loops.get("mail-sender")
+        mail = self.loops.get(MailSender.name)
         if mail is not None:
             metrics.count_wakeups("sweep", mail.stats.timer_ticks)
 
@@ -332,7 +334,10 @@ class OpsQueries:
                 latest = await self.health.latest_failures()
             except Exception:  # /status shows what it can; see read_database
                 return {}
-            return {"renewal-scheduler": latest.renewal_error, "mail-sender": latest.mail_error}
+            return {
+                RenewalScheduler.name: latest.renewal_error,
+                MailSender.name: latest.mail_error,
+            }
         return {}
 
     def _actor_status(self, name: str, failures: dict[str, str | None]) -> dict[str, Any]:
