@@ -194,7 +194,12 @@ class Pipe(asyncio.Protocol):
         for line in lines:
             if self._failure is not None:
                 return
-            self._line(line)
+            # The common case inline: a one-line reply ("250 2.0.0 Ok") while none is open.
+            code = line[:3]
+            if line[3:4] == b" " and not self._lines and code.isdigit() and len(line) < 512:
+                self._received(Reply(int(code), line[4:].strip(b" \t\r\n")))
+            else:
+                self._line(line)
         if rest and self._failure is None:
             if len(rest) > MAX_LINE_LENGTH:
                 self._garbled(b"Response too long")
