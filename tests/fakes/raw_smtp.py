@@ -51,6 +51,7 @@ class _Script:
     trickle_seconds: float = 0.0
     mail_reply: bytes = b"250 2.1.0 OK"
     data_reply: bytes = b"354 End data with <CR><LF>.<CR><LF>"
+    rset_reply: bytes = b"250 2.0.0 OK"
     rcpt_replies: dict[str, bytes] = field(default_factory=dict)
     data_end_replies: dict[str, bytes] = field(default_factory=dict)
     drops: Counter[Stage] = field(default_factory=Counter)
@@ -137,6 +138,11 @@ class RawSmtpServer:
         """Answer every ``DATA`` command (that has a recipient) with ``reply`` from now on."""
         with self._lock:
             self._script.data_reply = reply
+
+    def answer_rset(self, reply: bytes) -> None:
+        """Answer every ``RSET`` with ``reply`` from now on (the transaction is reset anyway)."""
+        with self._lock:
+            self._script.rset_reply = reply
 
     def drop_at(self, stage: Stage, count: int = 1) -> None:
         """Close the connection instead of answering at ``stage``, ``count`` times."""
@@ -281,6 +287,8 @@ class RawSmtpServer:
             if verb == b"RSET":
                 envelope.rcpt_tos.clear()
                 envelope.started = False
+                with self._lock:
+                    return None, self._script.rset_reply
             return None, b"250 2.0.0 OK"
         return None, b"500 5.5.2 Command not recognized"
 

@@ -375,6 +375,42 @@ class TestAcrossMessages:
         }
         assert transport.connections_opened == 1
 
+    async def test_refused_envelope_is_reset_in_the_write_of_the_next_envelope(
+        self, pipelining_server: RawSmtpServer
+    ) -> None:
+        """After a refused envelope, RSET and the next message's envelope go in one write."""
+        pipelining_server.answer_rcpt(REFUSED, b"550 5.1.1 no such user")
+        transport = one_connection(pipelining_server)
+
+        outcomes = await send_all(transport, [(REFUSED, 0), (GOOD, 1), (GOOD, 2)], senders=2)
+        await transport.aclose()
+
+        assert isinstance(outcomes[0], MailPermanentError)
+        assert (outcomes[1], outcomes[2]) == (None, None)
+        assert [b"RSET", b"MAIL", b"RCPT", b"DATA"] in envelope_groups(pipelining_server)
+        assert pipelining_server.message_ids() == {
+            "<pipe-1@nproxy.localhost>": 1,
+            "<pipe-2@nproxy.localhost>": 1,
+        }
+        assert transport.connections_opened == 1
+
+    async def test_refused_reset_moves_the_next_message_to_a_fresh_connection(
+        self, pipelining_server: RawSmtpServer
+    ) -> None:
+        """An RSET refused after a refused envelope fails the connection: the message pipelined
+        behind is sent once on a fresh connection, without an answer counted against it."""
+        pipelining_server.answer_rcpt(REFUSED, b"550 5.1.1 no such user")
+        pipelining_server.answer_rset(b"500 5.5.1 no")
+        transport = one_connection(pipelining_server)
+
+        outcomes = await send_all(transport, [(REFUSED, 0), (GOOD, 1)], senders=2)
+        await transport.aclose()
+
+        assert isinstance(outcomes[0], MailPermanentError)
+        assert outcomes[1] is None
+        assert pipelining_server.message_ids() == {"<pipe-1@nproxy.localhost>": 1}
+        assert transport.connections_opened == 2
+
     async def test_drop_after_a_body_costs_the_next_message_nothing(
         self, pipelining_server: RawSmtpServer
     ) -> None:
