@@ -2,10 +2,12 @@
 
 aiosmtplib opens each connection (TCP, TLS or STARTTLS, AUTH, EHLO); the messages then go
 through :class:`nproxyd.adapters.smtp_client.Pipe` on the same transport. When the server offers
-RFC 2920 PIPELINING, MAIL, RCPT and DATA go in one write, and once DATA got its 354 the send
-hands the connection on: the next send's envelope goes out in the same write as this body and
-its ".", and the replies come back in order. Without PIPELINING every command waits for its
-reply (lock-step) and a connection serves one send at a time.
+RFC 2920 PIPELINING, a send submits its whole message to the pipe and lends the connection on
+at once (up to ``PIPELINE_DEPTH`` messages in flight per connection): MAIL, RCPT and DATA go in
+one write, and the pipe writes the body and its "." from its reply handler when DATA's 354
+comes, in the same write as the next message's envelope; the send wakes once, when its message
+is answered. Without PIPELINING every command waits for its reply (lock-step) and a connection
+serves one send at a time.
 
 Every send borrows a connection: an idle one from the stack, or a new one while fewer than
 ``max_connections`` exist (without any lock or checkpoint when one is idle). A connection goes
@@ -88,15 +90,23 @@ class _Progress:
     recipient_accepted = False
 
 
-class _Connection:
-    """One open connection: its pipe and what its server offers."""
+# Messages in flight on one pipelining connection: one whose envelope is answered, one whose
+# body is, one waiting with the next envelope, so that every body shares its write.
+PIPELINE_DEPTH = 3
 
-    __slots__ = ("pipe", "pipelining", "smtputf8")
+
+class _Connection:
+    """One open connection: its pipe, what its server offers, and its messages in flight."""
+
+    __slots__ = ("discarded", "full", "inflight", "pipe", "pipelining", "smtputf8")
 
     def __init__(self, pipe: Pipe, *, pipelining: bool, smtputf8: bool) -> None:
         self.pipe = pipe
         self.pipelining = pipelining
         self.smtputf8 = smtputf8
+        self.inflight = 0  # messages submitted and not yet answered (pipelining only)
+        self.full = False  # PIPELINE_DEPTH in flight: out of the idle stack until one is done
+        self.discarded = False
 
 
 # What each reply of the envelope group must be; anything else is the server's refusal.
@@ -181,8 +191,8 @@ class SmtpTransport:
                 if connection.pipe.usable:
                     return connection, True
                 self._discard(connection)
-            if fresh and self._idle and self._open_count >= self._config.max_connections:
-                self._discard(self._idle.pop(0))  # make room for the fresh one
+            if fresh and self._open_count >= self._config.max_connections:
+                self._make_room()
             if self._open_count < self._config.max_connections:
                 self._open_count += 1
                 try:
@@ -196,6 +206,14 @@ class SmtpTransport:
                 # A connect failed while this send waited: the server is unavailable for it
                 # too, and it does not ask again (one connect per connection slot at most).
                 raise MailUnavailableError(self._connect_failed.message)
+
+    def _make_room(self) -> None:
+        """Close the oldest idle connection with nothing in flight, for a fresh one."""
+        for index, connection in enumerate(self._idle):
+            if not connection.inflight:
+                del self._idle[index]
+                self._discard(connection)
+                return
 
     async def _wait(self) -> None:
         waiter = asyncio.get_running_loop().create_future()
@@ -229,6 +247,9 @@ class SmtpTransport:
             self._discard(connection)
 
     def _discard(self, connection: _Connection) -> None:
+        if connection.discarded:  # its other messages in flight learn it too: once is enough
+            return
+        connection.discarded = True
         connection.pipe.close()
         self._release()
 
@@ -281,31 +302,52 @@ class SmtpTransport:
         except _LOCAL_REFUSALS:
             self._checkin(connection, clean=True)  # nothing was sent
             raise
-        clean = handed_on = False
+        if connection.pipelining:
+            await self._pipelined(connection, envelope, block, progress)
+            return
+        clean = False
         pipe = connection.pipe
         try:
             await _send_envelope(connection, envelope, progress)
             final: list[Reply] = []
-            if connection.pipelining:
-                # The body and its "." go out with what the next send writes in this loop
-                # iteration (its envelope): the connection is the next send's from here on,
-                # and this message's reply comes before any of the next one's.
-                follower = any(not waiter.done() for waiter in self._waiters)
-                self._checkin(connection, clean=True)
-                handed_on = True
-                await pipe.wait(pipe.expect(block, 1, final, defer=follower))
-            else:
-                await pipe.wait(pipe.expect(block, 1, final))
+            await pipe.wait(pipe.expect(block, 1, final))
             _accepted(final[0])
             clean = True
         except ReplyError as exc:
-            if not handed_on:
-                # A garbled reply (code -1) leaves the stream out of step: never reuse it.
-                clean = exc.resettable and exc.reply.code > 0 and await _reset(pipe)
+            # A garbled reply (code -1) leaves the stream out of step: never reuse it.
+            clean = exc.resettable and exc.reply.code > 0 and await _reset(pipe)
             raise
         finally:
-            if not handed_on:
-                self._checkin(connection, clean=clean)
+            self._checkin(connection, clean=clean)
+
+    async def _pipelined(
+        self, connection: _Connection, envelope: bytes, block: bytes, progress: _Progress
+    ) -> None:
+        """Submit the message to the pipe, which drives it from its replies (the body after
+        354, or RSET after a refusal); the connection serves further sends meanwhile, up to
+        ``PIPELINE_DEPTH`` in flight. Wakes once, when the message is answered."""
+        pipe = connection.pipe
+        replies: list[Reply] = []
+        future = pipe.submit(envelope, block, replies)
+        connection.inflight += 1
+        if connection.inflight < PIPELINE_DEPTH:
+            self._checkin(connection, clean=True)
+        else:
+            connection.full = True
+        try:
+            await pipe.wait(future)
+        except (Dropped, ReplyTimeout, ReplyError):
+            _judge(replies[:3], _ENVELOPE, progress)
+            raise
+        finally:
+            connection.inflight -= 1
+            if connection.full or not pipe.usable:  # back in the stack, or its slot freed
+                connection.full = False
+                if connection in self._idle:
+                    self._idle.remove(connection)
+                self._checkin(connection, clean=True)
+        _judge(replies[:3], _ENVELOPE, progress)
+        _accepted(replies[3])
 
     def _translate(self, exc: Exception, *, progress: _Progress | None) -> MailError:
         """The one place where SMTP driver errors become unavailable, transient or permanent.

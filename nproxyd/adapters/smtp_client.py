@@ -4,9 +4,14 @@ aiosmtplib opens the connection (TCP, implicit TLS or STARTTLS, AUTH, EHLO); the
 leaves is then driven by :class:`Pipe`, an ``asyncio.Protocol`` that writes a whole group of
 commands at once and parses every reply that comes back, however the bytes are split.
 
-With PIPELINING one message costs two writes: ``MAIL``, ``RCPT`` and ``DATA`` together, then
-the body and its ``.``; ``DATA`` ends the group (RFC 2920 §3.1), so the body goes only after
-its ``354``. Without PIPELINING each command waits for its reply (lock-step).
+With PIPELINING a message is submitted whole (:meth:`Pipe.submit`) and driven from the reply
+handler: ``MAIL``, ``RCPT`` and ``DATA`` go together; ``DATA`` ends the group (RFC 2920 §3.1), so
+the body and its ``.`` go only after its ``354``, written from ``data_received`` in the same
+write as the envelope of the message submitted behind it (held until then: after ``DATA``
+anything written would be body). A refused envelope is followed by ``RSET`` in that write
+instead of the body; if the server said ``354`` after all, it waits for a body and the
+connection is failed. The sender's task wakes once per message, at its end-of-data reply.
+Without PIPELINING each command waits for its reply (lock-step).
 
 Each reply must arrive within ``timeout`` seconds of the previous one, or of the write that
 asked for it (the per-command timeout aiosmtplib applies), checked by one watchdog timer per
@@ -77,14 +82,27 @@ def data_block(message: bytes) -> bytes:
 
 
 class _Expected:
-    """Replies one write asked for, filled in order as they arrive."""
+    """Replies one write asked for, filled in order as they arrive; ``body``: a submitted
+    message's DATA block, written once its envelope's three replies are in."""
 
-    __slots__ = ("count", "future", "replies")
+    __slots__ = ("body", "count", "future", "replies", "reset")
 
-    def __init__(self, count: int, replies: list[Reply], future: asyncio.Future[None]) -> None:
+    def __init__(
+        self,
+        count: int,
+        replies: list[Reply],
+        future: asyncio.Future[None],
+        body: bytes | None = None,
+    ) -> None:
         self.count = count
         self.replies = replies
         self.future = future
+        self.body = body
+        self.reset = False  # the RSET after a refused envelope: anything but 250 fails the pipe
+
+
+ENVELOPE_OK = ((MAIL_OK,), RCPT_OK, (DATA_OK,))
+_RESET = b"RSET\r\n"
 
 
 class Pipe(asyncio.Protocol):
@@ -102,8 +120,10 @@ class Pipe(asyncio.Protocol):
         self._lines: list[bytes] = []  # the lines so far of a multi-line reply
         self._size = 0  # their length
         self._expected: deque[_Expected] = deque()
-        self._staged: list[bytes] = []  # written together at the end of this loop iteration
-        self._flush: asyncio.Handle | None = None
+        # A DATA is on the wire without its reply yet: what is written now would be body, so
+        # writes wait in ``_held`` (with whether each one ends in a DATA of its own).
+        self._in_data = False
+        self._held: deque[tuple[bytes, bool]] = deque()
         self._failure: Exception | None = None
         self._last_reply = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -120,33 +140,48 @@ class Pipe(asyncio.Protocol):
             and (bool(self._expected) or not (self._partial or self._lines))
         )
 
-    def expect(
-        self, data: bytes, count: int, replies: list[Reply], *, defer: bool = False
-    ) -> asyncio.Future[None]:
+    def expect(self, data: bytes, count: int, replies: list[Reply]) -> asyncio.Future[None]:
         """Write ``data`` and expect ``count`` replies into ``replies``; the future says when.
 
-        With ``defer``, the write waits for the end of this loop iteration, so that what other
-        tasks write meanwhile goes out in the same write (the next message's envelope after
-        this one's body).
+        Behind a submitted message whose DATA is unanswered, ``data`` waits for its body.
         """
         transport = self._transport
         if self._failure is not None or transport is None or transport.is_closing():
             raise Dropped("the connection is closed")
         future = self._loop.create_future()
-        if not self._expected and self._timeout is not None:
-            # One watchdog per connection, re-armed only when it fires (see _expire).
-            self._last_reply = self._loop.time()
-            if self._timer is None:
-                self._timer = self._loop.call_at(self._last_reply + self._timeout, self._expire)
+        self._arm()
         self._expected.append(_Expected(count, replies, future))
-        if self._flush is not None:
-            self._staged.append(data)
-        elif defer:
-            self._staged.append(data)
-            self._flush = self._loop.call_soon(self._write_staged)
+        if self._in_data:
+            self._held.append((data, False))
         else:
             transport.write(data)
         return future
+
+    def submit(self, envelope: bytes, body: bytes, replies: list[Reply]) -> asyncio.Future[None]:
+        """Pipeline one message: ``envelope`` (MAIL, RCPT, DATA), then ``body`` after its 354.
+
+        The future is done with the envelope's three replies in ``replies`` when they refuse
+        the message (an ``RSET`` follows by itself), else with those and the end-of-data reply.
+        """
+        transport = self._transport
+        if self._failure is not None or transport is None or transport.is_closing():
+            raise Dropped("the connection is closed")
+        future = self._loop.create_future()
+        self._arm()
+        self._expected.append(_Expected(4, replies, future, body))
+        if self._in_data:
+            self._held.append((envelope, True))
+        else:
+            self._in_data = True
+            transport.write(envelope)
+        return future
+
+    def _arm(self) -> None:
+        """One watchdog per connection, re-armed only when it fires (see _expire)."""
+        if not self._expected and self._timeout is not None:
+            self._last_reply = self._loop.time()
+            if self._timer is None:
+                self._timer = self._loop.call_at(self._last_reply + self._timeout, self._expire)
 
     async def wait(self, future: asyncio.Future[None]) -> None:
         """Wait for an expectation; an interrupted wait leaves the stream out of step."""
@@ -166,10 +201,9 @@ class Pipe(asyncio.Protocol):
         transport, self._transport = self._transport, None
         if transport is not None:
             transport.close()
-        for handle in (self._timer, self._flush):
-            if handle is not None:
-                handle.cancel()
-        self._timer = self._flush = None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
         self._fail(Dropped("the connection was closed"))
 
     async def quit(self) -> None:
@@ -194,7 +228,12 @@ class Pipe(asyncio.Protocol):
         for line in lines:
             if self._failure is not None:
                 return
-            self._line(line)
+            # The common case inline: a one-line reply ("250 2.0.0 Ok") while none is open.
+            code = line[:3]
+            if line[3:4] == b" " and not self._lines and code.isdigit() and len(line) < 512:
+                self._received(Reply(int(code), line[4:].strip(b" \t\r\n")))
+            else:
+                self._line(line)
         if rest and self._failure is None:
             if len(rest) > MAX_LINE_LENGTH:
                 self._garbled(b"Response too long")
@@ -241,17 +280,44 @@ class Pipe(asyncio.Protocol):
         head.replies.append(reply)
         if self._timer is not None:
             self._last_reply = self._loop.time()
-        if len(head.replies) >= head.count:
+        if head.body is not None and len(head.replies) == 3:
+            self._envelope_answered(head)
+        elif len(head.replies) >= head.count:
             self._expected.popleft()
             if not head.future.done():
                 head.future.set_result(None)
+            if head.reset and reply.code != MAIL_OK:
+                self._fail(Dropped(f"RSET refused: {reply.code}"))
 
-    def _write_staged(self) -> None:
-        self._flush = None
-        staged, self._staged = b"".join(self._staged), []
+    def _envelope_answered(self, head: _Expected) -> None:
+        """A submitted message's MAIL, RCPT and DATA replies are in: its body goes, or RSET."""
+        body = head.body
+        assert body is not None
+        codes = [reply.code for reply in head.replies]
+        if all(code in wanted for code, wanted in zip(codes, ENVELOPE_OK, strict=True)):
+            self._release(body)
+            return
+        self._expected.popleft()
+        if not head.future.done():
+            head.future.set_result(None)
+        if DATA_OK in codes:  # refused, yet the server waits for a body: out of step for good
+            self._fail(Dropped("the server accepted DATA after refusing the message"))
+            return
+        reset = _Expected(1, [], self._loop.create_future())
+        reset.reset = True
+        self._expected.appendleft(reset)
+        self._release(_RESET)
+
+    def _release(self, data: bytes) -> None:
+        """Write ``data`` (a body, or RSET) with what waited for it, up to the next DATA."""
+        parts = [data]
+        self._in_data = False
+        while self._held and not self._in_data:
+            held, self._in_data = self._held.popleft()
+            parts.append(held)
         transport = self._transport
         if transport is not None and self._failure is None:
-            transport.write(staged)
+            transport.write(b"".join(parts))
 
     def _garbled(self, text: bytes) -> None:
         self._partial, self._lines, self._size = b"", [], 0
@@ -262,6 +328,7 @@ class Pipe(asyncio.Protocol):
         timeout or a garbled reply is about it); the later ones just lost their connection."""
         if self._failure is None:
             self._failure = exc
+        self._held.clear()
         expected, self._expected = self._expected, deque()
         for waiting in expected:
             if not waiting.future.done():

@@ -145,7 +145,7 @@ class MailSenderConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only
     enabled: bool = True
     interval_seconds: Positive = 15.0
     max_attempts: Count = 8
-    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 200
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
     lease_seconds: Positive = 120.0
     retry_base_seconds: Positive = 30.0
     retry_max_seconds: Positive = 3600.0

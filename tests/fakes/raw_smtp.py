@@ -51,6 +51,8 @@ class _Script:
     trickle_seconds: float = 0.0
     mail_reply: bytes = b"250 2.1.0 OK"
     data_reply: bytes = b"354 End data with <CR><LF>.<CR><LF>"
+    rset_reply: bytes = b"250 2.0.0 OK"
+    data_without_recipient: bytes = b"503 5.5.1 No valid recipients"
     rcpt_replies: dict[str, bytes] = field(default_factory=dict)
     data_end_replies: dict[str, bytes] = field(default_factory=dict)
     drops: Counter[Stage] = field(default_factory=Counter)
@@ -137,6 +139,17 @@ class RawSmtpServer:
         """Answer every ``DATA`` command (that has a recipient) with ``reply`` from now on."""
         with self._lock:
             self._script.data_reply = reply
+
+    def answer_data_without_recipient(self, reply: bytes) -> None:
+        """Answer a ``DATA`` that has no accepted recipient with ``reply`` from now on (a
+        broken server's ``354``: it then reads a body, and refuses it)."""
+        with self._lock:
+            self._script.data_without_recipient = reply
+
+    def answer_rset(self, reply: bytes) -> None:
+        """Answer every ``RSET`` with ``reply`` from now on (the transaction is reset anyway)."""
+        with self._lock:
+            self._script.rset_reply = reply
 
     def drop_at(self, stage: Stage, count: int = 1) -> None:
         """Close the connection instead of answering at ``stage``, ``count`` times."""
@@ -281,6 +294,8 @@ class RawSmtpServer:
             if verb == b"RSET":
                 envelope.rcpt_tos.clear()
                 envelope.started = False
+                with self._lock:
+                    return None, self._script.rset_reply
             return None, b"250 2.0.0 OK"
         return None, b"500 5.5.2 Command not recognized"
 
@@ -302,7 +317,15 @@ class RawSmtpServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, envelope: _Envelope
     ) -> bool:
         if not envelope.rcpt_tos:
-            return await self._reply(writer, "data", b"503 5.5.1 No valid recipients")
+            with self._lock:
+                refusal = self._script.data_without_recipient
+            if refusal[:3] != b"354":
+                return await self._reply(writer, "data", refusal)
+            if not await self._reply(writer, "data", refusal):
+                return False
+            while await reader.readuntil(b"\n") not in (b".\r\n", b".\n"):
+                pass
+            return await self._reply(writer, "data_end", b"554 5.5.1 No valid recipients")
         with self._lock:
             data_reply = self._script.data_reply
         if data_reply[:3] != b"354":

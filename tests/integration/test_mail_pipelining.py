@@ -375,6 +375,68 @@ class TestAcrossMessages:
         }
         assert transport.connections_opened == 1
 
+    async def test_refused_envelope_is_reset_in_the_write_of_the_next_envelope(
+        self, pipelining_server: RawSmtpServer
+    ) -> None:
+        """After a refused envelope, RSET and the next message's envelope go in one write."""
+        pipelining_server.answer_rcpt(REFUSED, b"550 5.1.1 no such user")
+        transport = one_connection(pipelining_server)
+
+        outcomes = await send_all(transport, [(REFUSED, 0), (GOOD, 1), (GOOD, 2)], senders=2)
+        await transport.aclose()
+
+        assert isinstance(outcomes[0], MailPermanentError)
+        assert (outcomes[1], outcomes[2]) == (None, None)
+        assert [b"RSET", b"MAIL", b"RCPT", b"DATA"] in envelope_groups(pipelining_server)
+        assert pipelining_server.message_ids() == {
+            "<pipe-1@nproxy.localhost>": 1,
+            "<pipe-2@nproxy.localhost>": 1,
+        }
+        assert transport.connections_opened == 1
+
+    async def test_refused_reset_moves_the_next_message_to_a_fresh_connection(
+        self, pipelining_server: RawSmtpServer
+    ) -> None:
+        """An RSET refused after a refused envelope fails the connection: the message pipelined
+        behind is sent once on a fresh connection, without an answer counted against it."""
+        pipelining_server.answer_rcpt(REFUSED, b"550 5.1.1 no such user")
+        pipelining_server.answer_rset(b"500 5.5.1 no")
+        transport = one_connection(pipelining_server)
+
+        outcomes = await send_all(transport, [(REFUSED, 0), (GOOD, 1)], senders=2)
+        await transport.aclose()
+
+        assert isinstance(outcomes[0], MailPermanentError)
+        assert outcomes[1] is None
+        assert pipelining_server.message_ids() == {"<pipe-1@nproxy.localhost>": 1}
+        assert transport.connections_opened == 2
+
+    async def test_data_accepted_after_a_refusal_moves_the_next_message_to_a_fresh_connection(
+        self, pipelining_server: RawSmtpServer
+    ) -> None:
+        """A 354 after a refused recipient (the server waits for a body) is never answered with
+        the next envelope: that message goes at once (no reply timeout) on a fresh connection."""
+        pipelining_server.answer_rcpt(REFUSED, b"550 5.1.1 no such user")
+        pipelining_server.answer_data_without_recipient(b"354 go ahead anyway")
+        transport = SmtpTransport(
+            SmtpConfig(
+                host=pipelining_server.host,
+                port=pipelining_server.port,
+                max_connections=1,
+                timeout_seconds=600,
+            )
+        )
+
+        with anyio.fail_after(60):  # far below the reply timeout a wrong write would wait for
+            outcomes = await send_all(transport, [(REFUSED, 0), (GOOD, 1)], senders=2)
+        await transport.aclose()
+
+        assert isinstance(outcomes[0], MailPermanentError)
+        assert "550" in outcomes[0].message
+        assert outcomes[1] is None
+        assert pipelining_server.message_ids() == {"<pipe-1@nproxy.localhost>": 1}
+        assert transport.connections_opened == 2
+
     async def test_drop_after_a_body_costs_the_next_message_nothing(
         self, pipelining_server: RawSmtpServer
     ) -> None:

@@ -84,7 +84,7 @@ DEFAULTS: dict[str, object] = {
     "actors.mail_sender.enabled": True,
     "actors.mail_sender.interval_seconds": 15.0,
     "actors.mail_sender.max_attempts": 8,
-    "actors.mail_sender.batch_size": 200,
+    "actors.mail_sender.batch_size": 1000,
     "actors.mail_sender.lease_seconds": 120.0,
     "actors.mail_sender.retry_base_seconds": 30.0,
     "actors.mail_sender.retry_max_seconds": 3600.0,
