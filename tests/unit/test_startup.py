@@ -262,6 +262,55 @@ class TestQuickStart:
         assert calls == [(["-w", "stop"], tmp_path), (["-W", "start"], tmp_path)]
 
 
+class TestCollection:
+    def test_no_cyclic_collection_runs_while_the_command_and_the_daemon_are_imported(
+        self,
+    ) -> None:
+        """``python -m nproxyd`` runs no cyclic garbage collection from its first import until
+        the daemon is imported, and collects again afterwards."""
+        probe = (
+            "import gc, json, runpy, sys\n"
+            "seen = []\n"
+            "gc.callbacks.append(lambda phase, info: phase == 'start'"
+            " and seen.append('nproxyd.app' in sys.modules))\n"
+            "sys.argv = ['nproxyd', 'check-config']\n"
+            "try:\n"
+            "    runpy.run_module('nproxyd', run_name='__main__')\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print(json.dumps({'before_app': seen.count(False), 'enabled': gc.isenabled()}))\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", probe],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "NPROXYD_CONFIG": ""},
+        )
+        assert json.loads(result.stdout.splitlines()[-1]) == {"before_app": 0, "enabled": True}
+
+    @pytest.mark.parametrize(
+        ("collecting", "keep", "expected"),
+        [(True, True, [True, True]), (True, False, [True, False]), (False, True, [False, False])],
+    )
+    def test_collection_resumes_as_it_was_with_the_daemon_s_start_up_frozen(
+        self, collecting: bool, keep: bool, expected: list[bool]
+    ) -> None:
+        """After the imports collection is on again only if it was before; for the daemon
+        (``keep``) what start-up allocated is frozen first, so no collection scans it again."""
+        probe = (
+            "import gc, json\n"
+            "from nproxyd.cli import resume_collection\n"
+            "gc.disable()\n"
+            f"resume_collection({collecting}, keep={keep})\n"
+            "print(json.dumps([gc.isenabled(), gc.get_freeze_count() > 0]))\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+        )
+        assert json.loads(result.stdout) == expected
+
+
 class TestSignals:
     def test_run_ignores_the_noted_signals_before_reading_its_configuration(self) -> None:
         """``nproxyd run`` ignores SIGHUP/SIGUSR1/SIGUSR2 from the moment the command is known,
