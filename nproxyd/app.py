@@ -135,6 +135,7 @@ async def open_database(
         try:
             applied = await migrate_pool(
                 pool,
+                dsn=dsn,
                 direct_dsn=config.database.direct_dsn,
                 sessions=config.database.pooler == "none",
                 connect_timeout_seconds=config.database.connect_timeout_seconds,

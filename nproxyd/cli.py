@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -197,6 +198,21 @@ def _mail_id(text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    collecting = gc.isenabled()
+    gc.disable()  # none while the daemon is imported (see nproxyd/__main__.py)
+    prepared: int | tuple[argparse.Namespace, Config] = EXIT_USAGE
+    try:
+        prepared = _prepare(argv)
+    finally:
+        daemon = isinstance(prepared, tuple) and prepared[0].command == "run"
+        resume_collection(collecting, keep=daemon)
+    if isinstance(prepared, int):
+        return prepared
+    return _dispatch(*prepared)
+
+
+def _prepare(argv: Sequence[str] | None) -> int | tuple[argparse.Namespace, Config]:
+    """The command and its configuration, with the daemon imported; or an exit code."""
     args = build_parser().parse_args(argv)
     if args.command == "run":
         ignore_noted_signals()  # SIGHUP/SIGUSR1/SIGUSR2 never stop the daemon, also while starting
@@ -218,7 +234,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"nproxyd: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    return _dispatch(args, config)
+    return args, config
+
+
+def resume_collection(collecting: bool, *, keep: bool) -> None:
+    """Collect cycles again after the imports, if the caller did.
+
+    With ``keep`` (the daemon) what start-up allocated is frozen first: it lives as long as
+    the process, and the first collection would otherwise scan all of it at once (~10 ms,
+    docs/benchmarks.md "Start-up"). Later collections never look at it again.
+    """
+    if not collecting:
+        return
+    if keep:
+        gc.freeze()
+    gc.enable()
 
 
 # structlog imports rich, colorama and better_exceptions at its own import when they are

@@ -113,6 +113,18 @@ def _refused_dsn() -> Iterator[None]:
         raise DatabaseRefused(f"not a DSN the driver accepts ({type(exc).__name__})") from None
 
 
+async def _keep_no_session_state(connection: asyncpg.Connection) -> None:
+    """A pooled connection's reset when released: nothing beyond what asyncpg always does
+    then (roll back an open transaction, drop listeners).
+
+    Pooled statements keep no session state: no session advisory lock, session setting,
+    cursor outside a transaction or LISTEN; what needs one has a connection of its own
+    (:func:`connect_session`: the migration lock, LISTEN). So asyncpg's reset query
+    (``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``), one more round trip
+    on every release, is left out (docs/benchmarks.md "Start-up").
+    """
+
+
 async def _init_connection(connection: asyncpg.Connection) -> None:
     await connection.set_type_codec(
         "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
@@ -152,6 +164,7 @@ async def create_pool(
             timeout=timeout_seconds,
             command_timeout=300,
             init=_init_connection,
+            reset=_keep_no_session_state,
             statement_cache_size=0 if behind_pooler else 100,
             server_settings=_POOLED_SETTINGS if behind_pooler else _DIRECT_SETTINGS,
         )

@@ -94,26 +94,34 @@ async def migrate(
 async def migrate_pool(
     pool: asyncpg.Pool,
     *,
+    dsn: str,
     direct_dsn: str,
     sessions: bool,
     connect_timeout_seconds: float,
 ) -> list[int]:
-    """Migrate the database behind ``pool``, on a session wherever one is possible.
+    """Migrate the database behind ``pool`` (at ``dsn``), on a session wherever one is possible.
 
-    ``direct_dsn`` (a connection around the pooler) is used when set; else a pooled connection
-    when the pool's connections are sessions (``sessions``, no transaction pooler); else two
-    pooled connections, one holding the lock in an open transaction.
+    ``direct_dsn`` (a connection around the pooler) is used when set; else, when the pool's
+    connections are sessions (``sessions``, no transaction pooler), an up-to-date schema is
+    checked on a pooled connection and a pending migration runs on a connection of its own
+    at ``dsn``: its lock is a session's, and a pooled connection never keeps session state
+    (:func:`~nproxyd.store.database.create_pool` skips asyncpg's reset query); else two pooled
+    connections, one holding the lock in an open transaction.
     """
-    if direct_dsn:
-        connection = await connect_session(direct_dsn, timeout_seconds=connect_timeout_seconds)
+    if not direct_dsn and sessions:
+        async with pool.acquire() as pooled:
+            with map_errors():
+                if await _up_to_date(pooled):
+                    return []  # one read, no lock (every start checks this)
+    if direct_dsn or sessions:
+        connection = await connect_session(
+            direct_dsn or dsn, timeout_seconds=connect_timeout_seconds
+        )
         try:
             return await migrate(connection)
         finally:
             with map_errors():
                 await connection.close()
-    if sessions:
-        async with pool.acquire() as pooled:
-            return await migrate(pooled)
     async with pool.acquire() as lock, pool.acquire() as pooled:
         return await migrate(pooled, lock_connection=lock)
 

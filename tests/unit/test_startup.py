@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -24,7 +25,14 @@ from nproxyd.core.clock import SystemClock
 from nproxyd.core.config import load
 from nproxyd.core.errors import DatabaseUnavailable
 from nproxyd.store.embedded import start_embedded
-from nproxyd.store.embedded_process import LOCK_FILE, start_early, take_early
+from nproxyd.store.embedded_process import (
+    LOCK_FILE,
+    QuickStart,
+    import_pgserver,
+    run_until_ready,
+    start_early,
+    take_early,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DRIVERS = ("asyncpg", "aiohttp", "aiosmtplib", "structlog", "prometheus_client", "tenacity")
@@ -168,6 +176,139 @@ class TestEarlyStart:
             await start_embedded(tmp_path)
         assert "server log follows" in caplog.text
         assert logging.getLogger("pgserver").propagate is True
+
+
+def write_postmaster_pid(pgdata: Path, *, pid: int, started: int, status: str) -> None:
+    """A ``postmaster.pid`` as PostgreSQL writes it (eight lines, the last its status)."""
+    lines = [str(pid), str(pgdata), str(started), "5432", str(pgdata), "", "1 2", status]
+    (pgdata / "postmaster.pid").write_text("\n".join(lines) + "\n")
+
+
+def _reaped_child_pid() -> int:
+    """The id of a process that has exited (and was reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+WAITS = [sys.executable, "-c", "import time; time.sleep(20)"]
+
+
+class TestQuickStart:
+    def test_the_start_returns_once_postmaster_pid_says_ready_while_pg_ctl_still_waits(
+        self, tmp_path: Path
+    ) -> None:
+        """A ``pg_ctl -w start`` is left waiting once a live postmaster started since it began
+        says "ready" in ``postmaster.pid``: the start returns instead of waiting for pg_ctl
+        (which would only notice at its next 100 ms look)."""
+        write_postmaster_pid(tmp_path, pid=os.getpid(), started=int(time.time()), status="ready")
+        assert run_until_ready(WAITS, tmp_path, timeout=15) == ""
+
+    @pytest.mark.parametrize("status", ["starting", "stopping", ""])
+    def test_a_server_not_ready_is_waited_for_until_the_timeout(
+        self, tmp_path: Path, status: str
+    ) -> None:
+        """A postmaster that does not say "ready" is waited for; past the timeout pg_ctl is
+        killed and the timeout raised, as ``subprocess.run`` does."""
+        write_postmaster_pid(tmp_path, pid=os.getpid(), started=int(time.time()), status=status)
+        with pytest.raises(subprocess.TimeoutExpired):
+            run_until_ready(WAITS, tmp_path, timeout=0.3)
+
+    @pytest.mark.parametrize("left_by", ["an earlier start", "a dead postmaster"])
+    def test_a_file_left_by_an_earlier_server_is_not_taken(
+        self, tmp_path: Path, left_by: str
+    ) -> None:
+        """A "ready" ``postmaster.pid`` of a postmaster started long before pg_ctl began, or
+        of one no longer alive, is not this start's server: pg_ctl's own answer is waited for."""
+        if left_by == "an earlier start":
+            pid, started = os.getpid(), int(time.time()) - 3600
+        else:
+            pid, started = _reaped_child_pid(), int(time.time())
+        write_postmaster_pid(tmp_path, pid=pid, started=started, status="ready")
+        answer = [sys.executable, "-c", "import time; time.sleep(0.3); print('pg_ctl done')"]
+        assert run_until_ready(answer, tmp_path, timeout=15) == "pg_ctl done\n"
+
+    def test_pg_ctl_failing_before_the_server_is_ready_is_its_answer(self, tmp_path: Path) -> None:
+        """pg_ctl exiting with an error before the server is seen ready raises
+        ``CalledProcessError`` with its output, as pgserver's command did (pgserver then logs
+        the server's log)."""
+        fails = [sys.executable, "-c", "import sys; print('no server'); sys.exit(1)"]
+        with pytest.raises(subprocess.CalledProcessError) as raised:
+            run_until_ready(fails, tmp_path, timeout=15)
+        assert raised.value.returncode == 1
+        assert raised.value.output == "no server\n"
+
+    def test_pgserver_starts_its_server_through_the_quick_start_and_nothing_else(
+        self, tmp_path: Path
+    ) -> None:
+        """Once nproxyd imported pgserver, its server starts go through :class:`QuickStart`
+        (once, however often imported); every other pg_ctl command is pgserver's, unchanged."""
+        import_pgserver()
+        import_pgserver()
+        from pgserver import postgres_server  # noqa: PLC0415
+
+        command = vars(postgres_server)["pg_ctl"]
+        assert isinstance(command, QuickStart)
+        assert not isinstance(command.command, QuickStart)
+        calls: list[tuple[list[str], Path | None]] = []
+
+        def recorded(args: list[str], pgdata: Path | None = None, **_: object) -> str:
+            calls.append((args, pgdata))
+            return "recorded"
+
+        quick = QuickStart(recorded)
+        assert quick(["-w", "stop"], pgdata=tmp_path) == "recorded"
+        assert quick(["-W", "start"], pgdata=tmp_path) == "recorded"
+        assert calls == [(["-w", "stop"], tmp_path), (["-W", "start"], tmp_path)]
+
+
+class TestCollection:
+    def test_no_cyclic_collection_runs_while_the_command_and_the_daemon_are_imported(
+        self,
+    ) -> None:
+        """``python -m nproxyd`` runs no cyclic garbage collection from its first import until
+        the daemon is imported, and collects again afterwards."""
+        probe = (
+            "import gc, json, runpy, sys\n"
+            "seen = []\n"
+            "gc.callbacks.append(lambda phase, info: phase == 'start'"
+            " and seen.append('nproxyd.app' in sys.modules))\n"
+            "sys.argv = ['nproxyd', 'check-config']\n"
+            "try:\n"
+            "    runpy.run_module('nproxyd', run_name='__main__')\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print(json.dumps({'before_app': seen.count(False), 'enabled': gc.isenabled()}))\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", probe],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "NPROXYD_CONFIG": ""},
+        )
+        assert json.loads(result.stdout.splitlines()[-1]) == {"before_app": 0, "enabled": True}
+
+    @pytest.mark.parametrize(
+        ("collecting", "keep", "expected"),
+        [(True, True, [True, True]), (True, False, [True, False]), (False, True, [False, False])],
+    )
+    def test_collection_resumes_as_it_was_with_the_daemon_s_start_up_frozen(
+        self, collecting: bool, keep: bool, expected: list[bool]
+    ) -> None:
+        """After the imports collection is on again only if it was before; for the daemon
+        (``keep``) what start-up allocated is frozen first, so no collection scans it again."""
+        probe = (
+            "import gc, json\n"
+            "from nproxyd.cli import resume_collection\n"
+            "gc.disable()\n"
+            f"resume_collection({collecting}, keep={keep})\n"
+            "print(json.dumps([gc.isenabled(), gc.get_freeze_count() > 0]))\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+        )
+        assert json.loads(result.stdout) == expected
 
 
 class TestSignals:
