@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import structlog
@@ -215,7 +216,8 @@ class TestSweepWithConcurrentWriters:
         pages = await db.pool.fetchval(
             "SELECT pg_relation_size('payment_invoices') / current_setting('block_size')::int"
         )
-        expired, swept_before, moved = 0, 0, []
+        expired, swept_before = 0, 0
+        moved: list[Any] = []
         async for count in InvoiceStore(db).expire_due(NOW, 100):
             expired += count
             if not moved:  # after the first page range: another writer updates later rows
