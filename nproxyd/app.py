@@ -45,11 +45,12 @@ from nproxyd.core.ports import (
     PaymentProvider,
     PaymentStatusSource,
 )
-from nproxyd.runtime.actor import Actor, ActorLoop
+from nproxyd.runtime.actor import Actor, ActorLoop, TickObserver
 from nproxyd.runtime.daemon import Daemon, DaemonParts
 from nproxyd.runtime.http import OpsServer
 from nproxyd.runtime.ipn import IpnServer
 from nproxyd.runtime.listener import MailDueListener
+from nproxyd.runtime.memory import HeapTrimming, malloc_trim
 from nproxyd.runtime.metrics import Metrics
 from nproxyd.runtime.ops import Monitor, OpsQueries
 from nproxyd.runtime.sdnotify import Notifier
@@ -468,7 +469,7 @@ def build_daemon(
         if channel is not None:
             channel.on_drop = metrics.messages_dropped.inc
     monitor = Monitor(clock, metrics)
-    loops = _loops(components, enabled_actors, monitor)
+    loops = _loops(components, enabled_actors, HeapTrimming(monitor, malloc_trim()))
     supervisor = _supervisor(config, clock, metrics)
     for name, loop in loops.items():
         supervisor.add(name, loop.run)
@@ -493,7 +494,7 @@ def build_daemon(
 
 
 def _loops(
-    components: Components, actors: Mapping[str, Actor], monitor: Monitor
+    components: Components, actors: Mapping[str, Actor], monitor: TickObserver
 ) -> dict[str, ActorLoop]:
     woken = {entry.name for entry in REGISTRY if entry.woken_by_outbox_ready}
     return {

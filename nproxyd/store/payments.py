@@ -21,7 +21,7 @@ from nproxyd.core.payments import (
     StatusChange,
     StatusHistoryEntry,
 )
-from nproxyd.store.database import Database
+from nproxyd.store.database import Database, affected
 from nproxyd.store.rows import convert_rows
 
 
@@ -30,8 +30,10 @@ class PaymentStore:
         self.db = db
 
     async def discover(self, provider: str, now: datetime, grace_hours: float) -> int:
-        rows = await self.db.fetch("discover_payment_invoices", provider, now, grace_hours * 3600)
-        return len(rows)
+        status = await self.db.execute(
+            "discover_payment_invoices", provider, now, grace_hours * 3600
+        )
+        return affected(status)
 
     async def due_checks(
         self,

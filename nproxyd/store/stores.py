@@ -43,8 +43,13 @@ class InvoiceStore:
     When many invoices are due (at least ``SWEEP_DUE_PER_PAGE`` per heap page), the table is
     swept in physical order, a range of pages per statement: each page is read once, in order,
     as one UPDATE would. Otherwise, and for what a sweep left (rows locked at the time, rows
-    added since), keyset batches walk the partial index of due rows. Either way every
-    statement takes at most ``batch_size`` rows and skips rows locked by others.
+    other writers updated or added meanwhile), keyset batches walk the partial index of due
+    rows. Either way every statement takes at most ``batch_size`` rows and skips rows locked
+    by others.
+
+    The pass after a sweep goes through the index because nothing else is sure to find what
+    the sweep missed: another writer's new row version goes to any page with room (its cached
+    target page, a page the free space map lists, a new page), also one already swept.
     """
 
     SWEEP_DUE_PER_PAGE = 4

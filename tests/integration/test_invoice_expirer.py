@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import structlog
@@ -203,3 +204,41 @@ class TestPhysicalOrder:
             )
             report = await expirer_for(InvoiceStore(db), batch_size).tick(NOW)
             assert report.expired_count == 2
+
+
+class TestSweepWithConcurrentWriters:
+    async def test_a_row_another_writer_moves_off_the_unswept_pages_expires_in_the_same_tick(
+        self, db: Database
+    ) -> None:
+        """A due row updated mid-sweep, its new version off the pages still to sweep, expires."""
+        user = await seed.user(db.pool, "u1")
+        await many_due(db, user, 3000)
+        pages = await db.pool.fetchval(
+            "SELECT pg_relation_size('payment_invoices') / current_setting('block_size')::int"
+        )
+        expired, swept_before = 0, 0
+        moved: list[Any] = []
+        async for count in InvoiceStore(db).expire_due(NOW, 100):
+            expired += count
+            if not moved:  # after the first page range: another writer updates later rows
+                swept_before = await db.pool.fetchval(
+                    "SELECT min((ctid::text::point)[0])::int FROM payment_invoices"
+                    " WHERE status = 'pending'"
+                )
+                moved = await db.pool.fetch(
+                    "UPDATE payment_invoices SET updated_at = $1 WHERE id IN"
+                    " (SELECT id FROM payment_invoices WHERE status = 'pending'"
+                    "  AND (ctid::text::point)[0] BETWEEN $2::int / 2 AND $2::int - 2)"
+                    " RETURNING id, (ctid::text::point)[0]::int AS page",
+                    NOW,
+                    pages,
+                )
+                assert pages > 6 and 0 < swept_before < pages // 2, (pages, swept_before)
+        left = await db.pool.fetchval(
+            "SELECT count(*) FROM payment_invoices WHERE status = 'pending' AND expires_at <= $1",
+            NOW,
+        )
+        # The scenario happened: some new versions landed where no later page range reads.
+        assert any(row["page"] >= pages or row["page"] < swept_before for row in moved), moved
+        assert left == 0
+        assert expired == 3000

@@ -205,6 +205,10 @@ class TestSystemdUnit:
             ssl.create_default_context()
             anyio.run(anyio.sleep, 0)
             prometheus_client.generate_latest()
+            import nproxyd.runtime.memory  # ctypes: malloc_trim after large ticks
+            trim = nproxyd.runtime.memory.malloc_trim()
+            if trim is not None:
+                trim()
             try:
                 mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
             except PermissionError:

@@ -1,5 +1,5 @@
 -- discover_payment_invoices --
--- Start following the invoices of one provider that are pending, or expired/canceled within the grace period; $1 provider, $2 now, $3 grace in seconds. Returns one row per invoice newly followed.
+-- Start following the invoices of one provider that are pending, or expired/canceled within the grace period; $1 provider, $2 now, $3 grace in seconds. Returns no rows: the command tag counts the invoices newly followed (a tick that follows thousands holds no list of them).
 INSERT INTO nproxyd_invoice_payments
     (invoice_id, provider, provider_payment_id, next_check_at, created_at, updated_at)
 SELECT found.id, found.provider, found.provider_invoice_id, $2, $2, $2
@@ -15,8 +15,7 @@ FROM (
       AND p.updated_at > $2::timestamptz - $3::float8 * interval '1 second'
 ) AS found
 WHERE NOT EXISTS (SELECT 1 FROM nproxyd_invoice_payments AS w WHERE w.invoice_id = found.id)
-ON CONFLICT (invoice_id) DO NOTHING
-RETURNING invoice_id;
+ON CONFLICT (invoice_id) DO NOTHING;
 
 -- claim_due_payment_checks --
 -- Lease one batch of due checks to this tick (oldest due first) and retire the invoices no longer followed (paid, or ended longer than the grace ago); $1 now, $2 lease until, $3 batch size, $4 grace in seconds. Returns every claimed row with `follow`.
