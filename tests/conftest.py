@@ -11,6 +11,7 @@ import structlog
 from nproxyd.store.database import Database, create_pool
 from tests.pg import TestServer
 from tests.pgbouncer import SKIP_REASON, PgBouncer, binary
+from tests.renewal_checks import Channel
 
 
 @pytest.fixture
@@ -71,3 +72,12 @@ def pgbouncer(pg_server: TestServer) -> Iterator[PgBouncer]:
     bouncer = PgBouncer(pg_server.admin_dsn).start(executable)
     yield bouncer
     bouncer.stop()
+
+
+@pytest.fixture
+async def channel() -> AsyncIterator[Channel]:
+    """The actors' in-process channel, closed after the test."""
+    value = Channel()
+    yield value
+    value.outbox.sender.close()
+    value.receiver.close()

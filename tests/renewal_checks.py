@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import anyio
 import asyncpg
+
+from nproxyd.core.channels import Outbox
+from nproxyd.core.messages import OutboxReady
 
 # The worked example of the renewal issue.
 PERIOD_START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -91,3 +95,19 @@ async def assert_renewal_invariants(connection: Pool) -> None:
         SEEDED_PREFIX,
     )
     assert [row["id"] for row in unlinked] == [], "automatic invoice without its done claim"
+
+
+class Channel:
+    """The scheduler's outbox channel and the receiving end the mail sender would hold."""
+
+    def __init__(self) -> None:
+        sender, self.receiver = anyio.create_memory_object_stream[OutboxReady](256)
+        self.outbox = Outbox(sender)
+
+    def received(self) -> list[OutboxReady]:
+        messages = []
+        while True:
+            try:
+                messages.append(self.receiver.receive_nowait())
+            except anyio.WouldBlock:
+                return messages

@@ -706,6 +706,17 @@ class FailingRecordStore(OutboxStore):
         return await super().record(outcomes, now, holder)
 
 
+def watched_sender(
+    db: Database, server: FakeSmtpServer, transports: list[MailTransport]
+) -> tuple[WatchingTransport, MailSender]:
+    """A sender of batches of 2 over one connection, its transport watching for the 4th lease."""
+    inner = SmtpTransport(smtp_config(server, 1))
+    transports.append(inner)
+    transport = WatchingTransport(inner, db, leased=4)
+    ports = MailPorts(store=OutboxStore(db), transport=transport)
+    return transport, MailSender(settings(batch_size=2, concurrency=1), ports, SystemClock())
+
+
 class TestOverlap:
     async def test_next_batch_is_leased_while_one_is_on_the_wire(
         self, db: Database, server: FakeSmtpServer, transports: list[MailTransport]
@@ -713,11 +724,7 @@ class TestOverlap:
         """The batch after the one being delivered is leased before that delivery ends."""
         now = SystemClock().now()
         await insert_mail(db, 6, now)
-        inner = SmtpTransport(smtp_config(server, 1))
-        transports.append(inner)
-        transport = WatchingTransport(inner, db, leased=4)
-        ports = MailPorts(store=OutboxStore(db), transport=transport)
-        sender = MailSender(settings(batch_size=2, concurrency=1), ports, SystemClock())
+        transport, sender = watched_sender(db, server, transports)
 
         report = await sender.tick(now)
 
@@ -733,11 +740,7 @@ class TestOverlap:
         now = SystemClock().now()
         ids = await insert_mail(db, 6, now)
         server.stop()
-        inner = SmtpTransport(smtp_config(server, 1))
-        transports.append(inner)
-        transport = WatchingTransport(inner, db, leased=4)
-        ports = MailPorts(store=OutboxStore(db), transport=transport)
-        sender = MailSender(settings(batch_size=2, concurrency=1), ports, SystemClock())
+        transport, sender = watched_sender(db, server, transports)
 
         report = await sender.tick(now)
 

@@ -8,7 +8,7 @@ every good subscription of the batch is invoiced exactly once with one mail.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -24,7 +24,6 @@ from nproxyd.store.database import Database
 from tests import seed
 from tests.fakes.nowpayments import FakeNowPayments, Mode
 from tests.integration.test_renewal_scheduler import (
-    Channel,
     WrappedProvider,
     claims,
     count,
@@ -36,6 +35,7 @@ from tests.renewal_checks import (
     NOW,
     PERIOD_END,
     PERIOD_START,
+    Channel,
     assert_renewal_invariants,
     automatic_invoices,
 )
@@ -49,14 +49,6 @@ OUT_OF_RANGE = {
     "before_christ": "0001-01-01 00:00:00+00 BC",
     "year_10000": "10000-01-01 00:00:00+00",
 }
-
-
-@pytest.fixture
-async def channel() -> AsyncIterator[Channel]:
-    value = Channel()
-    yield value
-    value.outbox.sender.close()
-    value.receiver.close()
 
 
 async def seed_good(db: Database, count_: int, *, end: datetime = PERIOD_END) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -16,7 +16,6 @@ from structlog.testing import capture_logs
 from nproxyd.actors.renewal_scheduler import RenewalPorts, RenewalScheduler, RenewalSettings
 from nproxyd.adapters.payment_nowpayments import NowPaymentsProvider
 from nproxyd.adapters.payment_simulated import SimulatedPaymentProvider
-from nproxyd.core.channels import Outbox
 from nproxyd.core.clock import SystemClock
 from nproxyd.core.config import NowPaymentsConfig, SimulatedPaymentConfig
 from nproxyd.core.messages import OutboxReady
@@ -32,6 +31,7 @@ from tests.renewal_checks import (
     NOW,
     PERIOD_END,
     PERIOD_START,
+    Channel,
     assert_renewal_invariants,
     automatic_invoices,
     seed_due,
@@ -42,30 +42,6 @@ pytestmark = pytest.mark.anyio
 APP_BASE_URL = "https://app.nproxy.example/"
 SUBJECT = "Your nproxy subscription renewal invoice"
 Hook = Callable[[InvoiceRequest], Awaitable[None]]
-
-
-class Channel:
-    """The scheduler's outbox channel and the receiving end the mail sender would hold."""
-
-    def __init__(self) -> None:
-        sender, self.receiver = anyio.create_memory_object_stream[OutboxReady](256)
-        self.outbox = Outbox(sender)
-
-    def received(self) -> list[OutboxReady]:
-        messages = []
-        while True:
-            try:
-                messages.append(self.receiver.receive_nowait())
-            except anyio.WouldBlock:
-                return messages
-
-
-@pytest.fixture
-async def channel() -> AsyncIterator[Channel]:
-    value = Channel()
-    yield value
-    value.outbox.sender.close()
-    value.receiver.close()
 
 
 class WrappedProvider:

@@ -17,7 +17,6 @@ from nproxyd.store.database import Database, create_pool
 from nproxyd.store.sql import bind
 from tests import seed
 from tests.integration.test_renewal_scheduler import (
-    Channel,
     WrappedProvider,
     make_scheduler,
     plan_nodes,
@@ -27,6 +26,7 @@ from tests.renewal_checks import (
     NOW,
     PERIOD_START,
     SEEDED_PREFIX,
+    Channel,
     assert_renewal_invariants,
     automatic_invoices,
     seed_due,
@@ -39,14 +39,6 @@ TICK = timedelta(minutes=5)
 FULL_PASS = timedelta(hours=1)
 INSIDE = NOW + timedelta(hours=30)  # a period end well inside the window at NOW
 READ_TABLES = ["subscriptions", "payment_invoices", "users"]
-
-
-@pytest.fixture
-async def channel() -> AsyncIterator[Channel]:
-    value = Channel()
-    yield value
-    value.outbox.sender.close()
-    value.receiver.close()
 
 
 @pytest.fixture
