@@ -476,6 +476,8 @@ def build_daemon(
     listener = _listener(components, metrics, loops)
     if listener is not None:
         supervisor.add(listener.name, listener.run)
+    else:
+        metrics.without_listener()
     queries = _queries(components, loops, supervisor, monitor, listener)
     parts = DaemonParts(
         instance_id=components.instance_id,

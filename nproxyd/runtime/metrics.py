@@ -247,6 +247,12 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def without_listener(self) -> None:
+        """No NOTIFY listener runs in this process (no mail sender here, or behind a pooler
+        without ``direct_dsn``): ``nproxyd_listener_connected`` is left out rather than read as
+        a session that is down (docs/operations.md, NproxydListenerDown)."""
+        self.registry.unregister(self.listener_connected)
+
     def _add_wakeup_metrics(self) -> None:
         self.listener_connected = Gauge(
             "nproxyd_listener_connected",

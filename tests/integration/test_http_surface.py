@@ -345,6 +345,21 @@ class TestMetrics:
             "nproxyd_actor_tick_duration_seconds_sum",
         } <= {s.name for s in histogram.samples}
 
+    async def test_listener_gauge_is_absent_where_no_listener_runs(
+        self, dsn: str, tmp_path: Path
+    ) -> None:
+        """Without a mail sender there is no NOTIFY listener, and no listener gauge to read as
+        a session that is down; with one, the gauge is there."""
+        quiet = make_config(dsn, tmp_path, actors__mail_sender__enabled="false")
+        async with running_daemon(quiet) as running:
+            await ready(running)
+            without = await running.metrics()
+        async with running_daemon(make_config(dsn, tmp_path)) as running:
+            await ready(running)
+            with_listener = await running.metrics()
+        assert "nproxyd_listener_connected" not in without
+        assert "nproxyd_listener_connected" in with_listener
+
     async def test_counters_move_after_seeded_work(
         self, dsn: str, db: Database, tmp_path: Path
     ) -> None:
