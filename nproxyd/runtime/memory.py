@@ -16,7 +16,6 @@ about 2 ms with 18 MB to give back, microseconds with nothing). Where the C libr
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -32,8 +31,9 @@ Trim = Callable[[], object]
 def malloc_trim() -> Trim | None:
     """``malloc_trim(0)`` of the C library, or ``None`` where it has none."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        function = libc.malloc_trim
+        # The process's own symbols, the C library's among them: no library search (which
+        # runs ldconfig in a subprocess) on the start-up path.
+        function = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
     function.argtypes = [ctypes.c_size_t]
