@@ -55,10 +55,14 @@ async def dsn(pg_server: TestServer) -> AsyncIterator[str]:
     await pg_server.drop(value)
 
 
+async def open_database(dsn: str, max_size: int) -> Database:
+    """The store's database over a pool of at most ``max_size`` connections to ``dsn``."""
+    return Database(await create_pool(dsn, max_size=max_size, timeout_seconds=5))
+
+
 @pytest.fixture
 async def db(dsn: str) -> AsyncIterator[Database]:
-    pool = await create_pool(dsn, max_size=10, timeout_seconds=5)
-    database = Database(pool)
+    database = await open_database(dsn, 10)
     yield database
     await database.close()
 

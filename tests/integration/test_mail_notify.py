@@ -38,6 +38,14 @@ WAIT_SECONDS = 5.0
 MANY = 1000
 
 
+async def retry_of_dead_mail_notifies_once(db: Database, inbox: Inbox) -> None:
+    """`mail retry` of one dead mail sends exactly one wake-up."""
+    await insert_mail(db, "dead-1", status="dead")
+    await OutboxStore(db).retry(["dead-1"], NOW)
+    await inbox.wait(1)
+    assert inbox.received == [""]
+
+
 class Inbox:
     """Notifications on the mail channel received by a plain LISTEN connection."""
 
@@ -90,10 +98,7 @@ class TestTrigger:
 
     async def test_retry_of_dead_mail_notifies(self, db: Database, inbox: Inbox) -> None:
         """`mail retry` (dead back to pending) wakes the senders."""
-        await insert_mail(db, "dead-1", status="dead")
-        await OutboxStore(db).retry(["dead-1"], NOW)
-        await inbox.wait(1)
-        assert inbox.received == [""]
+        await retry_of_dead_mail_notifies_once(db, inbox)
 
     async def test_senders_own_updates_and_dead_inserts_stay_quiet(
         self, db: Database, inbox: Inbox
@@ -238,10 +243,7 @@ class TestMigration:
             "nproxyd_mail_outbox_inserted",
         ]
         assert old_function is None
-        await insert_mail(db, "dead-1", status="dead")
-        await OutboxStore(db).retry(["dead-1"], NOW)
-        await inbox.wait(1)
-        assert inbox.received == [""]
+        await retry_of_dead_mail_notifies_once(db, inbox)
 
     async def test_a_held_table_lock_fails_the_migration_soon_instead_of_queueing(
         self, dsn: str, db: Database

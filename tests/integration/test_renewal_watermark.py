@@ -13,9 +13,10 @@ from nproxyd.actors.renewal_scheduler import RenewalScheduler
 from nproxyd.core.errors import ProviderTransientError
 from nproxyd.core.ports import InvoiceRequest, ProviderInvoice
 from nproxyd.core.rules import order_id
-from nproxyd.store.database import Database, create_pool
+from nproxyd.store.database import Database
 from nproxyd.store.sql import bind
 from tests import seed
+from tests.conftest import open_database
 from tests.integration.test_renewal_scheduler import (
     WrappedProvider,
     make_scheduler,
@@ -44,8 +45,7 @@ READ_TABLES = ["subscriptions", "payment_invoices", "users"]
 @pytest.fixture
 async def one_connection(dsn: str) -> AsyncIterator[Database]:
     """A pool of one connection: every statement of the scheduler runs on it."""
-    pool = await create_pool(dsn, max_size=1, timeout_seconds=5)
-    database = Database(pool)
+    database = await open_database(dsn, 1)
     yield database
     await database.close()
 
