@@ -7,7 +7,7 @@ and reliability tests use ``latency_ms`` and ``failure_rate`` to model a real pr
 from __future__ import annotations
 
 import random
-import uuid
+import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
@@ -22,7 +22,7 @@ Sleep = Callable[[float], Awaitable[None]]
 class SimulatedPaymentProvider:
     """Answers every request with a fresh invoice after ``latency_ms``, or fails at random.
 
-    Ids and addresses come from uuid4, so they stay unique across instances and restarts
+    Ids and addresses are 128 random bits, so they stay unique across instances and restarts
     even when ``rng`` is seeded; ``rng`` decides only which calls fail.
     """
 
@@ -50,7 +50,7 @@ class SimulatedPaymentProvider:
             await self._sleep(self._config.latency_ms / 1000)
         if self._rng.random() < self._config.failure_rate:
             raise ProviderTransientError(f"simulated provider failure for order {request.order_id}")
-        token = uuid.uuid4().hex
+        token = secrets.token_hex(16)
         invoice = ProviderInvoice(
             provider_invoice_id=f"sim_{token}",
             payment_address=f"sim_addr_{token}",

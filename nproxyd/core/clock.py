@@ -48,5 +48,7 @@ def parse_instant(text: str) -> datetime:
 
 def format_instant(value: datetime) -> str:
     """Format as UTC with milliseconds and a ``Z``: ``2026-03-12T11:00:00.000Z``."""
-    utc = value.astimezone(UTC)
+    utc = value if value.tzinfo is UTC else value.astimezone(UTC)
+    if utc.year >= 1000:  # isoformat is several times cheaper than strftime, same text
+        return utc.isoformat(timespec="milliseconds")[:-6] + "Z"
     return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import uuid
@@ -68,14 +69,28 @@ def message_id_domain(from_address: str) -> str:
     return address.rpartition("@")[2] or "nproxyd.invalid"
 
 
-def message_id(unique: uuid.UUID, domain: str) -> str:
-    """An RFC 5322 Message-ID made of a unique uuid in ``domain``."""
-    return f"<{unique.hex}@{domain}>"
+def message_id(unique_hex: str, domain: str) -> str:
+    """An RFC 5322 Message-ID made of a unique uuid's hex digits in ``domain``."""
+    return f"<{unique_hex}@{domain}>"
 
 
 def new_message_id(from_address: str) -> str:
     """A unique RFC 5322 Message-ID in the sender's domain."""
-    return message_id(uuid.uuid4(), message_id_domain(from_address))
+    return message_id(uuid.uuid4().hex, message_id_domain(from_address))
+
+
+def random_uuid() -> tuple[str, str]:
+    """A random (version 4) UUID as ``str(uuid.uuid4())`` and ``.hex`` would give it.
+
+    A third of the cost of building the :class:`uuid.UUID`: the renewal scheduler makes one
+    per invoice.
+    """
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # the RFC 4122 variant
+    digits = raw.hex()
+    text = f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+    return text, digits
 
 
 def order_id(subscription_id: str, cycle_start: datetime) -> str:

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import random
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from nproxyd.core.clock import format_instant
 from nproxyd.core.rules import (
     backoff_seconds,
     candidate_problem,
     format_amount,
     order_id,
+    random_uuid,
     render_renewal_body,
 )
 
@@ -119,6 +124,40 @@ class TestRenewalBody:
         ).splitlines()
         assert lines[1] == "Current access ends at 2026-03-12T11:00:00.000Z."
         assert lines[4] == "Invoice expires at 2026-03-10T12:00:05.123Z."
+
+
+def strftime_instant(value: datetime) -> str:
+    """The instant format written out with strftime, as format_instant was first built."""
+    utc = value.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+class TestFormatInstant:
+    @given(
+        st.datetimes(
+            min_value=datetime(1, 1, 2),
+            max_value=datetime(9999, 12, 30),
+            timezones=st.sampled_from([UTC, timezone(timedelta(hours=-9, minutes=-30))]),
+        )
+    )
+    def test_same_text_as_strftime_for_any_instant(self, value: datetime) -> None:
+        """The fast path (isoformat) and the years before 1000 give strftime's text."""
+        assert format_instant(value) == strftime_instant(value)
+
+    def test_milliseconds_are_truncated_not_rounded(self) -> None:
+        value = datetime(2026, 3, 12, 23, 59, 59, 999_999, tzinfo=UTC)
+        assert format_instant(value) == "2026-03-12T23:59:59.999Z"
+
+
+class TestRandomUuid:
+    def test_text_and_hex_of_one_version_4_uuid(self) -> None:
+        text, digits = random_uuid()
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+        assert (str(parsed), parsed.hex) == (text, digits)
+
+    def test_each_call_is_new(self) -> None:
+        assert len({random_uuid()[0] for _ in range(1000)}) == 1000
 
 
 def problem(**overrides: Any) -> str | None:
