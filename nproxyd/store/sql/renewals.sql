@@ -127,7 +127,6 @@ WITH t AS (
            currency,
            amount, amount, payment_address, expires_at, :now, :now
     FROM stored
-    RETURNING id
 ), mails AS (
     INSERT INTO mail_outbox
         (to_address, subject, body, message_id, dedupe_key, next_attempt_at, created_at,
@@ -135,7 +134,6 @@ WITH t AS (
     SELECT to_address, :subject, body, message_id, 'renewal-invoice:' || invoice_id,
            :now, :now, :now
     FROM stored
-    RETURNING id
 )
 SELECT subscription_id, superseded FROM completed;
 
