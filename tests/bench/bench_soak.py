@@ -2,7 +2,11 @@
 
 For ``NPROXYD_SOAK_MINUTES`` (default 20) a load generator adds, every second, 25 subscriptions
 entering the renewal window, 25 pending invoices expiring now and 25 mails from another writer,
-to a daemon running with the default intervals and delivering to a local SMTP server. The
+to a daemon running with the default intervals and delivering to a local SMTP server. A
+subscription's period ends 72 h 30 s after it is added, so it enters the window through its
+upper edge 30 s later, as a paid period does when time passes, and the next renewal tick
+invoices it. (One ending inside the window already, below the renewal watermark, would wait
+for the hourly full pass: docs/design.md §2.) The
 daemon's RSS is sampled every 10 s; the figure is the growth between minute 5 and the end
 (target: under 2 MB). With ``NPROXYD_SOAK_TRACE=1`` the daemon also writes tracemalloc
 differences (minute 5 against the later minutes) to ``soak-tracemalloc.txt`` in the state
@@ -52,7 +56,7 @@ WITH batch AS (
     INSERT INTO subscriptions (id, user_id, plan_id, status, renews_manually, activated_at,
         current_period_start, current_period_end, created_at, updated_at)
     SELECT 's-' || key, 'u-' || key, 'plan_1', 'active', true, $3 - interval '27 days',
-        $3 - interval '27 days', $3 + interval '71 hours', $3 - interval '27 days', $3
+        $3 - interval '27 days', $3 + interval '72 hours 30 seconds', $3 - interval '27 days', $3
     FROM batch JOIN users ON users.id = 'u-' || batch.key
     RETURNING id
 ), invoices AS (
