@@ -11,39 +11,20 @@ ANALYZE inside a transaction rolled back).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from nproxyd.store.database import Database
-from nproxyd.store.sql import bind
+from tests.plans import PLAN_MODES, Held, Prepare, explain_analyze
+from tests.plans import reads as table_reads
 
 pytestmark = pytest.mark.anyio
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 BATCH = 1000
 HOLDER = "instance-a"
-MODES = ("auto", "force_generic_plan")
-
-
-def nodes(plan: Any) -> Iterator[dict[str, Any]]:
-    stack = [plan[0]["Plan"]]
-    while stack:
-        node = stack.pop()
-        yield node
-        stack.extend(node.get("Plans", []))
-
-
-def outbox_reads(plan: Any) -> list[tuple[str, str, str, int]]:
-    """(alias, node type, index, times executed) of every read of mail_outbox."""
-    return [
-        (node["Alias"], node["Node Type"], node.get("Index Name", ""), node["Actual Loops"])
-        for node in nodes(plan)
-        if node.get("Relation Name") == "mail_outbox" and node["Node Type"] != "ModifyTable"
-    ]
 
 
 async def seed(db: Database, rows: int, due: int = BATCH) -> list[str]:
@@ -64,39 +45,29 @@ async def seed(db: Database, rows: int, due: int = BATCH) -> list[str]:
     return [f"m{number:08d}" for number in range(1, BATCH + 1)]
 
 
-async def analyzed(
-    db: Database, name: str, mode: str, *args: Any, hold: list[str] | None = None, **params: Any
-) -> Any:
-    """EXPLAIN ANALYZE of a named statement under ``plan_cache_mode = mode``, rolled back."""
-    async with db.pool.acquire() as connection:
-        transaction = connection.transaction()
-        await transaction.start()
-        try:
-            await connection.execute(f"SET LOCAL plan_cache_mode = {mode}")
-            if hold is not None:  # leased to HOLDER, as the claim left it (statistics not told)
-                await connection.execute(
-                    "UPDATE mail_outbox SET leased_by = $1, lease_until = $2"
-                    " WHERE id = ANY($3::text[])",
-                    HOLDER,
-                    NOW + timedelta(minutes=5),
-                    hold,
-                )
-            text, *values = bind(name, args, params)
-            raw = await connection.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + text, *values)
-        finally:
-            await transaction.rollback()
-    return json.loads(raw) if isinstance(raw, str) else raw
+def held(ids: list[str]) -> Prepare:
+    """Lease ``ids`` to HOLDER, as the claim left them (the statistics are not told)."""
+
+    async def lease(connection: Held) -> None:
+        await connection.execute(
+            "UPDATE mail_outbox SET leased_by = $1, lease_until = $2 WHERE id = ANY($3::text[])",
+            HOLDER,
+            NOW + timedelta(minutes=5),
+            ids,
+        )
+
+    return lease
 
 
 async def plans(db: Database, ids: list[str], mode: str) -> dict[str, Any]:
-    claim = await analyzed(
+    claim = await explain_analyze(
         db, "claim_due_mail", mode, NOW, NOW + timedelta(minutes=5), HOLDER, BATCH
     )
-    record = await analyzed(
+    record = await explain_analyze(
         db,
         "record_mail_outcomes",
         mode,
-        hold=ids,
+        before=held(ids),
         ids=ids,
         statuses=["sent"] * BATCH,
         errors=[None] * BATCH,
@@ -109,7 +80,7 @@ async def plans(db: Database, ids: list[str], mode: str) -> dict[str, Any]:
 
 
 class TestBatchPlans:
-    @pytest.mark.parametrize("mode", MODES)
+    @pytest.mark.parametrize("mode", PLAN_MODES)
     @pytest.mark.parametrize(
         ("rows", "due"),
         [(BATCH, BATCH), (10 * BATCH, 10 * BATCH), (1_000_000, BATCH)],
@@ -122,7 +93,7 @@ class TestBatchPlans:
         ids = await seed(db, rows, due=due)
 
         for name, plan in (await plans(db, ids, mode)).items():
-            reads = outbox_reads(plan)
+            reads = table_reads(plan, "mail_outbox")
             updated = [read for read in reads if read[0] == "m"]
             assert [read[1:3] for read in updated] == [("Index Scan", "mail_outbox_pkey")], (
                 name,

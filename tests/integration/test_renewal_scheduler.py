@@ -728,7 +728,6 @@ class TestBatching:
         assert sum(message.count for message in channel.received()) == 50
         await assert_renewal_invariants(db.pool)
 
-
     async def test_two_groups_are_committed_at_once(self, db: Database, channel: Channel) -> None:
         """While one group's commit is in the server, the next group is committed alongside."""
         await seed.plan(db.pool)

@@ -85,15 +85,26 @@ RETURNING c.subscription_id, c.cycle_start, c.order_id, c.attempts;
 
 -- commit_renewal_invoices --
 -- Store invoices and their mail and complete their claims, fenced by claim token, in one statement; a slot whose cycle gained an invoice meanwhile is completed as superseded. The arrays hold one element per invoice; :subject is the mail subject of all. Returns the completed slots.
+-- The claims are reached through their primary key, as in release_renewal_claims below.
 WITH t AS (
-    SELECT *
-    FROM unnest(:subscription_ids::text[], :cycle_starts::timestamptz[], :tokens::text[],
-                :invoice_ids::text[], :user_ids::text[], :provider_invoice_ids::text[],
-                :currencies::text[], :amounts::numeric[], :payment_addresses::text[],
-                :expires_at::timestamptz[], :to_addresses::text[], :bodies::text[],
-                :message_ids::text[])
-        AS t(subscription_id, cycle_start, token, invoice_id, user_id, provider_invoice_id,
-             currency, amount, payment_address, expires_at, to_address, body, message_id)
+    SELECT u.*, batch.held_state
+    FROM (
+        SELECT :subscription_ids::text[], :cycle_starts::timestamptz[], :tokens::text[],
+               :invoice_ids::text[], :user_ids::text[], :provider_invoice_ids::text[],
+               :currencies::text[], :amounts::numeric[], :payment_addresses::text[],
+               :expires_at::timestamptz[], :to_addresses::text[], :bodies::text[],
+               :message_ids::text[], 'claimed'::text
+        OFFSET 0
+    ) AS batch(subscription_ids, cycle_starts, tokens, invoice_ids, user_ids,
+               provider_invoice_ids, currencies, amounts, payment_addresses, expires_at,
+               to_addresses, bodies, message_ids, held_state)
+    CROSS JOIN LATERAL unnest(
+        batch.subscription_ids, batch.cycle_starts, batch.tokens, batch.invoice_ids,
+        batch.user_ids, batch.provider_invoice_ids, batch.currencies, batch.amounts,
+        batch.payment_addresses, batch.expires_at, batch.to_addresses, batch.bodies,
+        batch.message_ids
+    ) AS u(subscription_id, cycle_start, token, invoice_id, user_id, provider_invoice_id,
+           currency, amount, payment_address, expires_at, to_address, body, message_id)
 ), checked AS MATERIALIZED (
     SELECT t.*, EXISTS (
         SELECT 1 FROM payment_invoices AS i
@@ -112,7 +123,7 @@ WITH t AS (
     FROM checked AS x
     WHERE c.subscription_id = x.subscription_id
       AND c.cycle_start = x.cycle_start
-      AND c.state = 'claimed'
+      AND c.state = x.held_state
       AND c.token = x.token
     RETURNING c.subscription_id, c.cycle_start, x.superseded
 ), stored AS (
@@ -139,6 +150,10 @@ SELECT subscription_id, superseded FROM completed;
 
 -- release_renewal_claims --
 -- Give claims back after a provider failure, fenced by token; :states are 'retry' or 'failed', one element per slot in each array.
+-- The slots reach the claims through their primary key, one probe each, whatever the size of
+-- the table: the arrays come from a subquery the planner does not flatten (OFFSET 0), and the
+-- held state is a column of it, not a constant that would let a partial index of every claimed
+-- row drive the join (docs/design.md §6).
 UPDATE nproxyd_renewal_claims AS c
 SET state = t.state,
     available_at = t.available_at,
@@ -146,12 +161,22 @@ SET state = t.state,
     token = '',
     holder = '',
     updated_at = :now
-FROM unnest(:subscription_ids::text[], :cycle_starts::timestamptz[], :tokens::text[],
-            :states::text[], :available_at::timestamptz[], :errors::text[])
-    AS t(subscription_id, cycle_start, token, state, available_at, error)
+FROM (
+    SELECT released.*, batch.held_state
+    FROM (
+        SELECT :subscription_ids::text[], :cycle_starts::timestamptz[], :tokens::text[],
+               :states::text[], :available_at::timestamptz[], :errors::text[], 'claimed'::text
+        OFFSET 0
+    ) AS batch(subscription_ids, cycle_starts, tokens, states, available_at, errors,
+               held_state)
+    CROSS JOIN LATERAL unnest(
+        batch.subscription_ids, batch.cycle_starts, batch.tokens, batch.states,
+        batch.available_at, batch.errors
+    ) AS released(subscription_id, cycle_start, token, state, available_at, error)
+) AS t
 WHERE c.subscription_id = t.subscription_id
   AND c.cycle_start = t.cycle_start
-  AND c.state = 'claimed'
+  AND c.state = t.held_state
   AND c.token = t.token;
 
 -- extend_renewal_claims --
