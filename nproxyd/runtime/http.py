@@ -206,13 +206,16 @@ class Site:
             clean = True
         except (OSError, asyncio.IncompleteReadError, TimeoutError):
             pass  # the peer went away or stalled: nothing to answer
+        except asyncio.CancelledError:
+            pass  # ``stop``: Python 3.11's streams report a cancelled connection as an error
         except Exception as exc:  # a bug here ends this connection, never the server
             structlog.get_logger().error(  # the class only, as for a handler's failure
                 "http_connection_failed", error_class=type(exc).__name__
             )
         finally:
             self.connections.discard(task)
-            await _close(writer, flush=clean)
+            with contextlib.suppress(asyncio.CancelledError):  # ``stop`` while flushing
+                await _close(writer, flush=clean)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer requests on one connection until it is not kept alive."""
@@ -304,12 +307,14 @@ class Site:
 async def _close(writer: asyncio.StreamWriter, *, flush: bool) -> None:
     """Close the connection, flushing what is written for a while when ``flush``; never wait
     longer on a peer that does not read."""
-    if flush:
-        writer.close()
-        with contextlib.suppress(OSError, TimeoutError):
-            async with asyncio.timeout(WRITE_TIMEOUT_SECONDS):
-                await writer.wait_closed()
-    writer.transport.abort()
+    try:
+        if flush:
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(WRITE_TIMEOUT_SECONDS):
+                    await writer.wait_closed()
+    finally:
+        writer.transport.abort()  # also when cancelled: never leave the socket open
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

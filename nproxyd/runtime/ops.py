@@ -1,8 +1,8 @@
 """What the operations surface reports: readiness, status and metrics of a running daemon.
 
 Readiness is judged by :meth:`OpsQueries.check`, which the daemon runs on its own every
-:data:`HEALTH_CHECK_SECONDS` (and each request runs afresh). The reasons it can give are
-documented in docs/operations.md ("Readiness reasons").
+:data:`HEALTH_CHECK_SECONDS` (and each request runs afresh, or shares the check already
+running). The reasons it can give are documented in docs/operations.md ("Readiness reasons").
 """
 
 from __future__ import annotations
@@ -89,6 +89,14 @@ class Reason(msgspec.Struct, frozen=True, kw_only=True):
     actor: str | None = None
 
 
+class _SharedCheck:
+    """A readiness check in flight; calls that arrive meanwhile wait for its result."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.result: tuple[bool, dict[str, Any]] | None = None  # None: it did not finish
+
+
 class OpsQueries:
     """Collects what /readyz, /status and /metrics answer."""
 
@@ -125,6 +133,7 @@ class OpsQueries:
         self.snapshot: DatabaseSnapshot | None = None
         self.awaiting: dict[str, Any] | None = None
         self.was_ready: bool | None = None
+        self._checking: _SharedCheck | None = None
         self.log = structlog.get_logger()
 
     async def read_database(self) -> DatabaseSnapshot | None:
@@ -145,7 +154,24 @@ class OpsQueries:
         return None
 
     async def check(self) -> tuple[bool, dict[str, Any]]:
-        """Read the database, refresh the gauges and judge readiness (sets ``nproxyd_ready``)."""
+        """Read the database, refresh the gauges and judge readiness (sets ``nproxyd_ready``).
+
+        A call while another runs gets that one's answer instead of reading the database again:
+        a burst of requests takes one pool connection, not one each from the actors' pool.
+        """
+        while (running := self._checking) is not None:
+            await running.done.wait()
+            if running.result is not None:
+                return running.result
+        running = self._checking = _SharedCheck()
+        try:
+            running.result = await self._check()
+            return running.result
+        finally:
+            self._checking = None
+            running.done.set()
+
+    async def _check(self) -> tuple[bool, dict[str, Any]]:
         metrics = self.monitor.metrics
         metrics.queue_depth.set(self.channel.depth)
         self.count_wakeups()

@@ -394,3 +394,31 @@ class TestBinding:
             assert await peer.closed()
         finally:
             peer.close()
+
+    async def test_stop_ends_connections_without_an_asyncio_error(self) -> None:
+        """``stop`` ends a kept-alive connection and one mid-request without asyncio reporting
+        an unhandled exception (an error record with a traceback in the daemon's log)."""
+        site = Site("127.0.0.1:0", "http.listen")
+
+        async def hello(_: Request) -> Response:
+            return json_response({})
+
+        site.route("GET", "/", hello)
+        loop = asyncio.get_running_loop()
+        reported: list[dict[str, Any]] = []
+        previous = loop.get_exception_handler()
+        loop.set_exception_handler(lambda _, context: reported.append(context))
+        await site.start()
+        peers = [Peer(*await asyncio.open_connection("127.0.0.1", site.port)) for _ in range(2)]
+        try:
+            await peers[0].send(get("/"))
+            assert (await peers[0].answer()).status == 200
+            await peers[1].send(b"GET / HTTP/1.1\r\n")
+            await asyncio.wait_for(site.stop(), 5)
+            assert [await peer.closed() for peer in peers] == [True, True]
+            await asyncio.sleep(0)  # the connections' done-callbacks run
+        finally:
+            loop.set_exception_handler(previous)
+            for peer in peers:
+                peer.close()
+        assert [context.get("message") for context in reported] == []

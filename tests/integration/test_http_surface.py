@@ -809,3 +809,34 @@ class TestHonestHealth:
             families = await running.metrics()
         assert dropped > 0
         assert sample(families, "nproxyd_messages_dropped_total") == dropped
+
+
+class TestConcurrentRequests:
+    async def test_requests_at_once_share_one_database_check(
+        self, dsn: str, tmp_path: Path
+    ) -> None:
+        """Requests that arrive together while the database is slow share one health read
+        (one pool connection), so a burst of requests cannot take the pool from the actors."""
+        async with running_daemon(make_config(dsn, tmp_path)) as running:
+            await ready(running)
+            blocker, observer = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+            try:
+                held = blocker.transaction()
+                await held.start()
+                await blocker.execute("LOCK TABLE mail_outbox IN ACCESS EXCLUSIVE MODE")
+                requests = [asyncio.ensure_future(running.get("/readyz")) for _ in range(6)]
+                most = 0
+                while not all(request.done() for request in requests):
+                    waiting = await observer.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND query LIKE '%outbox_pending%' AND pid <> pg_backend_pid()"
+                    )
+                    most = max(most, waiting)
+                    await anyio.sleep(0.02)
+                await held.rollback()
+                answers = [request.result() for request in requests]
+            finally:
+                await blocker.close()
+                await observer.close()
+        assert most == 1
+        assert [(status, body["database"]) for status, body in answers] == [(503, False)] * 6
