@@ -346,6 +346,8 @@ class SmtpTransport:
                 if connection in self._idle:
                     self._idle.remove(connection)
                 self._checkin(connection, clean=True)
+            elif not connection.inflight:
+                self._wake()  # a send waiting to make room for a fresh connection may close it
         _judge(replies[:3], _ENVELOPE, progress)
         _accepted(replies[3])
 
