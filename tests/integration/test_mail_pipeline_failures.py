@@ -1,6 +1,7 @@
 """Pipelined SMTP under failure: every message in flight ends, none recorded sent unanswered.
 
-Each test pins a defect found by an adversarial review of the pipelined SMTP client.
+A connection that fails with a full pipeline (``PIPELINE_DEPTH`` messages in flight) must let
+every send behind it end: retried on a fresh connection once the failed one frees its slot.
 """
 
 from __future__ import annotations
