@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +80,14 @@ def events(
     return [line for line in json_lines(stdout) if line.get("event") == name]
 
 
+def notify_wakeups(port: int) -> float:
+    """``nproxyd_wakeups_total{source="notify"}`` of the daemon on ``port`` (0 before any)."""
+    _, metrics = http_get(f"http://127.0.0.1:{port}/metrics")
+    prefix = 'nproxyd_wakeups_total{source="notify"} '
+    values = [line[len(prefix) :] for line in metrics.splitlines() if line.startswith(prefix)]
+    return float(values[0]) if values else 0.0
+
+
 def start_daemon(processes: Processes, env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
     process = processes.start(["run"], env)
     wait_ready(processes, process, f"http://127.0.0.1:{port}", timeout=20)
@@ -100,7 +107,9 @@ class TestNotifyWakeups:
         /metrics and /status show the listener connected and its wake-ups (connect + insert)."""
         port = free_port()
         start_daemon(processes, listener_env(system_dsn, tmp_path, smtp, port), port)
-        time.sleep(0.5)  # the start-up tick and the catch-up wake-up are over
+        wait_until(  # the catch-up wake-up of the connect is over, however slow the machine
+            lambda: notify_wakeups(port) == 1.0, timeout=10, what="the catch-up wake-up"
+        )
         insert_mail(system_dsn, 1)
         wait_until(
             lambda: delivered(smtp, 1), timeout=DELIVERY_TIMEOUT_SECONDS, what="mail 1 delivered"
