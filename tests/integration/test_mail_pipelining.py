@@ -247,6 +247,25 @@ class TestReplyFraming:
         assert len(pipelining_server.messages) == 1
 
 
+class TestReplyCodes:
+    @pytest.mark.parametrize("code", [b"600", b"199", b"000"])
+    async def test_a_code_outside_smtp_is_garbled_not_permanent(
+        self, server: RawSmtpServer, code: bytes
+    ) -> None:
+        """A reply code SMTP does not have (first digit not 2-5) never kills the mail: it is
+        a garbled reply, transient, and its connection is not reused."""
+        server.answer_rcpt(REFUSED, code + b" no such reply")
+        transport = transport_for(server)
+
+        with pytest.raises(MailTransientError):
+            await transport.send(compose(REFUSED), REFUSED)
+        await transport.send(compose(GOOD, 1), GOOD)
+        await transport.aclose()
+
+        assert transport.connections_opened == 2
+        assert len(server.messages) == 1
+
+
 @pytest.fixture
 def lock_step_server() -> Iterator[RawSmtpServer]:
     with RawSmtpServer(pipelining=False) as running:
