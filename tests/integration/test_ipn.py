@@ -16,6 +16,7 @@ from nproxyd.actors.payment_watcher import PaymentWatcher, PaymentWatcherPorts
 from nproxyd.adapters.nowpayments_status import NowPaymentsIpnVerifier
 from nproxyd.adapters.status_simulated import SimulatedPaymentStatus
 from nproxyd.core.config import SimulatedPaymentConfig
+from nproxyd.core.payments import IpnOutcome
 from nproxyd.runtime.ipn import MAX_BODY_BYTES, IpnServer
 from nproxyd.runtime.payment_metrics import PaymentMetrics
 from nproxyd.store.database import Database
@@ -141,3 +142,27 @@ class TestIpn:
         assert await listener.send(big) == 413
         assert await db.pool.fetchval("SELECT count(*) FROM nproxyd_invoice_payments") == 0
         assert listener.count("too_large") == 1
+
+
+class BrokenSink:
+    """A sink with a bug: every notification raises what no adapter classifies."""
+
+    async def receive_ipn(self, body: bytes, signature: str | None) -> IpnOutcome:
+        raise RuntimeError("a bug in the handler")
+
+
+class TestHandlerBug:
+    async def test_a_bug_is_answered_500_and_counted_as_an_error(self) -> None:
+        """An unclassified exception: 500 (the provider retries), and the error counter moves,
+        so a listener failing every notification is visible on /metrics."""
+        server = IpnServer(BrokenSink(), "127.0.0.1:0", PaymentMetrics(CollectorRegistry()))
+        await server.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                listener = Listener(server, session)
+                status = await listener.send(status_answer("5001", "finished", T0))
+        finally:
+            await server.stop()
+
+        assert status == 500
+        assert listener.count("error") == 1
