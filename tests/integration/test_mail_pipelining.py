@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterator
 from email.message import Message
 
 import anyio
+import msgspec
 import pytest
 
-from nproxyd.adapters.mail_smtp import SmtpTransport
+from nproxyd.adapters.mail_smtp import PIPELINE_DEPTH, SmtpTransport
 from nproxyd.core.clock import SystemClock
 from nproxyd.core.config import SmtpConfig
 from nproxyd.core.errors import (
@@ -56,8 +57,13 @@ def pipelining_server() -> Iterator[RawSmtpServer]:
         yield running
 
 
-def transport_for(server: RawSmtpServer, timeout: float = 5.0) -> SmtpTransport:
-    return SmtpTransport(SmtpConfig(host=server.host, port=server.port, timeout_seconds=timeout))
+def transport_for(
+    server: RawSmtpServer, timeout: float = 5.0, max_connections: int | None = None
+) -> SmtpTransport:
+    config = SmtpConfig(host=server.host, port=server.port, timeout_seconds=timeout)
+    if max_connections is not None:
+        config = msgspec.structs.replace(config, max_connections=max_connections)
+    return SmtpTransport(config)
 
 
 def envelope_groups(server: RawSmtpServer) -> list[list[bytes]]:
@@ -235,16 +241,22 @@ class TestReplyFraming:
         self, pipelining_server: RawSmtpServer
     ) -> None:
         """A reply that is not SMTP is transient and its connection is never reused."""
-        pipelining_server.answer_rcpt(REFUSED, b"hello, this is not SMTP")
-        transport = transport_for(pipelining_server)
+        await assert_garbled(pipelining_server, b"hello, this is not SMTP")
 
-        with pytest.raises(MailTransientError):
-            await transport.send(compose(REFUSED), REFUSED)
-        await transport.send(compose(GOOD, 1), GOOD)
-        await transport.aclose()
 
-        assert transport.connections_opened == 2
-        assert len(pipelining_server.messages) == 1
+async def assert_garbled(server: RawSmtpServer, reply: bytes) -> None:
+    """``reply`` to a mail's RCPT makes that mail transient; the next mail is delivered on a
+    new connection."""
+    server.answer_rcpt(REFUSED, reply)
+    transport = transport_for(server)
+
+    with pytest.raises(MailTransientError):
+        await transport.send(compose(REFUSED), REFUSED)
+    await transport.send(compose(GOOD, 1), GOOD)
+    await transport.aclose()
+
+    assert transport.connections_opened == 2
+    assert len(server.messages) == 1
 
 
 class TestReplyCodes:
@@ -254,16 +266,7 @@ class TestReplyCodes:
     ) -> None:
         """A reply code SMTP does not have (first digit not 2-5) never kills the mail: it is
         a garbled reply, transient, and its connection is not reused."""
-        server.answer_rcpt(REFUSED, code + b" no such reply")
-        transport = transport_for(server)
-
-        with pytest.raises(MailTransientError):
-            await transport.send(compose(REFUSED), REFUSED)
-        await transport.send(compose(GOOD, 1), GOOD)
-        await transport.aclose()
-
-        assert transport.connections_opened == 2
-        assert len(server.messages) == 1
+        await assert_garbled(server, code + b" no such reply")
 
 
 @pytest.fixture
@@ -506,3 +509,73 @@ class TestAcrossMessages:
             assert all(isinstance(outcome, MailUnavailableError) for outcome in outcomes.values())
             assert len(outcomes) == 8
             assert server.connections <= 2
+
+
+class TestInFlight:
+    """A connection that fails with a full pipeline (``PIPELINE_DEPTH`` messages in flight)
+    lets every send behind it end: retried on a fresh connection once it frees its slot."""
+
+    async def test_every_retry_after_a_timeout_with_a_full_pipeline_ends(
+        self, pipelining_server: RawSmtpServer
+    ) -> None:
+        """A reply timeout with a full pipeline: the messages behind are all retried and sent."""
+        pipelining_server.stall_at("data_end")
+        transport = transport_for(pipelining_server, timeout=0.5, max_connections=1)
+        mails = [(GOOD, number) for number in range(PIPELINE_DEPTH)]
+
+        with anyio.move_on_after(10) as scope:
+            outcomes = await send_all(transport, mails, senders=PIPELINE_DEPTH)
+        await transport.aclose()
+
+        assert not scope.cancelled_caught, "a send retried on a fresh connection never ended"
+        assert isinstance(outcomes[0], MailTransientError)
+        assert [outcomes[number] for number in range(1, PIPELINE_DEPTH)] == [None, None]
+        ids = pipelining_server.message_ids()
+        assert all(ids[f"<pipe-{number}@nproxy.localhost>"] == 1 for number in (1, 2))
+
+    @pytest.mark.parametrize(
+        "script",
+        [
+            ("drop", "data_end"),
+            ("end", b"421 4.3.2 closing"),
+            ("end", b"not SMTP"),
+            ("rcpt", b"421 4.3.2 closing"),
+            ("rset", b"500 5.5.1 no"),
+            ("data", b"354 go ahead anyway"),
+        ],
+        ids=repr,
+    )
+    async def test_every_send_ends_when_a_full_pipeline_fails(
+        self, pipelining_server: RawSmtpServer, script: tuple[str, object]
+    ) -> None:
+        """A connection failing with a full pipeline: every send ends, and none that succeeded
+        was left undelivered."""
+        kind, what = script
+        if kind == "drop":
+            pipelining_server.drop_at("data_end")
+        elif kind == "end":
+            pipelining_server.answer_data_end(REFUSED, what)  # type: ignore[arg-type]
+        elif kind == "rcpt":
+            pipelining_server.answer_rcpt(REFUSED, what)  # type: ignore[arg-type]
+        else:
+            pipelining_server.answer_rcpt(REFUSED, b"550 5.1.1 no such user")
+            if kind == "rset":
+                pipelining_server.answer_rset(what)  # type: ignore[arg-type]
+            else:
+                pipelining_server.answer_data_without_recipient(what)  # type: ignore[arg-type]
+        transport = transport_for(pipelining_server, max_connections=1)
+        mails = [(REFUSED if number == 1 else GOOD, number) for number in range(9)]
+
+        with anyio.move_on_after(10) as scope:
+            outcomes = await send_all(transport, mails, senders=PIPELINE_DEPTH)
+        await transport.aclose()
+
+        assert not scope.cancelled_caught, "a send retried on a fresh connection never ended"
+        delivered = pipelining_server.message_ids()
+        assert all(
+            delivered[f"<pipe-{number}@nproxy.localhost>"] >= 1
+            for number, outcome in outcomes.items()
+            if outcome is None
+        )
+        failed = [number for number, outcome in sorted(outcomes.items()) if outcome is not None]
+        assert failed == ([0] if kind == "drop" else [1])  # a drop: at the first end of data
