@@ -105,6 +105,11 @@ ENVELOPE_OK = ((MAIL_OK,), RCPT_OK, (DATA_OK,))
 _RESET = b"RSET\r\n"
 
 
+def _is_code(code: bytes) -> bool:
+    """Digits starting with 2 to 5: the reply codes SMTP has (anything else is garbled)."""
+    return code.isdigit() and b"2" <= code[:1] <= b"5"
+
+
 class Pipe(asyncio.Protocol):
     """Writes groups of commands and collects their replies; see the module docstring.
 
@@ -230,13 +235,7 @@ class Pipe(asyncio.Protocol):
                 return
             # The common case inline: a one-line reply ("250 2.0.0 Ok") while none is open.
             code = line[:3]
-            if (
-                line[3:4] == b" "
-                and not self._lines
-                and code.isdigit()
-                and b"2" <= code[:1] <= b"5"
-                and len(line) < 512
-            ):
+            if line[3:4] == b" " and not self._lines and _is_code(code) and len(line) < 512:
                 self._received(Reply(int(code), line[4:].strip(b" \t\r\n")))
             else:
                 self._line(line)
@@ -262,7 +261,7 @@ class Pipe(asyncio.Protocol):
             self._garbled(b"Response too long")
             return
         code = line[:3]
-        if not code.isdigit() or not b"2" <= code[:1] <= b"5":  # SMTP replies are 2xx to 5xx
+        if not _is_code(code):
             self._garbled(b"Malformed SMTP response line: " + line.strip())
             return
         text = line[4:].strip(b" \t\r\n")

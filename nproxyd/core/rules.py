@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 from email.utils import parseaddr
@@ -76,14 +75,14 @@ def message_id(unique_hex: str, domain: str) -> str:
 
 def new_message_id(from_address: str) -> str:
     """A unique RFC 5322 Message-ID in the sender's domain."""
-    return message_id(uuid.uuid4().hex, message_id_domain(from_address))
+    return message_id(random_uuid()[1], message_id_domain(from_address))
 
 
 def random_uuid() -> tuple[str, str]:
     """A random (version 4) UUID as ``str(uuid.uuid4())`` and ``.hex`` would give it.
 
-    A third of the cost of building the :class:`uuid.UUID`: the renewal scheduler makes one
-    per invoice.
+    A third of the cost of building a ``uuid.UUID``: the renewal scheduler makes one per
+    invoice.
     """
     raw = bytearray(os.urandom(16))
     raw[6] = raw[6] & 0x0F | 0x40  # version 4
