@@ -105,9 +105,12 @@ ENVELOPE_OK = ((MAIL_OK,), RCPT_OK, (DATA_OK,))
 _RESET = b"RSET\r\n"
 
 
+_SEPARATORS = (b" ", b"-", b"\r", b"")  # what may follow a reply code: text, more lines, the end
+
+
 def _is_code(code: bytes) -> bool:
-    """Digits starting with 2 to 5: the reply codes SMTP has (anything else is garbled)."""
-    return code.isdigit() and b"2" <= code[:1] <= b"5"
+    """Three digits starting with 2 to 5: the reply codes SMTP has (anything else is garbled)."""
+    return len(code) == 3 and code.isdigit() and b"2" <= code[:1] <= b"5"
 
 
 class Pipe(asyncio.Protocol):
@@ -261,7 +264,7 @@ class Pipe(asyncio.Protocol):
             self._garbled(b"Response too long")
             return
         code = line[:3]
-        if not _is_code(code):
+        if not _is_code(code) or line[3:4] not in _SEPARATORS:
             self._garbled(b"Malformed SMTP response line: " + line.strip())
             return
         text = line[4:].strip(b" \t\r\n")

@@ -268,6 +268,14 @@ class TestReplyCodes:
         a garbled reply, transient, and its connection is not reused."""
         await assert_garbled(server, code + b" no such reply")
 
+    @pytest.mark.parametrize("line", [b"5501 four digits", b"2500 four digits", b"250x text"])
+    async def test_a_code_not_followed_by_a_separator_is_garbled(
+        self, server: RawSmtpServer, line: bytes
+    ) -> None:
+        """Three digits then anything but a space, a hyphen or the line's end is not a reply
+        code: garbled and transient, never read as the code its first digits spell."""
+        await assert_garbled(server, line)
+
 
 @pytest.fixture
 def lock_step_server() -> Iterator[RawSmtpServer]:
