@@ -29,7 +29,7 @@ from tests.bench import (
     bench_soak,
     bench_startup,
 )
-from tests.bench.common import Figure, duration
+from tests.bench.common import Figure, Machine, duration, note
 from tests.pg import TestServer
 
 Benchmark = Callable[[TestServer], Awaitable[list[Figure]]]
@@ -78,9 +78,11 @@ async def run_all(names: list[str], server: TestServer) -> int:
     failed = 0
     started = time.perf_counter()
     for name in names:
+        machine = Machine()
         for figure in await {**BENCHMARKS, **SLOW_BENCHMARKS}[name](server):
             print(figure.line(), flush=True)
             failed += not figure.passed
+        note(name, machine.summary())
     print(
         f"[bench] {len(names)} benchmark(s) in {duration(time.perf_counter() - started)}",
         file=sys.stderr,

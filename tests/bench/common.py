@@ -90,6 +90,34 @@ def note(bench: str, message: str) -> None:
     print(f"[{bench}] {message}", file=sys.stderr, flush=True)
 
 
+STEAL_WARNING = 0.05  # of the machine's CPU time: more and the figures are not evidence
+
+
+class Machine:
+    """The host's share of this VM's CPU time (steal) and the load average over a benchmark.
+
+    A hypervisor that takes CPU from the VM slows both sides of a comparison, but not evenly:
+    a figure that needs both cores moves more than one that needs one. Each benchmark prints
+    how much was stolen while it ran, and says so when its figures are not evidence.
+    """
+
+    def __init__(self) -> None:
+        self.started = self._times()
+
+    @staticmethod
+    def _times() -> list[int]:
+        with open("/proc/stat") as stat:  # "cpu user nice system idle iowait irq softirq steal"
+            return [int(value) for value in stat.readline().split()[1:9]]
+
+    def summary(self) -> str:
+        now = self._times()
+        spent = [after - before for before, after in zip(self.started, now, strict=True)]
+        steal = spent[7] / max(1, sum(spent))
+        load = os.getloadavg()[0]
+        verdict = " (over 5 %: these figures are not evidence)" if steal > STEAL_WARNING else ""
+        return f"machine: CPU steal {steal:.1%}{verdict}, load average {load:.2f} at the end"
+
+
 class Stopwatch:
     """``with Stopwatch() as watch: ...`` then ``watch.seconds``."""
 
