@@ -39,6 +39,9 @@ from nproxyd.core.text import is_storable, storable
 _DECODER = msgspec.json.Decoder(float_hook=Decimal)  # amounts stay exact
 _MAX_TEXT = 200
 _MAX_AMOUNT = Decimal(10) ** 20
+# Decimal places an amount may have: far beyond any currency, far within PostgreSQL's numeric
+# (16,383), whose driver refuses a larger scale or exponent for a whole statement.
+_MAX_DECIMALS = 100
 DEFAULT_RETRY_AFTER_SECONDS = 60.0
 MAX_RETRY_AFTER_SECONDS = 3600.0
 
@@ -186,6 +189,9 @@ def _amount(document: dict[str, Any], field: str) -> Decimal | None:
         raise ProviderInvalidAnswer(f"nowpayments answer: {field} is not a number") from None
     if not amount.is_finite() or amount < 0 or amount >= _MAX_AMOUNT:
         raise ProviderInvalidAnswer(f"nowpayments answer: {field} is out of range")
+    exponent = amount.as_tuple().exponent
+    if not isinstance(exponent, int) or not -_MAX_DECIMALS <= exponent <= 20:  # e.g. 0E+300000
+        raise ProviderInvalidAnswer(f"nowpayments answer: {field} has an implausible precision")
     return amount
 
 

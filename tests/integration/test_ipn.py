@@ -135,6 +135,22 @@ class TestIpn:
         assert await db.pool.fetchval("SELECT count(*) FROM nproxyd_invoice_payments") == 0
         assert listener.count("unknown_payment") == 1
 
+    async def test_an_amount_the_database_cannot_hold_is_invalid_not_retried(
+        self, db: Database, listener: Listener
+    ) -> None:
+        """A signed amount numeric cannot hold: 200 and invalid, not a 503 the provider repeats."""
+        await add_invoice(db, "5001")
+        body = (
+            b'{"payment_id": 5001, "payment_status": "finished", "actually_paid": 1e-20000,'
+            b' "updated_at": "2026-03-10T12:00:00.000Z"}'
+        )
+
+        status = await listener.post(body, ipn_signature(json.loads(body), SECRET))
+
+        assert status == 200
+        assert listener.count("invalid") == 1 and listener.count("error") == 0
+        assert await db.pool.fetchval("SELECT count(*) FROM nproxyd_invoice_payment_history") == 0
+
     async def test_bodies_over_64_kib_are_refused(self, db: Database, listener: Listener) -> None:
         """413 for a body over the limit, signed or not; nothing recorded."""
         await add_invoice(db, "5001")

@@ -336,6 +336,38 @@ class TestAnswers:
             assert row["last_outcome"] == "invalid"
             assert row["next_check_at"] == T0 + timedelta(seconds=120)
 
+    @pytest.mark.parametrize(
+        "amount",
+        [Decimal("1E-20000"), Decimal("0." + "1" * 17_000), Decimal("0E+300000")],
+        ids=["tiny-exponent", "17000-decimals", "zero-huge-exponent"],
+    )
+    async def test_an_amount_the_database_cannot_hold_fails_only_its_own_invoice(
+        self,
+        db: Database,
+        fake: FakeNowPayments,
+        session: aiohttp.ClientSession,
+        amount: Decimal,
+    ) -> None:
+        """A finite amount numeric cannot hold is invalid for its invoice; the batch is recorded."""
+        good = status_answer("6000", "finished", T0)
+        for payment_id, answer in (
+            ("6000", good),
+            ("6001", {**good, "payment_id": 6001, "actually_paid": amount}),
+            ("6002", {**good, "payment_id": 6002}),
+        ):
+            await add_invoice(db, payment_id)
+            fake.script_status(payment_id, answer)
+        actor = watcher(db, nowpayments(fake, session))
+
+        report = await actor.tick(T0)
+
+        assert report.checks == {"ok": 2, "invalid": 1}
+        for payment_id in ("6000", "6002"):
+            assert (await watch_row(db, payment_id))["provider_status"] == "finished"
+        row = await watch_row(db, "6001")
+        assert row["provider_status"] is None and row["last_outcome"] == "invalid"
+        assert "actually_paid" in row["last_error"]
+
     async def test_refused_checks_wait_for_the_slow_cadence(
         self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
     ) -> None:
