@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from nproxyd.core.config import SimulatedPaymentConfig
+from nproxyd.core.errors import ProviderPermanentError
 from nproxyd.core.payments import PaymentRef, ProviderPayment
 
 
@@ -30,7 +31,7 @@ class SimulatedPaymentStatus:
         )
 
     async def payment_status(self, ref: PaymentRef, now: datetime) -> ProviderPayment:
-        paid_at = ref.created_at + self._paid_after
+        paid_at = _paid_at(ref.created_at, self._paid_after)
         if now < paid_at:
             return ProviderPayment(
                 payment_id=ref.provider_payment_id,
@@ -51,6 +52,17 @@ class SimulatedPaymentStatus:
             outcome_currency=ref.currency,
             updated_at=paid_at,
         )
+
+
+def _paid_at(created_at: datetime | None, delay: timedelta) -> datetime:
+    """When a simulated invoice is paid; a creation time that cannot be represented (None) or
+    moved fails only this invoice's check."""
+    try:
+        if created_at is not None:
+            return created_at + delay
+    except OverflowError:
+        pass
+    raise ProviderPermanentError("the invoice's creation time is out of range")
 
 
 def _share(payment_id: str) -> float:

@@ -49,7 +49,7 @@ class PaymentRef(msgspec.Struct, frozen=True, kw_only=True):
     """An invoice's payment as a provider is asked about it."""
 
     provider_payment_id: str
-    created_at: datetime
+    created_at: datetime | None  # None: the invoice's time cannot be represented
     amount: Decimal
     currency: str
 
@@ -72,7 +72,7 @@ class PaymentCheck(msgspec.Struct, frozen=True, kw_only=True):
 
     invoice_id: str
     provider_payment_id: str
-    created_at: datetime
+    created_at: datetime | None  # None: stored as ±infinity or outside years 1-9999
     amount_crypto: Decimal
     currency: str
     user_email: str | None = None

@@ -437,6 +437,64 @@ class TestAnswers:
             await actor.tick(T0)
 
 
+UNREPRESENTABLE = ["10000-01-01 00:00+00", "0001-01-01 00:00+00 BC", "infinity", "-infinity"]
+
+
+async def set_created_at(db: Database, invoice_id: str, value: str) -> None:
+    """Give an invoice a creation time as the web API could store it (any timestamptz)."""
+    await db.pool.execute(
+        "UPDATE payment_invoices SET created_at = $2::text::timestamptz WHERE id = $1",
+        invoice_id,
+        value,
+    )
+
+
+class TestUnrepresentableCreationTimes:
+    @pytest.mark.parametrize("created_at", UNREPRESENTABLE)
+    async def test_polling_records_the_whole_batch(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession, created_at: str
+    ) -> None:
+        """An invoice created at a time Python cannot hold is checked like the rest of its batch."""
+        for payment_id in ("6000", "6001", "6002"):
+            await add_invoice(db, payment_id)
+            fake.script_status(payment_id, status_answer(payment_id, "finished", T0))
+        await set_created_at(db, "6001", created_at)
+        actor = watcher(db, nowpayments(fake, session), operator_email=OPERATOR)
+
+        report = await actor.tick(T0)
+
+        assert report.checks == {"ok": 3}
+        for payment_id in ("6000", "6001", "6002"):
+            assert (await watch_row(db, payment_id))["provider_status"] == "finished"
+
+    @pytest.mark.parametrize("created_at", UNREPRESENTABLE)
+    async def test_the_simulated_provider_fails_only_that_invoice(
+        self, db: Database, created_at: str
+    ) -> None:
+        """The simulated story needs the creation time: without one, only that check fails."""
+        for invoice_id in ("6000", "6001", "6002"):
+            await add_invoice(db, invoice_id)
+        await set_created_at(db, "6001", created_at)
+        actor = watcher(db, simulated(paid_after=0))
+
+        report = await actor.tick(T0)
+
+        assert report.checks == {"ok": 2, "permanent": 1}
+        assert (await watch_row(db, "6001"))["last_outcome"] == "permanent"
+        assert (await watch_row(db, "6002"))["provider_status"] == "finished"
+
+    async def test_a_notification_is_recorded(self, db: Database) -> None:
+        """A signed notification for such an invoice is recorded, not failed on every retry."""
+        await add_invoice(db, "6001")
+        await set_created_at(db, "6001", UNREPRESENTABLE[0])
+        actor = watcher(db, simulated(), verifier=True)
+
+        outcome = await actor.receive_ipn(*signed(status_answer("6001", "finished", T0)))
+
+        assert outcome.outcome == "ok"
+        assert (await watch_row(db, "6001"))["provider_status"] == "finished"
+
+
 class TestAwaitingAndMail:
     async def test_awaiting_lists_paid_invoices_until_the_admin_activates(
         self, db: Database

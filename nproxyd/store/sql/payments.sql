@@ -18,7 +18,7 @@ WHERE NOT EXISTS (SELECT 1 FROM nproxyd_invoice_payments AS w WHERE w.invoice_id
 ON CONFLICT (invoice_id) DO NOTHING;
 
 -- claim_due_payment_checks --
--- Lease one batch of due checks to this tick (oldest due first) and retire the invoices no longer followed (paid, or ended longer than the grace ago); $1 now, $2 lease until, $3 batch size, $4 grace in seconds. Returns every claimed row with `follow`.
+-- Lease one batch of due checks to this tick (oldest due first) and retire the invoices no longer followed (paid, or ended longer than the grace ago); $1 now, $2 lease until, $3 batch size, $4 grace in seconds. Returns every claimed row with `follow`; a `created_at` Python cannot represent (±infinity, BC, year 10000) as NULL.
 WITH due AS (
     SELECT w.invoice_id
     FROM nproxyd_invoice_payments AS w
@@ -42,8 +42,10 @@ WITH due AS (
         w.failures, j.follow
 )
 SELECT c.invoice_id, c.provider_payment_id, c.provider_status, c.quiet_checks, c.failures,
-    c.follow, p.created_at, p.amount_crypto, p.currency, u.email AS user_email,
-    pl.code AS plan_code
+    c.follow,
+    CASE WHEN p.created_at BETWEEN '0001-01-01 00:00:00+00' AND '9999-12-31 23:59:59.999999+00'
+        THEN p.created_at END AS created_at,
+    p.amount_crypto, p.currency, u.email AS user_email, pl.code AS plan_code
 FROM claimed AS c
 JOIN payment_invoices AS p ON p.id = c.invoice_id
 LEFT JOIN users AS u ON u.id = p.user_id
@@ -147,7 +149,7 @@ WHERE a.changed
 ORDER BY a.invoice_id;
 
 -- track_notified_payment --
--- Find the invoice a notification names and start following it if it was not yet; $1 provider, $2 provider payment id, $3 now. Returns the invoice as a check (none for an unknown payment).
+-- Find the invoice a notification names and start following it if it was not yet; $1 provider, $2 provider payment id, $3 now. Returns the invoice as a check (none for an unknown payment); a `created_at` Python cannot represent as NULL.
 WITH invoice AS (
     SELECT p.id
     FROM payment_invoices AS p
@@ -161,7 +163,9 @@ WITH invoice AS (
     ON CONFLICT (invoice_id) DO NOTHING
     RETURNING invoice_id
 )
-SELECT p.id AS invoice_id, p.provider_invoice_id AS provider_payment_id, p.created_at,
+SELECT p.id AS invoice_id, p.provider_invoice_id AS provider_payment_id,
+    CASE WHEN p.created_at BETWEEN '0001-01-01 00:00:00+00' AND '9999-12-31 23:59:59.999999+00'
+        THEN p.created_at END AS created_at,
     p.amount_crypto, p.currency, u.email AS user_email, pl.code AS plan_code,
     w.provider_status, coalesce(w.quiet_checks, 0) AS quiet_checks,
     coalesce(w.failures, 0) AS failures
