@@ -145,7 +145,7 @@ def parse_payment(payload: bytes, requested_id: str | None) -> ProviderPayment:
     """A provider payment from a status answer or an IPN body; raises ProviderInvalidAnswer."""
     try:
         document = _DECODER.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deep
         raise ProviderInvalidAnswer("nowpayments answered invalid JSON") from None
     if not isinstance(document, dict):
         raise ProviderInvalidAnswer("nowpayments answered JSON that is not an object")

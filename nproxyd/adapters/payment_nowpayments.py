@@ -185,7 +185,7 @@ class NowPaymentsProvider:
             # Replaced, not refused: a body that is not valid UTF-8 is still an answer.
             text = payload.decode("utf-8", errors="replace")
             answer = msgspec.json.decode(text, type=_ErrorAnswer)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             return ""
         parts = [part for part in (answer.code, answer.message) if part]
         if not parts:
@@ -225,7 +225,12 @@ def _map_errors(url: str, timeout_seconds: float) -> Iterator[None]:
 def _parse_invoice(payload: bytes, order_id: str) -> ProviderInvoice:
     try:
         answer = msgspec.json.decode(payload, type=_PaymentAnswer)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+    except (
+        msgspec.DecodeError,
+        msgspec.ValidationError,
+        UnicodeDecodeError,
+        RecursionError,  # nested deeper than the decoder recurses: no more readable than bad JSON
+    ) as exc:
         problem = (
             "the answer is not valid UTF-8"
             if isinstance(exc, UnicodeDecodeError)
@@ -255,7 +260,7 @@ def _payment_id_in(payload: bytes) -> str | None:
     """The payment id of an answer that failed to parse, if one can be read at all."""
     try:
         value = msgspec.json.decode(payload.decode("utf-8", errors="replace"))
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     payment_id = value.get("payment_id") if isinstance(value, dict) else None
     if isinstance(payment_id, str | int) and not isinstance(payment_id, bool):

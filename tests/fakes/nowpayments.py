@@ -62,9 +62,11 @@ class Mode(enum.Enum):
     BAD_AMOUNT = "bad_amount"  # 201 whose pay_amount is not a number
     BAD_DATE = "bad_date"  # 201 whose dates cannot be parsed
     LONG_FIELD = "long_field"  # 201 whose pay_address is 10,000 characters
+    DEEP_JSON = "deep_json"  # 201 (200 for a status) with a field nesting arrays 100,000 deep
     # Hostile error answers:
     REFUSED_LATIN1 = "refused_latin1"  # 400 whose body is Latin-1, not UTF-8
     REFUSED_NUL = "refused_nul"  # 400 whose message holds a NUL
+    REFUSED_DEEP = "refused_deep"  # 400 with a field nesting arrays 100,000 deep
     NOT_FOUND = "not_found"  # 404 (payment status)
 
 
@@ -299,6 +301,12 @@ class FakeNowPayments(_StatusMixin):
             return web.Response(
                 status=200, body=b'{"payment_status": "fini', content_type="application/json"
             )
+        if answer is Mode.DEEP_JSON:
+            payment_id = request.match_info["payment_id"]
+            body = with_deep_field(
+                _ENCODER.encode(status_answer(payment_id, "finished", datetime.now(UTC)))
+            )
+            return web.Response(status=200, body=body, content_type="application/json")
         return self._error(*_ERRORS[answer])
 
     def _record(self, request: web.Request, raw: bytes, body: Any) -> Mode:
@@ -375,6 +383,14 @@ class FakeNowPayments(_StatusMixin):
         return payment
 
 
+DEEP_ARRAYS = b"[" * 100_000 + b"]" * 100_000  # a JSON value deeper than any decoder recurses
+
+
+def with_deep_field(encoded: bytes) -> bytes:
+    """An encoded JSON object with one more field, ``nested``, holding :data:`DEEP_ARRAYS`."""
+    return encoded[:-1] + b',"nested":' + DEEP_ARRAYS + b"}"
+
+
 _REFUSALS: dict[Mode, bytes] = {
     Mode.REFUSED_LATIN1: (
         b'{"status": false, "statusCode": 400, "code": "INVALID_REQUEST_PARAMS",'
@@ -383,6 +399,11 @@ _REFUSALS: dict[Mode, bytes] = {
     Mode.REFUSED_NUL: (
         b'{"status": false, "statusCode": 400, "code": "INVALID_REQUEST_PARAMS",'
         b' "message": "bad\\u0000request"}'
+    ),
+    Mode.REFUSED_DEEP: (
+        b'{"status": false, "statusCode": 400, "code": "INVALID_REQUEST_PARAMS", "details": '
+        + DEEP_ARRAYS
+        + b"}"
     ),
 }
 
@@ -403,6 +424,8 @@ def _hostile(mode: Mode, answer: dict[str, Any]) -> bytes:
     encoded = _ENCODER.encode(answer)
     if mode is Mode.INVALID_UTF8:
         encoded = encoded.replace(b'"pay_address":"', b'"pay_address":"\xfc', 1)
+    if mode is Mode.DEEP_JSON:
+        encoded = with_deep_field(encoded)
     return encoded
 
 

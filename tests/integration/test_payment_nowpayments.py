@@ -397,6 +397,7 @@ class TestHostileAnswers:
             Mode.BAD_AMOUNT,
             Mode.BAD_DATE,
             Mode.LONG_FIELD,
+            Mode.DEEP_JSON,
         ],
         ids=lambda mode: mode.value,
     )
@@ -411,7 +412,7 @@ class TestHostileAnswers:
         assert is_storable(message)
         assert "for order renewal-sub-1-7" in message
         [payment] = fake.payments
-        if mode is not Mode.MISSING_ID:
+        if mode not in (Mode.MISSING_ID, Mode.DEEP_JSON):  # no decoder reads a deep answer
             assert f"(payment {payment['payment_id']})" in message
         assert len(fake.requests) == 1
 
@@ -426,6 +427,15 @@ class TestHostileAnswers:
         assert is_storable(message)
         assert "HTTP 400 INVALID_REQUEST_PARAMS: Zur\ufffdckgewiesen" in message
         assert "for order renewal-sub-1-7" in message
+
+    async def test_refusal_nested_too_deep_to_decode_is_permanent(
+        self, fake: FakeNowPayments, provider: NowPaymentsProvider
+    ) -> None:
+        """A 400 whose body nests deeper than the decoder recurses is a plain refusal."""
+        fake.set_mode(Mode.REFUSED_DEEP)
+        with pytest.raises(ProviderPermanentError) as caught:
+            await provider.create_invoice(make_request(order_id="renewal-sub-1-7"), NOW)
+        assert "(HTTP 400)" in caught.value.message
 
     async def test_refusal_with_a_nul_is_cleaned(
         self, fake: FakeNowPayments, provider: NowPaymentsProvider

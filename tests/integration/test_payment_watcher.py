@@ -368,6 +368,24 @@ class TestAnswers:
         assert row["provider_status"] is None and row["last_outcome"] == "invalid"
         assert "actually_paid" in row["last_error"]
 
+    async def test_a_deeply_nested_answer_fails_only_its_own_invoice(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """JSON nested deeper than the decoder recurses is invalid; the batch is recorded."""
+        for payment_id in ("6000", "6001", "6002"):
+            await add_invoice(db, payment_id)
+            fake.script_status(payment_id, status_answer(payment_id, "finished", T0))
+        fake.script_status("6001", Mode.DEEP_JSON)
+        actor = watcher(db, nowpayments(fake, session))
+
+        report = await actor.tick(T0)
+
+        assert report.checks == {"ok": 2, "invalid": 1}
+        for payment_id in ("6000", "6002"):
+            assert (await watch_row(db, payment_id))["provider_status"] == "finished"
+        row = await watch_row(db, "6001")
+        assert row["provider_status"] is None and row["last_outcome"] == "invalid"
+
     async def test_refused_checks_wait_for_the_slow_cadence(
         self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
     ) -> None:
