@@ -23,6 +23,7 @@ from urllib.parse import quote
 import aiohttp
 import msgspec
 
+from nproxyd.adapters.http_body import MAX_ANSWER_BYTES, read_bounded
 from nproxyd.core.budget import RequestBudget
 from nproxyd.core.clock import parse_instant
 from nproxyd.core.config import NowPaymentsConfig
@@ -80,10 +81,12 @@ class NowPaymentsStatus:
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as response:
-                payload = await response.read()
+                payload = await read_bounded(response)
                 status = response.status
                 retry_after = response.headers.get("Retry-After")
         self._check_status(status, retry_after, ref.provider_payment_id)
+        if payload is None:
+            raise ProviderInvalidAnswer(f"nowpayments answered more than {MAX_ANSWER_BYTES} bytes")
         return parse_payment(payload, ref.provider_payment_id)
 
     def _check_status(self, status: int, retry_after: str | None, payment_id: str) -> None:

@@ -33,6 +33,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from nproxyd.adapters.http_body import MAX_ANSWER_BYTES, read_bounded
 from nproxyd.core.answers import MAX_PAYMENT_ID_LENGTH, checked_invoice, invalid_answer
 from nproxyd.core.budget import RequestBudget
 from nproxyd.core.clock import SystemClock, parse_instant
@@ -126,9 +127,11 @@ class NowPaymentsProvider:
             before_sleep=self._log_retry,
             reraise=True,
         )
-        answer: tuple[int, bytes] = await retrying(self._post, body)
+        answer: tuple[int, bytes | None] = await retrying(self._post, body)
         status, payload = answer
-        self._check_status(status, payload, request.order_id)
+        self._check_status(status, payload or b"", request.order_id)
+        if payload is None:  # a payment may exist: permanent, as any untrustworthy answer
+            raise _invalid(request.order_id, None, f"more than {MAX_ANSWER_BYTES} bytes")
         return _parse_invoice(payload, request.order_id)
 
     async def aclose(self) -> None:
@@ -136,7 +139,7 @@ class NowPaymentsProvider:
             session, self._session = self._session, None
             await session.close()
 
-    async def _post(self, body: bytes) -> tuple[int, bytes]:
+    async def _post(self, body: bytes) -> tuple[int, bytes | None]:
         if self.budget is not None:
             await self.budget.acquire()
         headers = {"x-api-key": self._config.api_key, "Content-Type": "application/json"}
@@ -148,11 +151,12 @@ class NowPaymentsProvider:
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as response:
-                payload = await response.read()
+                payload = await read_bounded(response)  # None: over MAX_ANSWER_BYTES
                 status = response.status
         if status in (429, 503):
             raise ProviderNotProcessedError(
-                f"nowpayments did not process the request (HTTP {status}{self._detail(payload)})"
+                "nowpayments did not process the request"
+                f" (HTTP {status}{self._detail(payload or b'')})"
             )
         return status, payload
 

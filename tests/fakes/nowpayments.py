@@ -63,6 +63,7 @@ class Mode(enum.Enum):
     BAD_DATE = "bad_date"  # 201 whose dates cannot be parsed
     LONG_FIELD = "long_field"  # 201 whose pay_address is 10,000 characters
     DEEP_JSON = "deep_json"  # 201 (200 for a status) with a field nesting arrays 100,000 deep
+    HUGE_BODY = "huge_body"  # 201 (200 for a status) padded to HUGE_BODY_BYTES, valid otherwise
     # Hostile error answers:
     REFUSED_LATIN1 = "refused_latin1"  # 400 whose body is Latin-1, not UTF-8
     REFUSED_NUL = "refused_nul"  # 400 whose message holds a NUL
@@ -301,12 +302,12 @@ class FakeNowPayments(_StatusMixin):
             return web.Response(
                 status=200, body=b'{"payment_status": "fini', content_type="application/json"
             )
-        if answer is Mode.DEEP_JSON:
+        if answer in (Mode.DEEP_JSON, Mode.HUGE_BODY):
             payment_id = request.match_info["payment_id"]
-            body = with_deep_field(
-                _ENCODER.encode(status_answer(payment_id, "finished", datetime.now(UTC)))
+            valid = status_answer(payment_id, "finished", datetime.now(UTC))
+            return web.Response(
+                status=200, body=_hostile(answer, valid), content_type="application/json"
             )
-            return web.Response(status=200, body=body, content_type="application/json")
         return self._error(*_ERRORS[answer])
 
     def _record(self, request: web.Request, raw: bytes, body: Any) -> Mode:
@@ -383,6 +384,7 @@ class FakeNowPayments(_StatusMixin):
         return payment
 
 
+HUGE_BODY_BYTES = 8 * 1024 * 1024
 DEEP_ARRAYS = b"[" * 100_000 + b"]" * 100_000  # a JSON value deeper than any decoder recurses
 
 
@@ -421,6 +423,8 @@ def _hostile(mode: Mode, answer: dict[str, Any]) -> bytes:
         answer["valid_until"] = answer["expiration_estimate_date"] = "soon, really"
     elif mode is Mode.LONG_FIELD:
         answer["pay_address"] = "T" * 10_000
+    elif mode is Mode.HUGE_BODY:
+        answer["padding"] = "x" * HUGE_BODY_BYTES
     encoded = _ENCODER.encode(answer)
     if mode is Mode.INVALID_UTF8:
         encoded = encoded.replace(b'"pay_address":"', b'"pay_address":"\xfc', 1)

@@ -368,14 +368,15 @@ class TestAnswers:
         assert row["provider_status"] is None and row["last_outcome"] == "invalid"
         assert "actually_paid" in row["last_error"]
 
-    async def test_a_deeply_nested_answer_fails_only_its_own_invoice(
-        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    @pytest.mark.parametrize("mode", [Mode.DEEP_JSON, Mode.HUGE_BODY], ids=lambda m: m.value)
+    async def test_a_deeply_nested_or_huge_answer_fails_only_its_own_invoice(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession, mode: Mode
     ) -> None:
-        """JSON nested deeper than the decoder recurses is invalid; the batch is recorded."""
+        """JSON nested too deep to decode, or over 1 MiB, is invalid; the batch is recorded."""
         for payment_id in ("6000", "6001", "6002"):
             await add_invoice(db, payment_id)
             fake.script_status(payment_id, status_answer(payment_id, "finished", T0))
-        fake.script_status("6001", Mode.DEEP_JSON)
+        fake.script_status("6001", mode)
         actor = watcher(db, nowpayments(fake, session))
 
         report = await actor.tick(T0)
