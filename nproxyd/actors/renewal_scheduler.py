@@ -2,9 +2,9 @@
 
 A tick reads due subscriptions in keyset batches, claims their (subscription, cycle) slots in
 one statement, calls the payment provider for the slots it won (bounded concurrency), and
-commits each group of answers in one statement: invoice, outbox mail and claim completion
-together. A crash anywhere leaves a claim whose lease elapses; the next tick of any instance
-takes it over with the same provider ``order_id``.
+commits each group of answers in one statement (two groups at a time): invoice, outbox mail
+and claim completion together. A crash anywhere leaves a claim whose lease elapses; the next
+tick of any instance takes it over with the same provider ``order_id``.
 
 Bad data never stalls a batch: a candidate that cannot be invoiced (a cycle start Python cannot
 represent, a bad plan, an address nproxyd can never deliver to) is skipped before any provider
@@ -57,6 +57,9 @@ from nproxyd.core.rules import (
 from nproxyd.core.text import storable
 
 _COMMIT_GROUP = 500
+# Groups committed at once: one is in the server while the next is encoded and sent, and the
+# database's work spreads over two backends. More only hold more connections.
+_COMMITTERS = 2
 _MICROSECOND = timedelta(microseconds=1)  # PostgreSQL's timestamp resolution, and Python's
 _LOG_AGAIN_AFTER = timedelta(hours=1)  # a warning about one bad row, at most this often
 _MEMO_SIZE = 10_000  # rows remembered for that; the oldest are forgotten first
@@ -488,15 +491,44 @@ class RenewalScheduler:
     async def _commit_loop(
         self, receiver: MemoryObjectReceiveStream[SlotResult], run: _Run
     ) -> None:
-        async with receiver:
-            async for first in receiver:
-                group = [first]
-                while len(group) < _COMMIT_GROUP:
-                    try:
-                        group.append(receiver.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                await self._commit(group, run.now, run.totals)
+        """Commit results in groups, ``_COMMITTERS`` groups at a time.
+
+        A group is taken only when a committer is free, so it holds everything that arrived
+        while the others were busy (whole claimed batches when the provider answers fast).
+        """
+        free = anyio.Semaphore(_COMMITTERS)
+        async with receiver, anyio.create_task_group() as committers:
+            while True:
+                await free.acquire()
+                group = await self._group(receiver)
+                if not group:
+                    free.release()
+                    return
+                committers.start_soon(
+                    self._commit_then_free, group, run, free, name="renewal-commit-group"
+                )
+
+    @staticmethod
+    async def _group(receiver: MemoryObjectReceiveStream[SlotResult]) -> list[SlotResult]:
+        """The next result (waiting for it) and up to a group's worth of those already there."""
+        first = await _taken(receiver)
+        if first is None:
+            return []
+        group = [first]
+        while len(group) < _COMMIT_GROUP:
+            try:
+                group.append(receiver.receive_nowait())
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                break
+        return group
+
+    async def _commit_then_free(
+        self, group: list[SlotResult], run: _Run, free: anyio.Semaphore
+    ) -> None:
+        try:
+            await self._commit(group, run.now, run.totals)
+        finally:
+            free.release()
 
     async def _commit(self, group: list[SlotResult], now: datetime, totals: _Totals) -> None:
         invoices = [item for item in group if isinstance(item, StoredInvoice)]

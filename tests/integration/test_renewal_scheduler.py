@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -20,7 +20,12 @@ from nproxyd.core.clock import SystemClock
 from nproxyd.core.config import NowPaymentsConfig, SimulatedPaymentConfig
 from nproxyd.core.messages import OutboxReady
 from nproxyd.core.ports import InvoiceRequest, PaymentProvider, ProviderInvoice
-from nproxyd.core.records import RenewalCandidate, StoredInvoice, UnreadableCandidate
+from nproxyd.core.records import (
+    CompletedSlot,
+    RenewalCandidate,
+    StoredInvoice,
+    UnreadableCandidate,
+)
 from nproxyd.core.rules import order_id
 from nproxyd.store.database import Database
 from nproxyd.store.sql import bind
@@ -82,6 +87,30 @@ class CountingStore(RenewalStore):
     ) -> list[RenewalCandidate | UnreadableCandidate]:
         self.candidate_limits.append(limit)
         return await super().candidates(now, window_end, after, limit)
+
+
+class OverlapStore(RenewalStore):
+    """The real store; a commit waits (up to 2 s) for another one to start alongside it."""
+
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.overlapped = anyio.Event()
+
+    async def commit(
+        self, invoices: Sequence[StoredInvoice], *, provider: str, now: datetime
+    ) -> list[CompletedSlot]:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.in_flight > 1:
+                self.overlapped.set()
+            with anyio.move_on_after(2):
+                await self.overlapped.wait()
+            return await super().commit(invoices, provider=provider, now=now)
+        finally:
+            self.in_flight -= 1
 
 
 def simulated(*, latency_ms: int = 0, failure_rate: float = 0.0) -> SimulatedPaymentProvider:
@@ -697,6 +726,20 @@ class TestBatching:
         assert len({request.order_id for request in provider.requests}) == 50
         assert provider.max_in_flight == 4
         assert sum(message.count for message in channel.received()) == 50
+        await assert_renewal_invariants(db.pool)
+
+    async def test_two_groups_are_committed_at_once(self, db: Database, channel: Channel) -> None:
+        """While one group's commit is in the server, the next group is committed alongside."""
+        await seed.plan(db.pool)
+        await seed_due(db.pool, 20)
+        store = OverlapStore(db)
+        scheduler = make_scheduler(db, simulated(), channel, store=store, batch_size=5)
+
+        with anyio.fail_after(10):
+            report = await scheduler.tick(NOW)
+
+        assert store.max_in_flight == 2
+        assert report.created_count == 20
         await assert_renewal_invariants(db.pool)
 
 

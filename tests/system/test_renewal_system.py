@@ -110,6 +110,22 @@ async def kill_9(processes: Processes, process: subprocess.Popen[bytes]) -> None
     assert code == -9
 
 
+async def end_backends(watcher: asyncpg.Connection, timeout: float = 20.0) -> None:
+    """Terminate the nproxyd backends of the test database, and wait until none is left.
+
+    ``watcher`` must be outside any transaction, so that each read lists the backends of now.
+    pg_terminate_backend only signals: a backend is gone once pg_stat_activity lists it no
+    more, and its transaction was rolled back before that. A backend not listed yet (still
+    starting) has not told its client it is ready, so it holds no statement to run.
+    """
+    with anyio.fail_after(timeout):
+        while await watcher.fetch(
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'nproxyd'"
+        ):
+            await anyio.sleep(0.01)
+
+
 async def scalar(dsn: str, query: str, *args: Any) -> Any:
     async with connected(dsn) as connection:
         return await connection.fetchval(query, *args)
@@ -295,7 +311,11 @@ class TestKill9:
     async def _kill_while_committing(
         dsn: str, fake: FakeNowPayments, processes: Processes, victim: subprocess.Popen[bytes]
     ) -> None:
+        # pg_stat_activity is read on a connection of its own, outside any transaction: within
+        # one (the locker's) it is a snapshot taken at its first read, without the backends
+        # that connect later, such as the second committer's.
         locker = await asyncpg.connect(dsn)
+        watcher = await asyncpg.connect(dsn)
         try:
 
             async def all_claimed() -> bool:
@@ -313,10 +333,10 @@ class TestKill9:
             async def commit_blocked() -> bool:
                 # pg_stat_activity.query is not reliable for asyncpg's prepared statements;
                 # with the long lease no heartbeat runs, so the commit is the only writer.
-                waiting: int = await locker.fetchval(
+                waiting: int = await watcher.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND application_name = 'nproxyd'"
-                    " AND pg_backend_pid() = ANY (pg_blocking_pids(pid))"
+                    " AND application_name = 'nproxyd' AND $1 = ANY (pg_blocking_pids(pid))",
+                    locker.get_server_pid(),
                 )
                 return waiting > 0
 
@@ -327,12 +347,10 @@ class TestKill9:
                 commit_blocked, what="the commit to wait", processes=processes, process=victim
             )
             await kill_9(processes, victim)
-            # The server would still finish the dead client's statement once the lock is
-            # free; a kill before the commit means the commit never reached the database.
-            await locker.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND application_name = 'nproxyd'"
-            )
+            # The server would still finish a statement the dead client sent (blocked on the
+            # lock or not) once the lock is free: its backends must be gone first.
+            await end_backends(watcher)
             await transaction.rollback()
         finally:
+            await watcher.close()
             await locker.close()
