@@ -21,6 +21,7 @@ from nproxyd.core.channels import Outbox
 from nproxyd.core.clock import Clock
 from nproxyd.core.errors import (
     IpnRejected,
+    ProviderCredentialsRefused,
     ProviderError,
     ProviderInvalidAnswer,
     ProviderPermanentError,
@@ -215,9 +216,10 @@ class PaymentWatcher:
         error = storable(exc.message, 500)
         if isinstance(exc, ProviderPermanentError):
             self.log.warning("payment_check_refused", invoice_id=check.invoice_id, error=error)
+            refused_key = isinstance(exc, ProviderCredentialsRefused)
             return CheckResult(
                 invoice_id=check.invoice_id,
-                outcome="permanent",
+                outcome="unauthorized" if refused_key else "permanent",
                 error=error,
                 next_check_at=self.schedule.after_refusal(now),
                 quiet_checks=check.quiet_checks,

@@ -2,7 +2,8 @@
 
 It shares the HTTP session and the request budget of :class:`NowPaymentsProvider`. Errors are
 classified once, here: 429 (with ``Retry-After``), 5xx, timeouts and unreadable answers are
-transient; 401, 403, 404 and other 4xx are refusals. Every text the provider sends is checked
+transient; 401 and 403 refuse the API key (:class:`ProviderCredentialsRefused`, every check
+fails alike); 404 and other 4xx refuse that one payment. Every text the provider sends is checked
 (no NUL, no invalid text) and bounded before it can reach a statement, and every number and
 date is validated, so one bad answer fails only its own invoice.
 """
@@ -29,6 +30,7 @@ from nproxyd.core.clock import parse_instant
 from nproxyd.core.config import NowPaymentsConfig
 from nproxyd.core.errors import (
     IpnRejected,
+    ProviderCredentialsRefused,
     ProviderInvalidAnswer,
     ProviderPermanentError,
     ProviderRateLimited,
@@ -102,6 +104,10 @@ class NowPaymentsStatus:
             )
         if status >= 500:
             raise ProviderTransientError(f"nowpayments failed with HTTP {status}")
+        if status in (401, 403):
+            raise ProviderCredentialsRefused(
+                f"nowpayments refused the API key (HTTP {status}): every status check fails"
+            )
         raise ProviderPermanentError(
             f"nowpayments refused the status of payment {storable(payment_id, 80)} (HTTP {status})"
         )

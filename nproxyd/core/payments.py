@@ -35,13 +35,16 @@ FINAL_STATUSES = ("finished", "failed", "refunded", "expired")
 AWAITING_STATUSES = ("finished", "partially_paid")
 
 Source = Literal["poll", "ipn"]
-CheckOutcome = Literal["ok", "transient", "permanent", "rate_limited", "invalid"]
+# "unauthorized": the provider refused the API key (401/403), which fails every check; a refusal
+# of one payment (404, another 4xx) is "permanent".
+CheckOutcome = Literal["ok", "transient", "permanent", "rate_limited", "invalid", "unauthorized"]
 CHECK_OUTCOMES: tuple[CheckOutcome, ...] = (
     "ok",
     "transient",
     "permanent",
     "rate_limited",
     "invalid",
+    "unauthorized",
 )
 
 

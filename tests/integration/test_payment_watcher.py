@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import anyio
@@ -20,9 +20,14 @@ from nproxyd.actors.payment_watcher import (
 )
 from nproxyd.adapters.nowpayments_status import NowPaymentsIpnVerifier, NowPaymentsStatus
 from nproxyd.adapters.status_simulated import SimulatedPaymentStatus
-from nproxyd.core.config import NowPaymentsConfig, SimulatedPaymentConfig
+from nproxyd.core.config import HealthConfig, NowPaymentsConfig, SimulatedPaymentConfig
+from nproxyd.core.messages import PaymentWatcherReport
 from nproxyd.core.payments import PaymentRef, ProviderPayment
 from nproxyd.core.ports import PaymentStatusSource
+from nproxyd.runtime.actor import ActorLoop, TickOutcome
+from nproxyd.runtime.metrics import Metrics
+from nproxyd.runtime.ops import Monitor, OpsQueries
+from nproxyd.runtime.supervisor import Supervisor
 from nproxyd.store.database import Database
 from nproxyd.store.payments import PaymentStore
 from tests import seed
@@ -390,7 +395,7 @@ class TestAnswers:
     async def test_refused_checks_wait_for_the_slow_cadence(
         self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
     ) -> None:
-        """404 and 403 are counted, logged with the invoice id, and retried after 1800 s."""
+        """404 and 403 are counted (permanent, unauthorized), logged, and retried after 1800 s."""
         await add_invoice(db, "7001")
         await add_invoice(db, "7002")
         fake.script_status("7002", Mode.FORBIDDEN)
@@ -399,7 +404,7 @@ class TestAnswers:
         with capture_logs() as logs:
             report = await actor.tick(T0)
 
-        assert report.checks == {"permanent": 2}
+        assert report.checks == {"permanent": 1, "unauthorized": 1}
         refused = {e["invoice_id"] for e in logs if e["event"] == "payment_check_refused"}
         assert refused == {"7001", "7002"}
         row = await watch_row(db, "7001")
@@ -576,3 +581,110 @@ class TestAwaitingAndMail:
 def signed(answer: dict[str, Any]) -> tuple[bytes, str]:
     body = ipn_body(answer)
     return json.dumps(body).encode(), ipn_signature(body, SECRET)
+
+
+def readiness(actor: PaymentWatcher) -> OpsQueries:
+    """The daemon's readiness judge, on the actor's clock, for this one actor."""
+    clock = cast(FakeClock, actor.clock)
+    monitor = Monitor(clock, Metrics([actor.name]))
+    state = OpsQueries(
+        clock=clock,
+        instance_id="test",
+        loops={actor.name: ActorLoop(actor, clock, monitor)},
+        supervisor=Supervisor(clock, max_restarts=5, restart_window_seconds=60),
+        monitor=monitor,
+        health=cast(Any, None),
+        keys=cast(Any, None),
+        channel=cast(Any, None),
+        settings=HealthConfig(provider_failing_seconds=1800),
+        retry_windows={actor.name: 1860.0},
+    )
+    state.snapshot = None
+    return state
+
+
+async def judged_tick(actor: PaymentWatcher, state: OpsQueries) -> PaymentWatcherReport:
+    """One tick at the clock's time, its outcome handed to the readiness judge as the loop does."""
+    clock = actor.clock
+    state.monitor.tick_started(actor.name)
+    report = await actor.tick(clock.now())
+    state.monitor.tick_finished(
+        TickOutcome(
+            actor=actor.name,
+            started_at=clock.now(),
+            duration_seconds=0.1,
+            ok=True,
+            report=report,
+            degraded=report.degraded(),
+        )
+    )
+    return report
+
+
+def failing_reasons(state: OpsQueries) -> list[tuple[str, str | None, str]]:
+    return [
+        (reason.reason, reason.actor, reason.detail)
+        for reason in state.reasons()
+        if reason.reason == "provider_failing"
+    ]
+
+
+class TestHealth:
+    async def test_every_check_failing_with_5xx_is_degraded_and_turns_readiness_red(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """Every check answered 500: degraded ticks, and after 1800 s provider_failing."""
+        for payment_id in ("5101", "5102"):
+            await add_invoice(db, payment_id)
+            fake.script_status(payment_id, Mode.SERVER_ERROR)
+        actor = watcher(db, nowpayments(fake, session))
+        state = readiness(actor)
+        clock = cast(FakeClock, actor.clock)
+
+        first = await judged_tick(actor, state)
+        await clock.advance(1800)
+        second = await judged_tick(actor, state)
+
+        assert first.checks == {"transient": 2} and second.checks == {"transient": 2}
+        assert first.degraded() is not None
+        assert "all 2 payment status checks failed" in (second.degraded() or "")
+        ((code, name, detail),) = failing_reasons(state)
+        assert (code, name) == ("provider_failing", PaymentWatcher.name)
+        assert "2 transient" in detail
+
+    async def test_a_refused_api_key_is_degraded(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """A 401 or 403 refuses the key, failing every check: counted unauthorized, degraded."""
+        await add_invoice(db, "5201")
+        await add_invoice(db, "5202")
+        fake.script_status("5201", Mode.UNAUTHORIZED)
+        fake.script_status("5202", Mode.FORBIDDEN)
+        actor = watcher(db, nowpayments(fake, session))
+
+        report = await actor.tick(T0)
+
+        assert report.checks == {"unauthorized": 2}
+        assert report.degraded() is not None
+        row = await watch_row(db, "5201")
+        assert row["last_outcome"] == "unauthorized" and "API key" in row["last_error"]
+        assert row["next_check_at"] == T0 + timedelta(seconds=1800)
+
+    async def test_payments_the_provider_does_not_know_are_not_degraded(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """Every check answered 404 fails only those invoices: never degraded, never not ready."""
+        for payment_id in ("5301", "5302"):
+            await add_invoice(db, payment_id)
+            fake.script_status(payment_id, Mode.NOT_FOUND)
+        actor = watcher(db, nowpayments(fake, session))
+        state = readiness(actor)
+        clock = cast(FakeClock, actor.clock)
+
+        first = await judged_tick(actor, state)
+        await clock.advance(1800)
+        second = await judged_tick(actor, state)
+
+        assert first.checks == {"permanent": 2} and second.checks == {"permanent": 2}
+        assert first.degraded() is None and second.degraded() is None
+        assert failing_reasons(state) == []
