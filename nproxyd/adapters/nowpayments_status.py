@@ -158,7 +158,14 @@ def parse_payment(payload: bytes, requested_id: str | None) -> ProviderPayment:
         raise ProviderInvalidAnswer("nowpayments answered invalid JSON") from None
     if not isinstance(document, dict):
         raise ProviderInvalidAnswer("nowpayments answered JSON that is not an object")
-    payment_id = _text(document, "payment_id") or requested_id
+    answered_id = _text(document, "payment_id")
+    if answered_id is not None and requested_id is not None and answered_id != requested_id:
+        # An answer about another payment must never be recorded under the invoice that asked.
+        raise ProviderInvalidAnswer(
+            f"nowpayments answer: payment_id {storable(answered_id, 80)} is not the payment asked"
+            f" about ({storable(requested_id, 80)})"
+        )
+    payment_id = answered_id or requested_id
     status = _text(document, "payment_status")
     if not payment_id or not status:
         raise ProviderInvalidAnswer("nowpayments answer without payment_id or payment_status")

@@ -22,7 +22,7 @@ from nproxyd.adapters.nowpayments_status import NowPaymentsIpnVerifier, NowPayme
 from nproxyd.adapters.status_simulated import SimulatedPaymentStatus
 from nproxyd.core.config import HealthConfig, NowPaymentsConfig, SimulatedPaymentConfig
 from nproxyd.core.messages import PaymentWatcherReport
-from nproxyd.core.payments import PaymentRef, ProviderPayment
+from nproxyd.core.payments import CheckResult, PaymentRef, ProviderPayment, RecordContext
 from nproxyd.core.ports import PaymentStatusSource
 from nproxyd.runtime.actor import ActorLoop, TickOutcome
 from nproxyd.runtime.metrics import Metrics
@@ -340,6 +340,41 @@ class TestAnswers:
             assert row["provider_status"] is None
             assert row["last_outcome"] == "invalid"
             assert row["next_check_at"] == T0 + timedelta(seconds=120)
+
+    async def test_an_answer_about_another_payment_is_invalid_for_the_invoice_that_asked(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """A poll answer whose payment_id is another payment's records nothing for the asker."""
+        await add_invoice(db, "5401")
+        await add_invoice(db, "5402")
+        fake.script_status("5401", status_answer("5402", "finished", T0))
+        fake.script_status("5402", status_answer("5402", "waiting", T0))
+        actor = watcher(db, nowpayments(fake, session))
+
+        report = await actor.tick(T0)
+
+        assert report.checks == {"ok": 1, "invalid": 1}
+        row = await watch_row(db, "5401")
+        assert row["provider_status"] is None and row["last_outcome"] == "invalid"
+        assert row["provider_payment_id"] == "5401" and "payment_id" in row["last_error"]
+        assert await history(db, "5401") == []
+        assert (await watch_row(db, "5402"))["provider_status"] == "waiting"
+
+    async def test_recording_an_answer_never_changes_the_followed_payment_id(
+        self, db: Database
+    ) -> None:
+        """Even an answer naming another payment id leaves provider_payment_id as followed."""
+        await add_invoice(db, "5501", payment_id="pay-5501")
+        store = PaymentStore(db)
+        await store.discover("nowpayments", T0, 72.0)
+        other = ProviderPayment(payment_id="pay-9999", status="finished", updated_at=T0)
+        result = CheckResult(invoice_id="5501", outcome="ok", payment=other)
+
+        await store.record([result], RecordContext(now=T0, source="ipn"))
+
+        row = await watch_row(db, "5501")
+        assert row["provider_status"] == "finished"
+        assert row["provider_payment_id"] == "pay-5501"
 
     @pytest.mark.parametrize(
         "amount",
