@@ -40,6 +40,7 @@ from nproxyd.core.payments import (
     RecordContext,
     Schedule,
     StatusChange,
+    answer_problem,
     operator_mail,
 )
 from nproxyd.core.ports import IpnVerifier, PaymentStatusSource, PaymentWatchStore
@@ -157,6 +158,10 @@ class PaymentWatcher:
             self.log.warning("ipn_invalid", reason=exc.message)
             return IpnOutcome(outcome="invalid")
         now = self.clock.now()
+        problem = answer_problem(payment, now)
+        if problem is not None:
+            self.log.warning("ipn_invalid", reason=problem, provider_payment_id=payment.payment_id)
+            return IpnOutcome(outcome="invalid")
         check = await self.ports.store.track_payment(
             self.settings.payment_provider, payment.payment_id, now
         )
@@ -201,6 +206,9 @@ class PaymentWatcher:
             return self._rate_limited(check, exc.retry_after_seconds, now, exc.message)
         except ProviderError as exc:
             return self._failed(check, exc, now)
+        problem = answer_problem(payment, now)
+        if problem is not None:
+            return self._failed(check, ProviderInvalidAnswer(problem), now)
         self._note_unknown(check, payment)
         next_check_at, quiet = self.schedule.after_answer(check, payment.status, now)
         return CheckResult(

@@ -23,7 +23,13 @@ from nproxyd.store.database import Database
 from nproxyd.store.payments import PaymentStore
 from tests.fakes.clock import FakeClock
 from tests.fakes.nowpayments import ipn_body, ipn_signature, status_answer
-from tests.integration.test_payment_watcher import T0, add_invoice, history, settings
+from tests.integration.test_payment_watcher import (
+    FAR_FUTURE,
+    T0,
+    add_invoice,
+    history,
+    settings,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -123,6 +129,22 @@ class TestIpn:
         row = await db.pool.fetchrow("SELECT provider_status FROM nproxyd_invoice_payments")
         assert row is not None
         assert row["provider_status"] == "confirming"
+
+    async def test_a_notification_dated_far_in_the_future_is_invalid_and_does_not_freeze(
+        self, db: Database, listener: Listener
+    ) -> None:
+        """updated_at 9999-12-31: 200, counted invalid, nothing recorded; the next one is."""
+        await add_invoice(db, "5001")
+        future = {**status_answer("5001", "waiting", T0), "updated_at": FAR_FUTURE}
+
+        with capture_logs() as logs:
+            answers = [await listener.send(future)]
+        answers.append(await listener.send(status_answer("5001", "confirming", T0)))
+
+        assert answers == [200, 200]
+        assert listener.count("invalid") == 1 and listener.count("ok") == 1
+        assert any(e["event"] == "ipn_invalid" and "updated_at" in e["reason"] for e in logs)
+        assert await history(db, "5001") == [(None, "confirming", "ipn")]
 
     async def test_an_unknown_payment_is_answered_200_and_logged(
         self, db: Database, listener: Listener

@@ -39,6 +39,7 @@ pytestmark = pytest.mark.anyio
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 SECRET = "ipn-secret-for-tests"
 OPERATOR = "ops@example.com"
+FAR_FUTURE = "9999-12-31T00:00:00.000Z"
 
 
 def settings(**overrides: Any) -> PaymentWatcherSettings:
@@ -359,6 +360,41 @@ class TestAnswers:
         assert row["provider_payment_id"] == "5401" and "payment_id" in row["last_error"]
         assert await history(db, "5401") == []
         assert (await watch_row(db, "5402"))["provider_status"] == "waiting"
+
+    async def test_an_answer_dated_far_in_the_future_is_invalid_and_does_not_freeze(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """updated_at 9999-12-31 is invalid (nothing recorded); later answers still are."""
+        await add_invoice(db, "5601")
+        fake.script_status(
+            "5601",
+            {**status_answer("5601", "waiting", T0), "updated_at": FAR_FUTURE},
+            status_answer("5601", "confirming", T0 + timedelta(minutes=30)),
+        )
+        actor = watcher(db, nowpayments(fake, session))
+
+        first = await actor.tick(T0)
+        row = await watch_row(db, "5601")
+        second = await actor.tick(T0 + timedelta(hours=1))
+
+        assert first.checks == {"invalid": 1}
+        assert row["provider_status"] is None and "updated_at" in row["last_error"]
+        assert second.status_changes == {"confirming": 1}
+        assert await history(db, "5601") == [(None, "confirming", "poll")]
+
+    async def test_an_answer_dated_within_the_hour_ahead_is_recorded(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """A provider clock up to 1 h ahead is skew, not an invalid answer."""
+        await add_invoice(db, "5602")
+        ahead = T0 + timedelta(minutes=59)
+        fake.script_status("5602", status_answer("5602", "waiting", ahead))
+        actor = watcher(db, nowpayments(fake, session))
+
+        report = await actor.tick(T0)
+
+        assert report.checks == {"ok": 1}
+        assert (await watch_row(db, "5602"))["provider_updated_at"] == ahead
 
     async def test_recording_an_answer_never_changes_the_followed_payment_id(
         self, db: Database
