@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -759,3 +761,43 @@ class TestHealth:
         assert first.checks == {"permanent": 2} and second.checks == {"permanent": 2}
         assert first.degraded() is None and second.degraded() is None
         assert failing_reasons(state) == []
+
+
+HOSTILE = "usdt\x1b[2J\x1b]0;owned\x07\x9b31m\u202e"
+
+
+class TestOperatorOutput:
+    async def test_control_characters_from_the_provider_are_printed_escaped(
+        self, db: Database, dsn: str, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """ESC, BEL, CSI and bidi overrides in status texts reach no terminal raw via the CLI."""
+        await add_invoice(db, "5701")
+        await add_invoice(db, "5702")
+        fake.script_status("5701", status_answer("5701", "finished", T0, pay_currency=HOSTILE))
+        fake.script_status("5702", status_answer("5702", f"on_hold{HOSTILE}", T0))
+        await watcher(db, nowpayments(fake, session)).tick(T0)
+        assert (await watch_row(db, "5701"))["pay_currency"] == HOSTILE  # stored as answered
+
+        outputs = [
+            await nproxyd_cli(dsn, "payments", "show", "5701"),
+            await nproxyd_cli(dsn, "payments", "show", "5702"),
+            await nproxyd_cli(dsn, "payments", "awaiting"),
+            await nproxyd_cli(dsn, "payments", "awaiting", "--json"),
+        ]
+
+        for text in outputs:
+            assert not any(char in text for char in "\x1b\x07\x9b\u202e"), text
+        assert "usdt\\x1b[2J\\x1b]0;owned\\x07\\x9b31m\\u202e" in outputs[0]
+        assert "on_holdusdt\\x1b[2J" in outputs[1]
+        (listed,) = [json.loads(line) for line in outputs[3].splitlines()]
+        assert listed["pay_currency"] == HOSTILE
+
+
+async def nproxyd_cli(dsn: str, *args: str) -> str:
+    """Run the real ``nproxyd`` command on ``dsn``; its standard output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NPROXYD_")}
+    env["NPROXYD__DATABASE__DSN"] = dsn
+    env["NPROXYD__DATABASE__AUTO_MIGRATE"] = "false"
+    result = await anyio.run_process([sys.executable, "-m", "nproxyd", *args], env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.decode("utf-8")
