@@ -25,6 +25,7 @@ import aiohttp
 import msgspec
 
 from nproxyd.adapters.http_body import MAX_ANSWER_BYTES, read_bounded
+from nproxyd.adapters.js_json import js_stringify_sorted
 from nproxyd.core.budget import RequestBudget
 from nproxyd.core.clock import parse_instant
 from nproxyd.core.config import NowPaymentsConfig
@@ -114,7 +115,10 @@ class NowPaymentsStatus:
 
 
 class NowPaymentsIpnVerifier:
-    """Checks ``x-nowpayments-sig``: hex HMAC-SHA512 of the body re-serialised with sorted keys."""
+    """Checks ``x-nowpayments-sig``: hex HMAC-SHA512 of the body re-serialised with sorted keys.
+
+    Re-serialised the Python way or the JavaScript way (see :func:`_signed_forms`).
+    """
 
     def __init__(self, secret: str) -> None:
         self._secret = secret.encode("utf-8")
@@ -131,12 +135,30 @@ class NowPaymentsIpnVerifier:
             raise IpnRejected("body is not JSON") from None
         if not isinstance(document, dict):
             raise IpnRejected("body is not a JSON object")
-        canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
-        expected = hmac.new(self._secret, canonical.encode("utf-8"), hashlib.sha512).hexdigest()
         given = signature.strip().lower().encode("utf-8", "replace")
-        if not hmac.compare_digest(expected.encode("ascii"), given):
+        try:
+            forms = _signed_forms(document)
+        except RecursionError:  # parsed, but nested too deep to write again
+            raise IpnRejected("body is nested too deep") from None
+        matches = [hmac.compare_digest(self._digest(form), given) for form in forms]
+        if not any(matches):
             raise IpnRejected("bad x-nowpayments-sig")
         return parse_payment(body, None)
+
+    def _digest(self, canonical: str) -> bytes:
+        digest = hmac.new(self._secret, canonical.encode("utf-8"), hashlib.sha512).hexdigest()
+        return digest.encode("ascii")
+
+
+def _signed_forms(document: dict[str, Any]) -> tuple[str, str]:
+    """The two texts a signature may be made over, both deterministic forms of ``document``.
+
+    Python's (sorted keys, non-ASCII escaped, ``5e-05``) and JavaScript's, as NOWPayments
+    documents signing (``JSON.stringify`` with sorted keys: raw UTF-8, ``0.00005``, ``1e-7``).
+    Accepting either does not weaken the HMAC: both are functions of the parsed body.
+    """
+    python = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    return python, js_stringify_sorted(document)
 
 
 def retry_after_seconds(header: str | None) -> float:
