@@ -574,6 +574,9 @@ def retry_windows(config: Config) -> dict[str, float]:
         RenewalScheduler.name: config.billing.retry_max_seconds
         + actors.renewal_scheduler.interval_seconds,
         MailSender.name: actors.mail_sender.retry_max_seconds + actors.mail_sender.interval_seconds,
+        # A failing check is retried within max_check_seconds (doubling from min_check_seconds).
+        PaymentWatcher.name: actors.payment_watcher.max_check_seconds
+        + actors.payment_watcher.interval_seconds,
     }
 
 

@@ -30,7 +30,7 @@ from nproxyd.core.errors import (
     Unavailable,
     UsageError,
 )
-from nproxyd.core.text import is_storable
+from nproxyd.core.text import is_storable, json_printable
 from nproxyd.runtime.signals import ignore_noted_signals
 from nproxyd.store.embedded_process import start_early
 
@@ -334,7 +334,8 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
 
 
 def _print_json(value: Any) -> None:
-    sys.stdout.write(msgspec.json.encode(value).decode() + "\n")
+    # Unprintable characters (a C1 control such as CSI U+009B) as \u escapes: the same JSON.
+    sys.stdout.write(json_printable(msgspec.json.encode(value).decode()) + "\n")
     sys.stdout.flush()
 
 

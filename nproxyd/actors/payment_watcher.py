@@ -21,6 +21,7 @@ from nproxyd.core.channels import Outbox
 from nproxyd.core.clock import Clock
 from nproxyd.core.errors import (
     IpnRejected,
+    ProviderCredentialsRefused,
     ProviderError,
     ProviderInvalidAnswer,
     ProviderPermanentError,
@@ -39,6 +40,7 @@ from nproxyd.core.payments import (
     RecordContext,
     Schedule,
     StatusChange,
+    answer_problem,
     operator_mail,
 )
 from nproxyd.core.ports import IpnVerifier, PaymentStatusSource, PaymentWatchStore
@@ -156,6 +158,10 @@ class PaymentWatcher:
             self.log.warning("ipn_invalid", reason=exc.message)
             return IpnOutcome(outcome="invalid")
         now = self.clock.now()
+        problem = answer_problem(payment, now)
+        if problem is not None:
+            self.log.warning("ipn_invalid", reason=problem, provider_payment_id=payment.payment_id)
+            return IpnOutcome(outcome="invalid")
         check = await self.ports.store.track_payment(
             self.settings.payment_provider, payment.payment_id, now
         )
@@ -200,6 +206,9 @@ class PaymentWatcher:
             return self._rate_limited(check, exc.retry_after_seconds, now, exc.message)
         except ProviderError as exc:
             return self._failed(check, exc, now)
+        problem = answer_problem(payment, now)
+        if problem is not None:
+            return self._failed(check, ProviderInvalidAnswer(problem), now)
         self._note_unknown(check, payment)
         next_check_at, quiet = self.schedule.after_answer(check, payment.status, now)
         return CheckResult(
@@ -215,9 +224,10 @@ class PaymentWatcher:
         error = storable(exc.message, 500)
         if isinstance(exc, ProviderPermanentError):
             self.log.warning("payment_check_refused", invoice_id=check.invoice_id, error=error)
+            refused_key = isinstance(exc, ProviderCredentialsRefused)
             return CheckResult(
                 invoice_id=check.invoice_id,
-                outcome="permanent",
+                outcome="unauthorized" if refused_key else "permanent",
                 error=error,
                 next_check_at=self.schedule.after_refusal(now),
                 quiet_checks=check.quiet_checks,

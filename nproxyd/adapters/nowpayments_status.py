@@ -2,7 +2,8 @@
 
 It shares the HTTP session and the request budget of :class:`NowPaymentsProvider`. Errors are
 classified once, here: 429 (with ``Retry-After``), 5xx, timeouts and unreadable answers are
-transient; 401, 403, 404 and other 4xx are refusals. Every text the provider sends is checked
+transient; 401 and 403 refuse the API key (:class:`ProviderCredentialsRefused`, every check
+fails alike); 404 and other 4xx refuse that one payment. Every text the provider sends is checked
 (no NUL, no invalid text) and bounded before it can reach a statement, and every number and
 date is validated, so one bad answer fails only its own invoice.
 """
@@ -24,11 +25,13 @@ import aiohttp
 import msgspec
 
 from nproxyd.adapters.http_body import MAX_ANSWER_BYTES, read_bounded
+from nproxyd.adapters.js_json import js_stringify_sorted
 from nproxyd.core.budget import RequestBudget
 from nproxyd.core.clock import parse_instant
 from nproxyd.core.config import NowPaymentsConfig
 from nproxyd.core.errors import (
     IpnRejected,
+    ProviderCredentialsRefused,
     ProviderInvalidAnswer,
     ProviderPermanentError,
     ProviderRateLimited,
@@ -102,13 +105,20 @@ class NowPaymentsStatus:
             )
         if status >= 500:
             raise ProviderTransientError(f"nowpayments failed with HTTP {status}")
+        if status in (401, 403):
+            raise ProviderCredentialsRefused(
+                f"nowpayments refused the API key (HTTP {status}): every status check fails"
+            )
         raise ProviderPermanentError(
             f"nowpayments refused the status of payment {storable(payment_id, 80)} (HTTP {status})"
         )
 
 
 class NowPaymentsIpnVerifier:
-    """Checks ``x-nowpayments-sig``: hex HMAC-SHA512 of the body re-serialised with sorted keys."""
+    """Checks ``x-nowpayments-sig``: hex HMAC-SHA512 of the body re-serialised with sorted keys.
+
+    Re-serialised the Python way or the JavaScript way (see :func:`_signed_forms`).
+    """
 
     def __init__(self, secret: str) -> None:
         self._secret = secret.encode("utf-8")
@@ -125,12 +135,30 @@ class NowPaymentsIpnVerifier:
             raise IpnRejected("body is not JSON") from None
         if not isinstance(document, dict):
             raise IpnRejected("body is not a JSON object")
-        canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
-        expected = hmac.new(self._secret, canonical.encode("utf-8"), hashlib.sha512).hexdigest()
         given = signature.strip().lower().encode("utf-8", "replace")
-        if not hmac.compare_digest(expected.encode("ascii"), given):
+        try:
+            forms = _signed_forms(document)
+        except RecursionError:  # parsed, but nested too deep to write again
+            raise IpnRejected("body is nested too deep") from None
+        matches = [hmac.compare_digest(self._digest(form), given) for form in forms]
+        if not any(matches):
             raise IpnRejected("bad x-nowpayments-sig")
         return parse_payment(body, None)
+
+    def _digest(self, canonical: str) -> bytes:
+        digest = hmac.new(self._secret, canonical.encode("utf-8"), hashlib.sha512).hexdigest()
+        return digest.encode("ascii")
+
+
+def _signed_forms(document: dict[str, Any]) -> tuple[str, str]:
+    """The two texts a signature may be made over, both deterministic forms of ``document``.
+
+    Python's (sorted keys, non-ASCII escaped, ``5e-05``) and JavaScript's, as NOWPayments
+    documents signing (``JSON.stringify`` with sorted keys: raw UTF-8, ``0.00005``, ``1e-7``).
+    Accepting either does not weaken the HMAC: both are functions of the parsed body.
+    """
+    python = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    return python, js_stringify_sorted(document)
 
 
 def retry_after_seconds(header: str | None) -> float:
@@ -152,7 +180,14 @@ def parse_payment(payload: bytes, requested_id: str | None) -> ProviderPayment:
         raise ProviderInvalidAnswer("nowpayments answered invalid JSON") from None
     if not isinstance(document, dict):
         raise ProviderInvalidAnswer("nowpayments answered JSON that is not an object")
-    payment_id = _text(document, "payment_id") or requested_id
+    answered_id = _text(document, "payment_id")
+    if answered_id is not None and requested_id is not None and answered_id != requested_id:
+        # An answer about another payment must never be recorded under the invoice that asked.
+        raise ProviderInvalidAnswer(
+            f"nowpayments answer: payment_id {storable(answered_id, 80)} is not the payment asked"
+            f" about ({storable(requested_id, 80)})"
+        )
+    payment_id = answered_id or requested_id
     status = _text(document, "payment_status")
     if not payment_id or not status:
         raise ProviderInvalidAnswer("nowpayments answer without payment_id or payment_status")

@@ -12,7 +12,7 @@ from decimal import Decimal
 
 from nproxyd.core.errors import ProviderPermanentError
 from nproxyd.core.ports import ProviderInvoice
-from nproxyd.core.text import is_storable, storable
+from nproxyd.core.text import has_unprintable, is_storable, storable
 
 MAX_PAYMENT_ID_LENGTH = 128
 MAX_PAY_ADDRESS_LENGTH = 256
@@ -25,7 +25,7 @@ def text_problem(name: str, value: str | None, limit: int) -> str | None:
     """Why an answer's text field cannot be trusted, or None."""
     if value is None:
         return None
-    if not is_storable(value) or not value.isprintable():
+    if not is_storable(value) or has_unprintable(value):
         return f"{name} contains a NUL, control characters or invalid text"
     if len(value) > limit:
         return f"{name} is longer than {limit} characters"

@@ -143,3 +143,11 @@ class ProviderInvalidAnswer(ProviderTransientError):
 
 class IpnRejected(NproxydError):
     """An instant payment notification was refused (bad signature or body)."""
+
+
+class ProviderCredentialsRefused(ProviderPermanentError):
+    """The payment provider refused nproxyd's credentials (HTTP 401 or 403).
+
+    Unlike a refusal of one request (404, another 4xx), this fails every request until the
+    operator fixes the API key.
+    """

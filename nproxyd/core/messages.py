@@ -94,3 +94,23 @@ class PaymentWatcherReport(Report, frozen=True, kw_only=True):
     operator_mails: int = 0
     awaiting_count: int = 0
     awaiting_oldest_seconds: float = 0.0
+
+    def degraded(self) -> str | None:
+        """Degraded when checks were made, none was answered, and one failed provider-wide.
+
+        Provider-wide: transient (5xx, timeout, network), rate limited, or the API key refused.
+        A refusal or an invalid answer about one payment fails only that invoice: alone it never
+        makes a tick degraded.
+        """
+        wide = sum(self.checks.get(outcome, 0) for outcome in PROVIDER_WIDE_CHECK_FAILURES)
+        if self.checked > 0 and self.checks.get("ok", 0) == 0 and wide > 0:
+            kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(self.checks.items()))
+            return f"all {self.checked} payment status checks failed, none answered ({kinds})"
+        return None
+
+    def idle(self) -> bool:
+        return self.checked == 0
+
+
+# Check outcomes that say the provider (or nproxyd's key) fails, not one payment.
+PROVIDER_WIDE_CHECK_FAILURES = ("transient", "rate_limited", "unauthorized")

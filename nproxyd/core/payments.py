@@ -35,13 +35,16 @@ FINAL_STATUSES = ("finished", "failed", "refunded", "expired")
 AWAITING_STATUSES = ("finished", "partially_paid")
 
 Source = Literal["poll", "ipn"]
-CheckOutcome = Literal["ok", "transient", "permanent", "rate_limited", "invalid"]
+# "unauthorized": the provider refused the API key (401/403), which fails every check; a refusal
+# of one payment (404, another 4xx) is "permanent".
+CheckOutcome = Literal["ok", "transient", "permanent", "rate_limited", "invalid", "unauthorized"]
 CHECK_OUTCOMES: tuple[CheckOutcome, ...] = (
     "ok",
     "transient",
     "permanent",
     "rate_limited",
     "invalid",
+    "unauthorized",
 )
 
 
@@ -242,3 +245,19 @@ def operator_mail(check: PaymentCheck, payment: ProviderPayment, message_id: str
 
 def _amount(value: Decimal | None) -> str:
     return "-" if value is None else format_amount(value)
+
+
+# How far after now a provider's updated_at may lie. Answers are stored newest-first by it, so
+# one far in the future (9999-12-31) would make every later answer look older and freeze the
+# invoice. An hour is clock skew with margin; more is a wrong or hostile answer.
+MAX_FUTURE_UPDATED_AT = timedelta(hours=1)
+
+
+def answer_problem(payment: ProviderPayment, now: datetime) -> str | None:
+    """Why a well-formed answer cannot be recorded at ``now``; ``None`` when it can."""
+    if payment.updated_at is not None and payment.updated_at - now > MAX_FUTURE_UPDATED_AT:
+        return (
+            f"updated_at {format_instant(payment.updated_at)} is more than "
+            f"{MAX_FUTURE_UPDATED_AT.total_seconds() / 3600:g} h after now"
+        )
+    return None

@@ -45,6 +45,54 @@ def is_storable(value: str) -> bool:
     return True
 
 
+def has_unprintable(value: str) -> bool:
+    """True when ``value`` holds a character that is not printable: the one definition.
+
+    Not printable (``str.isprintable``): C0 and C1 controls (ESC, BEL, CSI U+009B …), tab and
+    line breaks, format characters (bidi overrides), separators other than the space, and
+    unassigned or private-use code points. Creation answers holding one are refused
+    (``nproxyd.core.answers``); text shown on a terminal has them escaped (:func:`printable`).
+    """
+    return not value.isprintable()
+
+
+def printable(value: str) -> str:
+    """``value`` safe to print on a terminal: every unprintable character escaped.
+
+    Escapes are Python's: ``\\x1b`` up to U+00FF, ``\\u202e`` up to U+FFFF, ``\\U000e0001``
+    beyond. The stored data is unchanged; only what is printed is.
+    """
+    if not has_unprintable(value):
+        return value
+    return "".join(char if char.isprintable() else _escaped(char) for char in value)
+
+
+def json_printable(encoded: str) -> str:
+    """A JSON text with every unprintable character as a ``\\uXXXX`` escape: the same JSON value.
+
+    JSON's own structure is printable ASCII, so such characters occur only inside strings,
+    where the escape (a surrogate pair beyond U+FFFF) denotes the same character.
+    """
+    if not has_unprintable(encoded):
+        return encoded
+    return "".join(char if char.isprintable() else _json_escaped(char) for char in encoded)
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def _json_escaped(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
 def _decoded(value: str | bytes | bytearray) -> tuple[str, bool]:
     if isinstance(value, bytes | bytearray):
         raw = bytes(value)

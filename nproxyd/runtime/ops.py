@@ -15,6 +15,7 @@ import msgspec
 import structlog
 
 from nproxyd.actors.mail_sender import MailSender
+from nproxyd.actors.payment_watcher import PaymentWatcher
 from nproxyd.actors.renewal_scheduler import RenewalScheduler
 from nproxyd.core.channels import Channel
 from nproxyd.core.clock import Clock, format_instant
@@ -34,6 +35,7 @@ HEALTH_CHECK_SECONDS = 10.0
 DEGRADED_REASONS = {
     RenewalScheduler.name: ("provider_failing", "provider_failing_seconds"),
     MailSender.name: ("mail_failing", "mail_failing_seconds"),
+    PaymentWatcher.name: ("provider_failing", "provider_failing_seconds"),
 }
 
 

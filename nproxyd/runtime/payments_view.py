@@ -1,4 +1,9 @@
-"""``nproxyd payments awaiting`` and ``payments show``: what the operator reads (pure)."""
+"""``nproxyd payments awaiting`` and ``payments show``: what the operator reads (pure).
+
+Texts come from the provider and the web API, so every unprintable character (ESC and the
+other controls a terminal obeys) is printed escaped (``nproxyd.core.text.printable``); the
+JSON lines carry the same texts with those characters as ``\\u`` escapes.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import msgspec
 from nproxyd.core.clock import format_instant
 from nproxyd.core.payments import AwaitingInvoice, PaymentState, StatusHistoryEntry
 from nproxyd.core.rules import format_amount
+from nproxyd.core.text import json_printable, printable
 
 _AWAITING_COLUMNS = (
     "invoice",
@@ -29,9 +35,11 @@ def render_awaiting(rows: Sequence[AwaitingInvoice], *, as_json: bool, now: date
     """Finished invoices first as a table (or JSON lines); partially paid ones marked."""
     if as_json:
         return "".join(
-            msgspec.json.encode(
-                {**msgspec.to_builtins(row), "partial": row.provider_status != "finished"}
-            ).decode()
+            json_printable(
+                msgspec.json.encode(
+                    {**msgspec.to_builtins(row), "partial": row.provider_status != "finished"}
+                ).decode()
+            )
             + "\n"
             for row in rows
         )
@@ -64,7 +72,7 @@ def _awaiting_cells(row: AwaitingInvoice, now: datetime) -> list[str]:
 def render_show(state: PaymentState, history: Sequence[StatusHistoryEntry]) -> str:
     """One invoice: what nproxyd knows now, then every status change."""
     fields: dict[str, Any] = msgspec.to_builtins(state)
-    lines = [f"{name:20} {_value(value)}" for name, value in fields.items()]
+    lines = [f"{name:20} {printable(_value(value))}" for name, value in fields.items()]
     lines.append("")
     table = [["at", "from", "to", "source", "provider updated at"]]
     for entry in history:
@@ -89,7 +97,8 @@ def _amount(value: Decimal | None) -> str:
     return "-" if value is None else format_amount(value)
 
 
-def _table(rows: list[list[str]]) -> str:
+def _table(cells: list[list[str]]) -> str:
+    rows = [[printable(cell) for cell in row] for row in cells]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))

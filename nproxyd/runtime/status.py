@@ -7,6 +7,7 @@ from typing import Any
 import aiohttp
 
 from nproxyd.core.errors import DaemonUnreachable
+from nproxyd.core.text import printable
 
 _COLUMNS = (
     ("actor", "actor"),
@@ -61,7 +62,7 @@ def render(status: dict[str, Any]) -> str:
     for row in rows:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
     errors = [
-        f"{name}: {actor['last_error']}"
+        f"{name}: {printable(str(actor['last_error']))}"
         for name, actor in sorted(status["actors"].items())
         if actor.get("last_error")
     ]
@@ -80,4 +81,4 @@ def _value(value: Any) -> str:
         return " ".join(f"{key}={_value(item)}" for key, item in value.items()) or "-"
     if isinstance(value, list):
         return ", ".join(_value(item) for item in value) or "-"
-    return str(value)
+    return printable(str(value))  # errors may quote a provider or a server: no raw controls

@@ -470,6 +470,35 @@ def ipn_signature(body: dict[str, Any], secret: str) -> str:
     return hmac.new(secret.encode(), canonical.encode(), hashlib.sha512).hexdigest()
 
 
+def js_canonical(body: Any) -> str:
+    """``body`` as NOWPayments' JavaScript signer writes it before signing.
+
+    ``JSON.stringify`` with keys sorted (at every level, UTF-16 order): raw UTF-8 text and
+    JavaScript number formatting (every number a double; fixed notation for decimal exponents
+    in [-6, 21), so ``0.000001``, else ``1e-7`` / ``1e+21`` / ``1.5e+300``). Written
+    independently of nproxyd's verifier.
+    """
+    if isinstance(body, dict):
+        keys = sorted(body, key=lambda key: key.encode("utf-16-be", "surrogatepass"))
+        return "{" + ",".join(f"{json.dumps(k, ensure_ascii=False)}:{js_canonical(body[k])}"
+                              for k in keys) + "}"  # fmt: skip
+    if isinstance(body, list):
+        return "[" + ",".join(js_canonical(item) for item in body) + "]"
+    if isinstance(body, bool) or body is None or isinstance(body, str):
+        return json.dumps(body, ensure_ascii=False)
+    number = Decimal(repr(float(body))).normalize()
+    if number.is_zero():
+        return "0"
+    if -6 <= number.adjusted() < 21:
+        return format(number, "f")
+    return format(number, "e")
+
+
+def ipn_signature_js(body: Any, secret: str) -> str:
+    """``x-nowpayments-sig`` as a JavaScript signer makes it: HMAC-SHA512 of ``js_canonical``."""
+    return hmac.new(secret.encode(), js_canonical(body).encode(), hashlib.sha512).hexdigest()
+
+
 def ipn_body(answer: dict[str, Any]) -> dict[str, Any]:
     """An IPN body from a status answer: plain JSON types (amounts as floats, as sent)."""
     body: dict[str, Any] = json.loads(_ENCODER.encode(answer))

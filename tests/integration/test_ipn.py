@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -22,12 +23,37 @@ from nproxyd.runtime.payment_metrics import PaymentMetrics
 from nproxyd.store.database import Database
 from nproxyd.store.payments import PaymentStore
 from tests.fakes.clock import FakeClock
-from tests.fakes.nowpayments import ipn_body, ipn_signature, status_answer
-from tests.integration.test_payment_watcher import T0, add_invoice, history, settings
+from tests.fakes.nowpayments import (
+    ipn_body,
+    ipn_signature,
+    ipn_signature_js,
+    js_canonical,
+    status_answer,
+)
+from tests.integration.test_payment_watcher import (
+    FAR_FUTURE,
+    T0,
+    add_invoice,
+    history,
+    settings,
+)
 
 pytestmark = pytest.mark.anyio
 
 SECRET = "ipn-secret-for-tests"
+# A notification as a JavaScript provider sends it, and the text JSON.stringify signs for it
+# (node: JSON.stringify(params, Object.keys(params).sort())).
+JS_BODY = (
+    '{"payment_id":5001,"payment_status":"finished","pay_amount":0.00005,'
+    '"actually_paid":1e-7,"price_amount":1e16,"pay_currency":"btc",'
+    '"order_description":"Zahlung für Übung \u2013 東京","updated_at":"2026-03-10T12:00:00.000Z"}'
+)
+JS_CANONICAL = (
+    '{"actually_paid":1e-7,"order_description":"Zahlung für Übung \u2013 東京",'
+    '"pay_amount":0.00005,"pay_currency":"btc","payment_id":5001,'
+    '"payment_status":"finished","price_amount":10000000000000000,'
+    '"updated_at":"2026-03-10T12:00:00.000Z"}'
+)
 
 
 class Listener:
@@ -107,6 +133,26 @@ class TestIpn:
         assert "marker-in-body" not in repr(logs)
         assert listener.count("rejected") == 2
 
+    async def test_a_notification_signed_the_javascript_way_is_accepted(
+        self, db: Database, listener: Listener
+    ) -> None:
+        """A signature over JSON.stringify's form (0.00005, 1e-7, raw UTF-8) is accepted."""
+        await add_invoice(db, "5001")
+        raw = JS_BODY.encode("utf-8")
+        body = json.loads(raw)
+
+        status = await listener.post(raw, ipn_signature_js(body, SECRET))
+        forged = await listener.post(raw, ipn_signature_js(body, "not-the-secret"))
+
+        assert js_canonical(body) == JS_CANONICAL  # the stand-in signs what node would
+        assert (status, forged) == (200, 401)
+        assert await history(db, "5001") == [(None, "finished", "ipn")]
+        row = await db.pool.fetchrow("SELECT * FROM nproxyd_invoice_payments")
+        assert row is not None
+        assert row["actually_paid"] == Decimal("1e-7")
+        assert row["pay_amount"] == Decimal("0.00005")
+        assert listener.count("ok") == 1 and listener.count("rejected") == 1
+
     async def test_replays_and_older_notifications_change_nothing(
         self, db: Database, listener: Listener
     ) -> None:
@@ -123,6 +169,22 @@ class TestIpn:
         row = await db.pool.fetchrow("SELECT provider_status FROM nproxyd_invoice_payments")
         assert row is not None
         assert row["provider_status"] == "confirming"
+
+    async def test_a_notification_dated_far_in_the_future_is_invalid_and_does_not_freeze(
+        self, db: Database, listener: Listener
+    ) -> None:
+        """updated_at 9999-12-31: 200, counted invalid, nothing recorded; the next one is."""
+        await add_invoice(db, "5001")
+        future = {**status_answer("5001", "waiting", T0), "updated_at": FAR_FUTURE}
+
+        with capture_logs() as logs:
+            answers = [await listener.send(future)]
+        answers.append(await listener.send(status_answer("5001", "confirming", T0)))
+
+        assert answers == [200, 200]
+        assert listener.count("invalid") == 1 and listener.count("ok") == 1
+        assert any(e["event"] == "ipn_invalid" and "updated_at" in e["reason"] for e in logs)
+        assert await history(db, "5001") == [(None, "confirming", "ipn")]
 
     async def test_an_unknown_payment_is_answered_200_and_logged(
         self, db: Database, listener: Listener

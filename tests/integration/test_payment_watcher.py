@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import anyio
@@ -20,9 +22,14 @@ from nproxyd.actors.payment_watcher import (
 )
 from nproxyd.adapters.nowpayments_status import NowPaymentsIpnVerifier, NowPaymentsStatus
 from nproxyd.adapters.status_simulated import SimulatedPaymentStatus
-from nproxyd.core.config import NowPaymentsConfig, SimulatedPaymentConfig
-from nproxyd.core.payments import PaymentRef, ProviderPayment
+from nproxyd.core.config import HealthConfig, NowPaymentsConfig, SimulatedPaymentConfig
+from nproxyd.core.messages import PaymentWatcherReport
+from nproxyd.core.payments import CheckResult, PaymentRef, ProviderPayment, RecordContext
 from nproxyd.core.ports import PaymentStatusSource
+from nproxyd.runtime.actor import ActorLoop, TickOutcome
+from nproxyd.runtime.metrics import Metrics
+from nproxyd.runtime.ops import Monitor, OpsQueries
+from nproxyd.runtime.supervisor import Supervisor
 from nproxyd.store.database import Database
 from nproxyd.store.payments import PaymentStore
 from tests import seed
@@ -34,6 +41,7 @@ pytestmark = pytest.mark.anyio
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 SECRET = "ipn-secret-for-tests"
 OPERATOR = "ops@example.com"
+FAR_FUTURE = "9999-12-31T00:00:00.000Z"
 
 
 def settings(**overrides: Any) -> PaymentWatcherSettings:
@@ -336,6 +344,76 @@ class TestAnswers:
             assert row["last_outcome"] == "invalid"
             assert row["next_check_at"] == T0 + timedelta(seconds=120)
 
+    async def test_an_answer_about_another_payment_is_invalid_for_the_invoice_that_asked(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """A poll answer whose payment_id is another payment's records nothing for the asker."""
+        await add_invoice(db, "5401")
+        await add_invoice(db, "5402")
+        fake.script_status("5401", status_answer("5402", "finished", T0))
+        fake.script_status("5402", status_answer("5402", "waiting", T0))
+        actor = watcher(db, nowpayments(fake, session))
+
+        report = await actor.tick(T0)
+
+        assert report.checks == {"ok": 1, "invalid": 1}
+        row = await watch_row(db, "5401")
+        assert row["provider_status"] is None and row["last_outcome"] == "invalid"
+        assert row["provider_payment_id"] == "5401" and "payment_id" in row["last_error"]
+        assert await history(db, "5401") == []
+        assert (await watch_row(db, "5402"))["provider_status"] == "waiting"
+
+    async def test_an_answer_dated_far_in_the_future_is_invalid_and_does_not_freeze(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """updated_at 9999-12-31 is invalid (nothing recorded); later answers still are."""
+        await add_invoice(db, "5601")
+        fake.script_status(
+            "5601",
+            {**status_answer("5601", "waiting", T0), "updated_at": FAR_FUTURE},
+            status_answer("5601", "confirming", T0 + timedelta(minutes=30)),
+        )
+        actor = watcher(db, nowpayments(fake, session))
+
+        first = await actor.tick(T0)
+        row = await watch_row(db, "5601")
+        second = await actor.tick(T0 + timedelta(hours=1))
+
+        assert first.checks == {"invalid": 1}
+        assert row["provider_status"] is None and "updated_at" in row["last_error"]
+        assert second.status_changes == {"confirming": 1}
+        assert await history(db, "5601") == [(None, "confirming", "poll")]
+
+    async def test_an_answer_dated_within_the_hour_ahead_is_recorded(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """A provider clock up to 1 h ahead is skew, not an invalid answer."""
+        await add_invoice(db, "5602")
+        ahead = T0 + timedelta(minutes=59)
+        fake.script_status("5602", status_answer("5602", "waiting", ahead))
+        actor = watcher(db, nowpayments(fake, session))
+
+        report = await actor.tick(T0)
+
+        assert report.checks == {"ok": 1}
+        assert (await watch_row(db, "5602"))["provider_updated_at"] == ahead
+
+    async def test_recording_an_answer_never_changes_the_followed_payment_id(
+        self, db: Database
+    ) -> None:
+        """Even an answer naming another payment id leaves provider_payment_id as followed."""
+        await add_invoice(db, "5501", payment_id="pay-5501")
+        store = PaymentStore(db)
+        await store.discover("nowpayments", T0, 72.0)
+        other = ProviderPayment(payment_id="pay-9999", status="finished", updated_at=T0)
+        result = CheckResult(invoice_id="5501", outcome="ok", payment=other)
+
+        await store.record([result], RecordContext(now=T0, source="ipn"))
+
+        row = await watch_row(db, "5501")
+        assert row["provider_status"] == "finished"
+        assert row["provider_payment_id"] == "pay-5501"
+
     @pytest.mark.parametrize(
         "amount",
         [Decimal("1E-20000"), Decimal("0." + "1" * 17_000), Decimal("0E+300000")],
@@ -390,7 +468,7 @@ class TestAnswers:
     async def test_refused_checks_wait_for_the_slow_cadence(
         self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
     ) -> None:
-        """404 and 403 are counted, logged with the invoice id, and retried after 1800 s."""
+        """404 and 403 are counted (permanent, unauthorized), logged, and retried after 1800 s."""
         await add_invoice(db, "7001")
         await add_invoice(db, "7002")
         fake.script_status("7002", Mode.FORBIDDEN)
@@ -399,7 +477,7 @@ class TestAnswers:
         with capture_logs() as logs:
             report = await actor.tick(T0)
 
-        assert report.checks == {"permanent": 2}
+        assert report.checks == {"permanent": 1, "unauthorized": 1}
         refused = {e["invoice_id"] for e in logs if e["event"] == "payment_check_refused"}
         assert refused == {"7001", "7002"}
         row = await watch_row(db, "7001")
@@ -576,3 +654,150 @@ class TestAwaitingAndMail:
 def signed(answer: dict[str, Any]) -> tuple[bytes, str]:
     body = ipn_body(answer)
     return json.dumps(body).encode(), ipn_signature(body, SECRET)
+
+
+def readiness(actor: PaymentWatcher) -> OpsQueries:
+    """The daemon's readiness judge, on the actor's clock, for this one actor."""
+    clock = cast(FakeClock, actor.clock)
+    monitor = Monitor(clock, Metrics([actor.name]))
+    state = OpsQueries(
+        clock=clock,
+        instance_id="test",
+        loops={actor.name: ActorLoop(actor, clock, monitor)},
+        supervisor=Supervisor(clock, max_restarts=5, restart_window_seconds=60),
+        monitor=monitor,
+        health=cast(Any, None),
+        keys=cast(Any, None),
+        channel=cast(Any, None),
+        settings=HealthConfig(provider_failing_seconds=1800),
+        retry_windows={actor.name: 1860.0},
+    )
+    state.snapshot = None
+    return state
+
+
+async def judged_tick(actor: PaymentWatcher, state: OpsQueries) -> PaymentWatcherReport:
+    """One tick at the clock's time, its outcome handed to the readiness judge as the loop does."""
+    clock = actor.clock
+    state.monitor.tick_started(actor.name)
+    report = await actor.tick(clock.now())
+    state.monitor.tick_finished(
+        TickOutcome(
+            actor=actor.name,
+            started_at=clock.now(),
+            duration_seconds=0.1,
+            ok=True,
+            report=report,
+            degraded=report.degraded(),
+        )
+    )
+    return report
+
+
+def failing_reasons(state: OpsQueries) -> list[tuple[str, str | None, str]]:
+    return [
+        (reason.reason, reason.actor, reason.detail)
+        for reason in state.reasons()
+        if reason.reason == "provider_failing"
+    ]
+
+
+class TestHealth:
+    async def test_every_check_failing_with_5xx_is_degraded_and_turns_readiness_red(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """Every check answered 500: degraded ticks, and after 1800 s provider_failing."""
+        for payment_id in ("5101", "5102"):
+            await add_invoice(db, payment_id)
+            fake.script_status(payment_id, Mode.SERVER_ERROR)
+        actor = watcher(db, nowpayments(fake, session))
+        state = readiness(actor)
+        clock = cast(FakeClock, actor.clock)
+
+        first = await judged_tick(actor, state)
+        await clock.advance(1800)
+        second = await judged_tick(actor, state)
+
+        assert first.checks == {"transient": 2} and second.checks == {"transient": 2}
+        assert first.degraded() is not None
+        assert "all 2 payment status checks failed" in (second.degraded() or "")
+        ((code, name, detail),) = failing_reasons(state)
+        assert (code, name) == ("provider_failing", PaymentWatcher.name)
+        assert "2 transient" in detail
+
+    async def test_a_refused_api_key_is_degraded(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """A 401 or 403 refuses the key, failing every check: counted unauthorized, degraded."""
+        await add_invoice(db, "5201")
+        await add_invoice(db, "5202")
+        fake.script_status("5201", Mode.UNAUTHORIZED)
+        fake.script_status("5202", Mode.FORBIDDEN)
+        actor = watcher(db, nowpayments(fake, session))
+
+        report = await actor.tick(T0)
+
+        assert report.checks == {"unauthorized": 2}
+        assert report.degraded() is not None
+        row = await watch_row(db, "5201")
+        assert row["last_outcome"] == "unauthorized" and "API key" in row["last_error"]
+        assert row["next_check_at"] == T0 + timedelta(seconds=1800)
+
+    async def test_payments_the_provider_does_not_know_are_not_degraded(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """Every check answered 404 fails only those invoices: never degraded, never not ready."""
+        for payment_id in ("5301", "5302"):
+            await add_invoice(db, payment_id)
+            fake.script_status(payment_id, Mode.NOT_FOUND)
+        actor = watcher(db, nowpayments(fake, session))
+        state = readiness(actor)
+        clock = cast(FakeClock, actor.clock)
+
+        first = await judged_tick(actor, state)
+        await clock.advance(1800)
+        second = await judged_tick(actor, state)
+
+        assert first.checks == {"permanent": 2} and second.checks == {"permanent": 2}
+        assert first.degraded() is None and second.degraded() is None
+        assert failing_reasons(state) == []
+
+
+HOSTILE = "usdt\x1b[2J\x1b]0;owned\x07\x9b31m\u202e"
+
+
+class TestOperatorOutput:
+    async def test_control_characters_from_the_provider_are_printed_escaped(
+        self, db: Database, dsn: str, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """ESC, BEL, CSI and bidi overrides in status texts reach no terminal raw via the CLI."""
+        await add_invoice(db, "5701")
+        await add_invoice(db, "5702")
+        fake.script_status("5701", status_answer("5701", "finished", T0, pay_currency=HOSTILE))
+        fake.script_status("5702", status_answer("5702", f"on_hold{HOSTILE}", T0))
+        await watcher(db, nowpayments(fake, session)).tick(T0)
+        assert (await watch_row(db, "5701"))["pay_currency"] == HOSTILE  # stored as answered
+
+        outputs = [
+            await nproxyd_cli(dsn, "payments", "show", "5701"),
+            await nproxyd_cli(dsn, "payments", "show", "5702"),
+            await nproxyd_cli(dsn, "payments", "awaiting"),
+            await nproxyd_cli(dsn, "payments", "awaiting", "--json"),
+        ]
+
+        for text in outputs:
+            assert not any(char in text for char in "\x1b\x07\x9b\u202e"), text
+        assert "usdt\\x1b[2J\\x1b]0;owned\\x07\\x9b31m\\u202e" in outputs[0]
+        assert "on_holdusdt\\x1b[2J" in outputs[1]
+        (listed,) = [json.loads(line) for line in outputs[3].splitlines()]
+        assert listed["pay_currency"] == HOSTILE
+
+
+async def nproxyd_cli(dsn: str, *args: str) -> str:
+    """Run the real ``nproxyd`` command on ``dsn``; its standard output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NPROXYD_")}
+    env["NPROXYD__DATABASE__DSN"] = dsn
+    env["NPROXYD__DATABASE__AUTO_MIGRATE"] = "false"
+    result = await anyio.run_process([sys.executable, "-m", "nproxyd", *args], env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.decode("utf-8")

@@ -288,6 +288,9 @@ class TestPrometheusRules:
         assert "nproxyd_mail_dead > 0" in exprs["NproxydMailDead"]
         assert 'nproxyd_renewal_failures_total{kind="permanent"}' in exprs["NproxydRenewalRejected"]
         assert 'nproxyd_renewal_failures_total{kind="transient"}' in exprs["NproxydRenewalFailing"]
+        assert (
+            'outcome=~"transient|rate_limited|unauthorized"' in exprs["NproxydPaymentChecksFailing"]
+        )
         assert "nproxyd_outbox_oldest_pending_age_seconds > 15 * 60" in exprs["NproxydOutboxStuck"]
         assert 'nproxyd_provider_keys{status="active"} == 0' in exprs["NproxydNoActiveProviderKeys"]
         assert "nproxyd_ready == 0" in exprs["NproxydNotReady"]

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nproxyd.core.text import REPLACEMENT, TRUNCATED, is_storable, storable
+from nproxyd.core.text import (
+    REPLACEMENT,
+    TRUNCATED,
+    is_storable,
+    json_printable,
+    printable,
+    storable,
+)
+from nproxyd.runtime.status import render
 
 
 class TestStorable:
@@ -58,3 +68,34 @@ class TestStorable:
         assert not is_storable("a\x00b")
         assert not is_storable("a\udcfcb")
         assert is_storable("Grüße")
+
+
+class TestPrintable:
+    @given(st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=300))
+    def test_printed_text_holds_no_unprintable_character(self, value: str) -> None:
+        """Whatever the text, what is printed is printable (ESC, C1, bidi: escaped)."""
+        assert printable(value).isprintable()
+
+    @given(st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=300))
+    def test_json_lines_stay_the_same_value_and_printable(self, value: str) -> None:
+        """json_printable keeps the JSON value while leaving no unprintable character."""
+        encoded = json_printable(json.dumps({"text": value}, ensure_ascii=False))
+        assert encoded.isprintable()
+        assert json.loads(encoded) == {"text": value}
+
+    def test_escapes_are_python_style(self) -> None:
+        """ESC as \\x1b, CSI as \\x9b, a bidi override as \\u202e; printable text unchanged."""
+        assert printable("a\x1b[31m\x9bb\u202e") == "a\\x1b[31m\\x9bb\\u202e"
+        assert printable("plain text ü €") == "plain text ü €"
+
+
+class TestStatusTable:
+    def test_status_table_prints_errors_escaped(self) -> None:
+        """`nproxyd status` prints an error quoting a provider without its raw controls."""
+        status = {
+            "ready": False,
+            "actors": {"payment-watcher": {"last_error": "HTTP 500: \x1b]0;owned\x07"}},
+        }
+        text = render(status)
+        assert "\x1b" not in text and "\x07" not in text
+        assert "\\x1b]0;owned\\x07" in text

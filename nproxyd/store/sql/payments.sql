@@ -54,7 +54,7 @@ LEFT JOIN subscription_plans AS pl ON pl.id = s.plan_id
 ORDER BY c.invoice_id;
 
 -- record_payment_results --
--- Record check results or notifications: an answer older than the stored one (by the provider's updated_at) never replaces it; a status change gets a history row and, the first time it is an awaiting status, one operator mail; the arrays hold one element per result (:statuses NULL: no answer), :source is 'poll' or 'ipn', :operator_email may be NULL. Returns the status changes.
+-- Record check results or notifications: an answer older than the stored one (by the provider's updated_at) never replaces it; provider_payment_id is never changed by an answer (:payment_ids are what the answers said); a status change gets a history row and, the first time it is an awaiting status, one operator mail; the arrays hold one element per result (:statuses NULL: no answer), :source is 'poll' or 'ipn', :operator_email may be NULL. Returns the status changes.
 WITH input AS (
     SELECT *
     FROM unnest(:invoice_ids::text[], :outcomes::text[], :payment_ids::text[],
@@ -90,8 +90,6 @@ WITH input AS (
 ), updated AS (
     UPDATE nproxyd_invoice_payments AS w
     SET provider_status = a.new_status,
-        provider_payment_id = CASE WHEN a.fresh THEN coalesce(a.payment_id, w.provider_payment_id)
-            ELSE w.provider_payment_id END,
         actually_paid = CASE WHEN a.fresh THEN a.actually_paid ELSE w.actually_paid END,
         pay_amount = CASE WHEN a.fresh THEN a.pay_amount ELSE w.pay_amount END,
         pay_currency = CASE WHEN a.fresh THEN a.pay_currency ELSE w.pay_currency END,
