@@ -295,6 +295,16 @@ class TestInstances:
         assert leases == [300, 500]
 
 
+async def only_6001_invalid(db: Database, report: PaymentWatcherReport) -> Any:
+    """Asserts that of payments 6000-6002 (all finished) only 6001 was invalid; its row."""
+    assert report.checks == {"ok": 2, "invalid": 1}
+    for payment_id in ("6000", "6002"):
+        assert (await watch_row(db, payment_id))["provider_status"] == "finished"
+    row = await watch_row(db, "6001")
+    assert row["provider_status"] is None and row["last_outcome"] == "invalid"
+    return row
+
+
 class TestAnswers:
     async def test_an_older_answer_never_replaces_a_newer_one(
         self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
@@ -437,13 +447,8 @@ class TestAnswers:
             fake.script_status(payment_id, answer)
         actor = watcher(db, nowpayments(fake, session))
 
-        report = await actor.tick(T0)
+        row = await only_6001_invalid(db, await actor.tick(T0))
 
-        assert report.checks == {"ok": 2, "invalid": 1}
-        for payment_id in ("6000", "6002"):
-            assert (await watch_row(db, payment_id))["provider_status"] == "finished"
-        row = await watch_row(db, "6001")
-        assert row["provider_status"] is None and row["last_outcome"] == "invalid"
         assert "actually_paid" in row["last_error"]
 
     @pytest.mark.parametrize("mode", [Mode.DEEP_JSON, Mode.HUGE_BODY], ids=lambda m: m.value)
@@ -457,13 +462,7 @@ class TestAnswers:
         fake.script_status("6001", mode)
         actor = watcher(db, nowpayments(fake, session))
 
-        report = await actor.tick(T0)
-
-        assert report.checks == {"ok": 2, "invalid": 1}
-        for payment_id in ("6000", "6002"):
-            assert (await watch_row(db, payment_id))["provider_status"] == "finished"
-        row = await watch_row(db, "6001")
-        assert row["provider_status"] is None and row["last_outcome"] == "invalid"
+        await only_6001_invalid(db, await actor.tick(T0))
 
     async def test_refused_checks_wait_for_the_slow_cadence(
         self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
@@ -702,21 +701,33 @@ def failing_reasons(state: OpsQueries) -> list[tuple[str, str | None, str]]:
     ]
 
 
+async def two_judged_ticks(
+    db: Database,
+    fake: FakeNowPayments,
+    session: aiohttp.ClientSession,
+    mode: Mode,
+    payment_ids: tuple[str, ...],
+) -> tuple[PaymentWatcherReport, PaymentWatcherReport, OpsQueries]:
+    """Invoices whose checks the stand-in answers with ``mode``; two ticks 1800 s apart, each
+    judged for readiness; returns both reports and the readiness state."""
+    for payment_id in payment_ids:
+        await add_invoice(db, payment_id)
+        fake.script_status(payment_id, mode)
+    actor = watcher(db, nowpayments(fake, session))
+    state = readiness(actor)
+    first = await judged_tick(actor, state)
+    await cast(FakeClock, actor.clock).advance(1800)
+    return first, await judged_tick(actor, state), state
+
+
 class TestHealth:
     async def test_every_check_failing_with_5xx_is_degraded_and_turns_readiness_red(
         self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
     ) -> None:
         """Every check answered 500: degraded ticks, and after 1800 s provider_failing."""
-        for payment_id in ("5101", "5102"):
-            await add_invoice(db, payment_id)
-            fake.script_status(payment_id, Mode.SERVER_ERROR)
-        actor = watcher(db, nowpayments(fake, session))
-        state = readiness(actor)
-        clock = cast(FakeClock, actor.clock)
-
-        first = await judged_tick(actor, state)
-        await clock.advance(1800)
-        second = await judged_tick(actor, state)
+        first, second, state = await two_judged_ticks(
+            db, fake, session, Mode.SERVER_ERROR, ("5101", "5102")
+        )
 
         assert first.checks == {"transient": 2} and second.checks == {"transient": 2}
         assert first.degraded() is not None
@@ -747,16 +758,9 @@ class TestHealth:
         self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
     ) -> None:
         """Every check answered 404 fails only those invoices: never degraded, never not ready."""
-        for payment_id in ("5301", "5302"):
-            await add_invoice(db, payment_id)
-            fake.script_status(payment_id, Mode.NOT_FOUND)
-        actor = watcher(db, nowpayments(fake, session))
-        state = readiness(actor)
-        clock = cast(FakeClock, actor.clock)
-
-        first = await judged_tick(actor, state)
-        await clock.advance(1800)
-        second = await judged_tick(actor, state)
+        first, second, state = await two_judged_ticks(
+            db, fake, session, Mode.NOT_FOUND, ("5301", "5302")
+        )
 
         assert first.checks == {"permanent": 2} and second.checks == {"permanent": 2}
         assert first.degraded() is None and second.degraded() is None
