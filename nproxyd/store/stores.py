@@ -9,6 +9,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
 
+import anyio
+
 from nproxyd.core.errors import LockUnavailable
 from nproxyd.core.records import (
     ClaimedSlot,
@@ -53,6 +55,9 @@ class InvoiceStore:
     """
 
     SWEEP_DUE_PER_PAGE = 4
+    # Page ranges swept at once: the single UPDATE it competes with uses one core, a sweep
+    # can use two; more would only take more of the pool and of the server's cores.
+    SWEEPERS = 2
     RANGE_LOCK_TIMEOUT = "50ms"  # a page range waits no longer for a row locked by others
     _ROWS_PER_PAGE_GUESS = 60  # before the table was ever analysed
 
@@ -74,17 +79,48 @@ class InvoiceStore:
     async def _sweep(
         self, now: datetime, survey: ExpirySurvey, batch_size: int
     ) -> AsyncIterator[int]:
+        """Sweep the table's pages in order, in ranges of about ``batch_size`` rows,
+        ``SWEEPERS`` neighbouring ranges at a time, each on its own connection.
+
+        Each range is one short transaction: the ranges of a round touch different pages, so
+        they never wait for each other, and a concurrent writer waits for one range at most.
+        The rounds' tasks end before their counts are yielded (no task outlives a ``yield``).
+        """
         density = survey.tuples / survey.pages if survey.tuples else self._ROWS_PER_PAGE_GUESS
         step = max(1, int(batch_size / max(density, 1.0)))
-        for first in range(0, survey.pages, step):
-            last = min(first + step, survey.pages)
-            try:
-                yield await self._expire_range(now, first, last)
-            except LockUnavailable:
+        for start in range(0, survey.pages, step * self.SWEEPERS):
+            firsts = range(start, min(start + step * self.SWEEPERS, survey.pages), step)
+            ranges = [(first, min(first + step, survey.pages)) for first in firsts]
+            for expired in await self._sweep_round(now, ranges, batch_size):
+                yield expired
+
+    async def _sweep_round(
+        self, now: datetime, ranges: list[tuple[int, int]], batch_size: int
+    ) -> list[int]:
+        """Expire the page ranges at once; the count of each statement."""
+        counts: list[int] = []
+
+        async def sweep(first: int, last: int) -> None:
+            counts.extend(await self._sweep_range(now, first, last, batch_size))
+
+        async with anyio.create_task_group() as sweepers:
+            for first, last in ranges:
+                sweepers.start_soon(sweep, first, last, name=f"expiry-pages-{first}")
+        return counts
+
+    async def _sweep_range(
+        self, now: datetime, first: int, last: int, batch_size: int
+    ) -> list[int]:
+        """Pages [first, last): one plain UPDATE, or skip-locked batches if a row is locked."""
+        try:
+            return [await self._expire_range(now, first, last)]
+        except LockUnavailable:
+            return [
+                expired
                 async for expired in self._expire_range_skipping_locked(
                     now, first, last, batch_size
-                ):
-                    yield expired
+                )
+            ]
 
     async def _expire_range(self, now: datetime, first: int, last: int) -> int:
         """One plain UPDATE of a page range: each row written once, as one big UPDATE does."""

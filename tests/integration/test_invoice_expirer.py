@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anyio
 import pytest
 import structlog
 
@@ -127,6 +128,18 @@ async def many_due(db: Database, user: str, count: int, *, due_every: int = 1) -
     await db.pool.execute("ANALYZE payment_invoices")
 
 
+async def expired_count(db: Database) -> int:
+    count: int = await db.pool.fetchval(
+        "SELECT count(*) FROM payment_invoices WHERE status = 'expired'"
+    )
+    return count
+
+
+async def expire_all(store: InvoiceStore) -> None:
+    async for _ in store.expire_due(NOW, 100):
+        pass
+
+
 class TestPhysicalOrder:
     async def test_a_table_mostly_due_is_swept_by_page_ranges(self, db: Database) -> None:
         """With many due rows per page every due row expires, not-due rows stay, in sweeps."""
@@ -173,6 +186,25 @@ class TestPhysicalOrder:
         assert sum(counts) == 5000
         assert len(counts) > 5000 // max(200, page_rows)
         assert max(counts) <= max(200, page_rows)
+
+    async def test_a_sweep_expires_two_page_ranges_at_once(self, db: Database) -> None:
+        """While the first page range waits for a row locked by another transaction, the range
+        next to it is expired: the sweep runs two ranges at once, on two connections."""
+        user = await seed.user(db.pool, "u1")
+        await many_due(db, user, 3000)
+        store = InvoiceStore(db)
+        store.RANGE_LOCK_TIMEOUT = "30s"  # the first range waits as long as the lock is held
+        async with db.pool.acquire() as locker, anyio.create_task_group() as sweep:
+            transaction = locker.transaction()
+            await transaction.start()
+            await locker.execute("SELECT 1 FROM payment_invoices WHERE ctid = '(0,1)' FOR UPDATE")
+            sweep.start_soon(expire_all, store)
+            with anyio.fail_after(10):  # a sweep one range at a time waits 30 s here
+                while not (expired_while_locked := await expired_count(db)):
+                    await anyio.sleep(0.01)
+            await transaction.rollback()
+        assert expired_while_locked > 0
+        assert await expired_count(db) == 3000
 
     async def test_a_sweep_skips_locked_rows_and_a_later_tick_takes_them(
         self, db: Database
