@@ -133,7 +133,7 @@ class SmtpTransport:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._connect_failed: MailError | None = None  # the last connect's failure
         self._connections_opened = 0
-        self._local_hostname: str | None = None
+        self._local_hostname: str | None = config.helo_name or None  # None: not looked up yet
         self._closed = False
         self._secrets = _secret_forms(config.username, config.password)
 
@@ -257,14 +257,28 @@ class SmtpTransport:
         self._open_count -= 1
         self._wake()
 
+    async def _helo_name(self) -> str:
+        """``email.smtp.helo_name``, else the host's fully qualified name, looked up once.
+
+        The lookup may ask DNS, which can hang: past ``timeout_seconds`` it is abandoned (its
+        thread finishes on its own) and the plain host name is used, so a resolver that does
+        not answer never stalls the mail tick.
+        """
+        if self._local_hostname is None:
+            with anyio.move_on_after(self._config.timeout_seconds):
+                self._local_hostname = await anyio.to_thread.run_sync(
+                    socket.getfqdn, abandon_on_cancel=True
+                )
+            if self._local_hostname is None:
+                self._local_hostname = socket.gethostname()
+        return self._local_hostname
+
     async def _open(self) -> _Connection:
         config = self._config
-        if self._local_hostname is None:
-            self._local_hostname = await anyio.to_thread.run_sync(socket.getfqdn)
         connection = aiosmtplib.SMTP(
             hostname=config.host,
             port=config.port,
-            local_hostname=self._local_hostname,
+            local_hostname=await self._helo_name(),
             timeout=config.timeout_seconds,
             use_tls=config.security == "tls",
             start_tls=config.security == "starttls",

@@ -108,6 +108,7 @@ class SmtpConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True)
     password_file: str = ""
     timeout_seconds: Positive = 30.0
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    helo_name: str = ""
 
 
 class MaildirConfig(Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -588,6 +589,28 @@ def _check_from_address(config: Config) -> list[Problem]:
     return [("email.from_address", problem)] if problem else []
 
 
+# A host name (letters, digits, hyphens; labels of 1-63 separated by dots) or an address
+# literal such as [192.0.2.1] or [IPv6:2001:db8::1]: what RFC 5321 allows after EHLO.
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+_ADDRESS_LITERAL = re.compile(r"\[[A-Za-z0-9:.]+\]")
+
+
+def helo_name_problem(value: str) -> str | None:
+    """Why ``email.smtp.helo_name`` cannot follow EHLO; empty is fine (the host's own name)."""
+    if not value:
+        return None
+    if len(value) > 255:
+        return "is longer than 255 characters"
+    if _HOST_NAME.fullmatch(value) or _ADDRESS_LITERAL.fullmatch(value):
+        return None
+    return "is not a host name (letters, digits, hyphens, dots) or an address literal ([192.0.2.1])"
+
+
+def _check_helo_name(config: Config) -> list[Problem]:
+    problem = helo_name_problem(config.email.smtp.helo_name)
+    return [("email.smtp.helo_name", problem)] if problem else []
+
+
 _CHECKS = (
     _check_texts,
     _check_numbers,
@@ -596,6 +619,7 @@ _CHECKS = (
     _check_provider,
     _check_urls,
     _check_from_address,
+    _check_helo_name,
 )
 
 

@@ -67,6 +67,8 @@ and ranges listed with each key below:
   `https://` URLs.
 - **`email.from_address`** is `local@domain` or `Name <local@domain>`, not empty, without line
   breaks, and its address passes the same rule as every recipient.
+- **`email.smtp.helo_name`** is empty or a host name (letters, digits, hyphens, dots) or an
+  address literal (`[192.0.2.1]`).
 - **Text** everywhere: the file, every `NPROXYD__…` value and every secret file must be UTF-8
   without NUL characters.
 

@@ -37,6 +37,7 @@ class ReceivedMessage:
     raw: bytes
     tls: bool
     login: str | None
+    helo: str | None = None  # the name the client gave after EHLO (or HELO)
 
     @property
     def message(self) -> EmailMessage:
@@ -112,6 +113,7 @@ class _Handler:
                 raw=raw if isinstance(raw, bytes) else raw.encode(),
                 tls=tls,
                 login=login,
+                helo=session.host_name,
             )
         )
         return "250 2.0.0 Message accepted"

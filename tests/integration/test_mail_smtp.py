@@ -109,6 +109,24 @@ class TestDelivery:
         assert server.messages == []
 
 
+class TestHeloName:
+    async def test_the_configured_name_follows_ehlo(self, server: FakeSmtpServer) -> None:
+        """email.smtp.helo_name is the name the server hears after EHLO."""
+        transport = SmtpTransport(config_for(server, helo_name="mail.nproxy.example"))
+        await transport.send(compose(), "a@example.test")
+        await transport.aclose()
+
+        assert server.messages[0].helo == "mail.nproxy.example"
+
+    async def test_without_one_the_host_gives_its_own_name(self, server: FakeSmtpServer) -> None:
+        """An empty helo_name gives the host's fully qualified name, as looked up here."""
+        transport = SmtpTransport(config_for(server))
+        await transport.send(compose(), "a@example.test")
+        await transport.aclose()
+
+        assert server.messages[0].helo == await anyio.to_thread.run_sync(socket.getfqdn)
+
+
 class TestTls:
     async def test_starttls(self) -> None:
         """STARTTLS upgrades the session with a certificate the client verifies."""

@@ -70,6 +70,7 @@ DEFAULTS: dict[str, object] = {
     "email.smtp.password_file": "",
     "email.smtp.timeout_seconds": 30.0,
     "email.smtp.max_connections": 4,
+    "email.smtp.helo_name": "",
     "email.maildir.path": "",
     "key_pool.cooldown_minutes": 10.0,
     "key_pool.failures_before_manual_review": 3,
@@ -346,6 +347,10 @@ class TestValidation:
             ("EMAIL__FROM_ADDRESS", "billing@nproxy.example\r\nBcc: x@y", "email.from_address"),
             ("EMAIL__FROM_ADDRESS", "nproxy billing <not an address>", "email.from_address"),
             ("URLS__APP_BASE_URL", "app.nproxy.example", "urls.app_base_url"),
+            ("EMAIL__SMTP__HELO_NAME", "mail.example\r\nRSET", "email.smtp.helo_name"),
+            ("EMAIL__SMTP__HELO_NAME", "mail host", "email.smtp.helo_name"),
+            ("EMAIL__SMTP__HELO_NAME", "-mail.example", "email.smtp.helo_name"),
+            ("EMAIL__SMTP__HELO_NAME", "a" * 64 + ".example", "email.smtp.helo_name"),
         ],
     )
     def test_unusable_values_are_refused_naming_the_key(
@@ -365,6 +370,7 @@ class TestValidation:
                 "NPROXYD__PAYMENT__SIMULATED__LATENCY_MS": "20",
                 "NPROXYD__HTTP__LISTEN": "[::1]:9187",
                 "NPROXYD__EMAIL__FROM_ADDRESS": "billing@nproxy.example",
+                "NPROXYD__EMAIL__SMTP__HELO_NAME": "[192.0.2.1]",
             },
         )
         assert config.daemon.shutdown_grace_seconds == 0
