@@ -649,6 +649,20 @@ class TestAwaitingAndMail:
         assert "Paid: 10 usdttrc20" in mails[0]["body"]
         assert replay.change is None
 
+    async def test_no_operator_mail_for_an_invoice_already_paid(
+        self, db: Database, fake: FakeNowPayments, session: aiohttp.ClientSession
+    ) -> None:
+        """A notification that an invoice the admin already set paid is finished is recorded,
+        but asks the operator for nothing: no mail."""
+        await add_invoice(db, "4343")
+        await db.pool.execute("UPDATE payment_invoices SET status = 'paid' WHERE id = '4343'")
+        actor = watcher(db, nowpayments(fake, session), verifier=True, operator_email=OPERATOR)
+
+        result = await actor.receive_ipn(*signed(status_answer("4343", "finished", T0)))
+
+        assert result.change is not None and result.change.to_status == "finished"
+        assert await db.pool.fetchval("SELECT count(*) FROM mail_outbox") == 0
+
 
 def signed(answer: dict[str, Any]) -> tuple[bytes, str]:
     body = ipn_body(answer)

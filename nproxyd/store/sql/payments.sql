@@ -54,7 +54,7 @@ LEFT JOIN subscription_plans AS pl ON pl.id = s.plan_id
 ORDER BY c.invoice_id;
 
 -- record_payment_results --
--- Record check results or notifications: an answer older than the stored one (by the provider's updated_at) never replaces it; provider_payment_id is never changed by an answer (:payment_ids are what the answers said); a status change gets a history row and, the first time it is an awaiting status, one operator mail; the arrays hold one element per result (:statuses NULL: no answer), :source is 'poll' or 'ipn', :operator_email may be NULL. Returns the status changes.
+-- Record check results or notifications: an answer older than the stored one (by the provider's updated_at) never replaces it; provider_payment_id is never changed by an answer (:payment_ids are what the answers said); a status change gets a history row and, the first time it is an awaiting status of an invoice not yet paid, one operator mail; the arrays hold one element per result (:statuses NULL: no answer), :source is 'poll' or 'ipn', :operator_email may be NULL. Returns the status changes.
 WITH input AS (
     SELECT *
     FROM unnest(:invoice_ids::text[], :outcomes::text[], :payment_ids::text[],
@@ -133,6 +133,11 @@ WITH input AS (
     FROM applied AS a
     WHERE a.changed AND :operator_email::text IS NOT NULL AND a.body IS NOT NULL
       AND a.new_status = ANY(:awaiting_statuses::text[])
+      -- An invoice the admin already set paid waits for nothing (a notification can arrive
+      -- after the activation; a poll never asks about a paid invoice).
+      AND NOT EXISTS (
+          SELECT 1 FROM payment_invoices AS p WHERE p.id = a.invoice_id AND p.status = 'paid'
+      )
     ON CONFLICT (dedupe_key) DO NOTHING
     RETURNING dedupe_key
 )
