@@ -8,6 +8,8 @@ whole batch; so the cleaning happens once, here, before a value can reach a stat
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 DEFAULT_LIMIT = 1000
 REPLACEMENT = "\ufffd"  # what an undecodable byte, a NUL or a lone surrogate becomes
 TRUNCATED = "…[truncated]"
@@ -62,9 +64,7 @@ def printable(value: str) -> str:
     Escapes are Python's: ``\\x1b`` up to U+00FF, ``\\u202e`` up to U+FFFF, ``\\U000e0001``
     beyond. The stored data is unchanged; only what is printed is.
     """
-    if not has_unprintable(value):
-        return value
-    return "".join(char if char.isprintable() else _escaped(char) for char in value)
+    return _escape_unprintable(value, _escaped)
 
 
 def json_printable(encoded: str) -> str:
@@ -73,9 +73,13 @@ def json_printable(encoded: str) -> str:
     JSON's own structure is printable ASCII, so such characters occur only inside strings,
     where the escape (a surrogate pair beyond U+FFFF) denotes the same character.
     """
-    if not has_unprintable(encoded):
-        return encoded
-    return "".join(char if char.isprintable() else _json_escaped(char) for char in encoded)
+    return _escape_unprintable(encoded, _json_escaped)
+
+
+def _escape_unprintable(value: str, escape: Callable[[str], str]) -> str:
+    if not has_unprintable(value):
+        return value
+    return "".join(char if char.isprintable() else escape(char) for char in value)
 
 
 def _escaped(char: str) -> str:
