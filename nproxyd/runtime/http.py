@@ -24,11 +24,11 @@ from urllib.parse import unquote
 
 import msgspec
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from nproxyd.core.clock import Clock, SystemClock
 from nproxyd.core.errors import ConfigError
 from nproxyd.runtime.ops import OpsQueries
+from nproxyd.runtime.prometheus import CONTENT_TYPE
 
 MAX_REQUEST_LINE = 8 * 1024
 MAX_HEAD_BYTES = 32 * 1024  # request line and headers
@@ -373,7 +373,7 @@ class OpsServer:
 
     async def metrics(self, _: Request) -> Response:
         body = await self.state.metrics_text()
-        return Response(200, body, content_type=CONTENT_TYPE_LATEST)
+        return Response(200, body, content_type=CONTENT_TYPE)
 
     async def status(self, _: Request) -> Response:
         return json_response(await self.state.status())

@@ -10,10 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from nproxyd import __version__
 from nproxyd.core.messages import (
@@ -27,6 +23,7 @@ from nproxyd.core.messages import (
 from nproxyd.runtime.actor import TickOutcome
 from nproxyd.runtime.catalogue import BY_NAME
 from nproxyd.runtime.payment_metrics import PaymentMetrics
+from nproxyd.runtime.prometheus import Counter, Family, Gauge, Histogram, Registry, gauge_family
 
 KEY_STATUSES = ("active", "cooldown", "manual_review", "disabled")
 WAKEUP_SOURCES = ("notify", "local", "sweep")
@@ -37,8 +34,6 @@ TICK_OUTCOMES = ("ok", "degraded", "error")
 # Skipped candidates the report counts without naming a reason, or past the label bound.
 UNNAMED_SKIP_REASON = "other"
 MAX_SKIP_REASONS = 32
-# The `_created` series double the output and no dashboard or alert reads them.
-disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -57,18 +52,13 @@ class DatabaseSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     provider_keys: dict[str, int]
 
 
-class DatabaseGauges(Collector):
+class DatabaseGauges:
     """Exposes the last database read, or nothing at all when the last read failed."""
 
     def __init__(self) -> None:
         self.snapshot: DatabaseSnapshot | None = None
 
-    def describe(self) -> list[Metric]:
-        # Nothing to pre-register: ``nproxyd_mail_dead`` (gauge) shares its stem with the
-        # ``nproxyd_mail_dead_total`` counter, which the registry's name check would refuse.
-        return []
-
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Family]:
         snapshot = self.snapshot
         if snapshot is None:
             return
@@ -81,16 +71,14 @@ class DatabaseGauges(Collector):
         yield _labelled("nproxyd_provider_keys", "status", KEY_STATUSES, snapshot.provider_keys)
 
 
-def _single(name: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, _help(name), value=value)
+def _single(name: str, value: float) -> Family:
+    return gauge_family(name, _help(name), value)
 
 
-def _labelled(
-    name: str, label: str, values: tuple[str, ...], counts: Mapping[str, int]
-) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, _help(name), labels=[label])
+def _labelled(name: str, label: str, values: tuple[str, ...], counts: Mapping[str, int]) -> Family:
+    family = gauge_family(name, _help(name))
     for value in (*values, *sorted(set(counts) - set(values))):
-        family.add_metric([value], counts.get(value, 0))
+        family.add(counts.get(value, 0), {label: value})
     return family
 
 
@@ -98,7 +86,7 @@ class Metrics:
     """Every contract metric, on a registry of its own."""
 
     def __init__(self, actors: list[str]) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = Registry()
         r = self.registry
         self._add_actor_metrics(r)
         self._add_work_metrics(r)
@@ -108,7 +96,7 @@ class Metrics:
         self._add_wakeup_metrics()
         self.payments = PaymentMetrics(r)
 
-    def _add_actor_metrics(self, r: CollectorRegistry) -> None:
+    def _add_actor_metrics(self, r: Registry) -> None:
         self.ticks = Counter(
             "nproxyd_actor_ticks",
             _help("nproxyd_actor_ticks_total"),
@@ -135,7 +123,7 @@ class Metrics:
             registry=r,
         )
 
-    def _add_work_metrics(self, r: CollectorRegistry) -> None:
+    def _add_work_metrics(self, r: Registry) -> None:
         self.invoices_expired = Counter(
             "nproxyd_invoices_expired", "Pending invoices marked expired.", registry=r
         )
@@ -162,7 +150,7 @@ class Metrics:
             "nproxyd_messages_dropped", "Actor messages dropped on a full channel.", registry=r
         )
 
-    def _add_failure_metrics(self, r: CollectorRegistry) -> None:
+    def _add_failure_metrics(self, r: Registry) -> None:
         self.renewal_failures = Counter(
             "nproxyd_renewal_failures",
             _help("nproxyd_renewal_failures_total"),
@@ -245,7 +233,7 @@ class Metrics:
         self.database_scrape_error.set(0 if snapshot is not None else 1)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return self.registry.render()
 
     def without_listener(self) -> None:
         """No NOTIFY listener runs in this process (no mail sender here, or behind a pooler

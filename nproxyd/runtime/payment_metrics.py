@@ -4,11 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
-
 from nproxyd.core.messages import PaymentWatcherReport
 from nproxyd.core.payments import (
     AWAITING_STATUSES,
@@ -17,6 +12,7 @@ from nproxyd.core.payments import (
     AwaitingSummary,
     IpnOutcome,
 )
+from nproxyd.runtime.prometheus import Counter, Family, Registry, gauge_family
 
 IPN_OUTCOMES = ("ok", "unknown_payment", "rejected", "invalid", "too_large", "error")
 SOURCES = ("poll", "ipn")
@@ -27,33 +23,30 @@ def status_label(status: str) -> str:
     return status if status in KNOWN_STATUSES else "unknown"
 
 
-class AwaitingGauges(Collector):
+class AwaitingGauges:
     """Invoices awaiting activation as last read from the database; absent when unknown."""
 
     def __init__(self) -> None:
         self.summary: AwaitingSummary | None = None
 
-    def describe(self) -> list[Metric]:
-        return []
-
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Family]:
         summary = self.summary
         if summary is None:
             return
-        yield GaugeMetricFamily(
+        yield gauge_family(
             "nproxyd_invoices_awaiting_activation",
             "Invoices the provider reports finished or partially paid that are not paid yet.",
-            value=summary.count,
+            summary.count,
         )
-        yield GaugeMetricFamily(
+        yield gauge_family(
             "nproxyd_invoice_activation_oldest_wait_seconds",
             "How long the invoice waiting longest for activation has waited.",
-            value=summary.oldest_seconds,
+            summary.oldest_seconds,
         )
 
 
 class PaymentMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: Registry) -> None:
         r = registry
         self.awaiting = AwaitingGauges()
         r.register(self.awaiting)

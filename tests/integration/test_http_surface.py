@@ -759,7 +759,7 @@ class TestHonestHealth:
             registry = running.daemon.metrics.registry
 
             async def ready_gauge() -> float | None:
-                return registry.get_sample_value("nproxyd_ready")
+                return registry.sample("nproxyd_ready")
 
             value = await eventually(ready_gauge, lambda v: v == 1, timeout=25)
         assert value == 1

@@ -10,7 +10,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from nproxyd.actors.payment_watcher import PaymentWatcher, PaymentWatcherPorts
@@ -20,6 +19,7 @@ from nproxyd.core.config import SimulatedPaymentConfig
 from nproxyd.core.payments import IpnOutcome
 from nproxyd.runtime.ipn import MAX_BODY_BYTES, IpnServer
 from nproxyd.runtime.payment_metrics import PaymentMetrics
+from nproxyd.runtime.prometheus import Registry
 from nproxyd.store.database import Database
 from nproxyd.store.payments import PaymentStore
 from tests.fakes.clock import FakeClock
@@ -74,7 +74,7 @@ class Listener:
         return await self.post(json.dumps(body).encode(), ipn_signature(body, secret))
 
     def count(self, outcome: str) -> float:
-        value = self.server.metrics.ipn_requests.labels(outcome=outcome)._value.get()
+        value = self.server.metrics.ipn_requests.labels(outcome=outcome).value
         return float(value)
 
 
@@ -86,7 +86,7 @@ async def listener(db: Database) -> AsyncIterator[Listener]:
         verifier=NowPaymentsIpnVerifier(SECRET),
     )
     watcher = PaymentWatcher(settings(), ports, FakeClock(T0))
-    server = IpnServer(watcher, "127.0.0.1:0", PaymentMetrics(CollectorRegistry()))
+    server = IpnServer(watcher, "127.0.0.1:0", PaymentMetrics(Registry()))
     await server.start()
     try:
         async with aiohttp.ClientSession() as session:
@@ -112,7 +112,7 @@ class TestIpn:
         assert await history(db, "5001") == [(None, "finished", "ipn")]
         assert listener.count("ok") == 1
         changes = listener.server.metrics.status_changes
-        assert changes.labels(status="finished", source="ipn")._value.get() == 1
+        assert changes.labels(status="finished", source="ipn").value == 1
 
     async def test_a_forged_notification_is_refused_and_records_nothing(
         self, db: Database, listener: Listener
@@ -233,7 +233,7 @@ class TestHandlerBug:
     async def test_a_bug_is_answered_500_and_counted_as_an_error(self) -> None:
         """An unclassified exception: 500 (the provider retries), and the error counter moves,
         so a listener failing every notification is visible on /metrics."""
-        server = IpnServer(BrokenSink(), "127.0.0.1:0", PaymentMetrics(CollectorRegistry()))
+        server = IpnServer(BrokenSink(), "127.0.0.1:0", PaymentMetrics(Registry()))
         await server.start()
         try:
             async with aiohttp.ClientSession() as session:

@@ -337,11 +337,11 @@ class TestMailDueListener:
             await until(lambda: listener.connections == 2)
             await insert_mail(db, "m2")
             await until(lambda: len(wakes) == 4)
-            connected = metrics.listener_connected._value.get()
+            connected = metrics.listener_connected.value
             shutdown.set()
-        notify_wakeups = metrics.wakeups.labels(source="notify")._value.get()
+        notify_wakeups = metrics.wakeups.labels(source="notify").value
         assert (connected, notify_wakeups) == (1, 4)
-        assert metrics.listener_connected._value.get() == 0
+        assert metrics.listener_connected.value == 0
 
     async def test_unreachable_database_is_retried_and_logged_never_raised(self) -> None:
         """With nothing listening at the DSN the task logs listener_connect_failed with growing
@@ -367,7 +367,7 @@ class TestMailDueListener:
             shutdown.set()
         assert [event for event, _ in logger.events[:2]] == ["listener_connect_failed"] * 2
         assert [fields["consecutive_failures"] for _, fields in logger.events[:2]] == [1, 2]
-        assert metrics.listener_connected._value.get() == 0
+        assert metrics.listener_connected.value == 0
         assert listener.connections == 0
 
 

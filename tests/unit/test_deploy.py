@@ -201,10 +201,10 @@ class TestSystemdUnit:
             if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
                 sys.exit(3)
             import ssl, anyio, asyncpg, aiohttp, aiosmtplib, msgspec, structlog, tenacity
-            import prometheus_client, nproxyd.core.config
+            import nproxyd.core.config, nproxyd.runtime.metrics
             ssl.create_default_context()
             anyio.run(anyio.sleep, 0)
-            prometheus_client.generate_latest()
+            nproxyd.runtime.metrics.Metrics(["renewal-scheduler"]).render()
             import nproxyd.runtime.memory  # ctypes: malloc_trim after large ticks
             trim = nproxyd.runtime.memory.malloc_trim()
             if trim is not None:

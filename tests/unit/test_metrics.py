@@ -44,7 +44,7 @@ def outcome(report: Report, *, degraded: str | None = None) -> TickOutcome:
 
 
 def value(metrics: Metrics, name: str, **labels: str) -> float | None:
-    return metrics.registry.get_sample_value(name, labels)
+    return metrics.registry.sample(name, labels)
 
 
 class TestCatalogue:

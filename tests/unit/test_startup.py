@@ -35,7 +35,7 @@ from nproxyd.store.embedded_process import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DRIVERS = ("asyncpg", "aiohttp", "aiosmtplib", "structlog", "prometheus_client", "tenacity")
+DRIVERS = ("asyncpg", "aiohttp", "aiosmtplib", "structlog", "tenacity")
 UNUSED_ADAPTERS = (
     "nproxyd.adapters.payment_nowpayments",
     "nproxyd.adapters.nowpayments_status",
