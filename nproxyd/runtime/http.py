@@ -44,6 +44,8 @@ LINGER_SECONDS = 2.0
 JSON = "application/json; charset=utf-8"
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _VERSION = re.compile(rb"HTTP/1\.[01]")
+# RFC 9112 §3.2 / RFC 3986: uri-host [ ":" port ], or empty.
+_HOST = re.compile(rb"[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]*")
 _END_OF_HEAD = b"\r\n\r\n"
 
 
@@ -134,10 +136,15 @@ def parse_head(data: bytes) -> _Head:
         if not colon or not _TOKEN.fullmatch(name):  # also refuses obs-fold and bare CR/LF
             raise _Refused(400)
         key = name.decode("ascii").lower()
-        text = value.strip(b" \t").decode("latin-1")
+        value = value.strip(b" \t")
+        text = value.decode("latin-1")
         if key == "content-length" and headers.get(key, text) != text:
             raise _Refused(400)  # two different lengths: no safe way to frame the body
+        if key == "host" and (key in headers or not _HOST.fullmatch(value)):
+            raise _Refused(400)  # RFC 9112 §3.2: more than one Host, or an invalid one
         headers.setdefault(key, text)
+    if parts[2] == b"HTTP/1.1" and "host" not in headers:
+        raise _Refused(400)  # RFC 9112 §3.2: an HTTP/1.1 request must name its host
     return _Head(parts[0].decode("ascii"), parts[1], parts[2], headers)
 
 

@@ -310,10 +310,16 @@ MALFORMED = [
     b"GET /hello HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n",
     b"GET /hello HTTP/1.1\r\nX-A: 1\nX-B: 2\r\n\r\n",
     b"GET /hello HTTP/1.1\r\nX-A: a\x00b\r\n\r\n",
-    b"POST /echo HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
-    b"POST /echo HTTP/1.1\r\nContent-Length: -3\r\n\r\nabc",
-    b"POST /echo HTTP/1.1\r\nContent-Length: 3x\r\n\r\nabc",
-    b"POST /echo HTTP/1.1\r\nContent-Length: \xd9\xa3\r\n\r\nabc",
+    b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: -3\r\n\r\nabc",
+    b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3x\r\n\r\nabc",
+    b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: \xd9\xa3\r\n\r\nabc",
+    # RFC 9112 §3.2: an HTTP/1.1 request without Host, with two, or with an invalid one.
+    b"GET /hello HTTP/1.1\r\n\r\n",
+    b"GET /hello HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET /hello HTTP/1.0\r\nHost: a\r\nhost: a\r\n\r\n",
+    b"GET /hello HTTP/1.1\r\nHost: a b\r\n\r\n",
+    b"GET /hello HTTP/1.1\r\nHost: a/b\r\n\r\n",
 ]
 
 
@@ -329,6 +335,19 @@ class TestHostileBytes:
         assert answer.status == 400
         assert answer.json() == {"error": "Bad Request"}
         assert served.seen == []
+
+    @pytest.mark.parametrize(
+        "data",
+        [
+            b"GET /hello HTTP/1.0\r\n\r\n",
+            b"GET /hello HTTP/1.1\r\nHost: [::1]:9187\r\n\r\n",
+            b"GET /hello HTTP/1.1\r\nHost: nproxyd.example:80\r\n\r\n",
+            b"GET /hello HTTP/1.1\r\nHost:\r\n\r\n",
+        ],
+    )
+    async def test_a_host_is_required_of_http_1_1_only(self, served: Served, data: bytes) -> None:
+        """HTTP/1.0 needs no Host; HTTP/1.1 takes one, empty or a host with a port."""
+        assert (await served.exchange(data)).status == 200
 
     async def test_an_unknown_http_version_is_505(self, served: Served) -> None:
         """HTTP/2.0 in a request line: 505."""
