@@ -177,35 +177,35 @@ class _Metric(Generic[S]):
         yield family
 
 
-class CounterSeries:
+class _ScalarSeries:
+    """One number: a counter's or a gauge's series."""
+
     __slots__ = ("value",)
 
     def __init__(self) -> None:
         self.value = 0.0
+
+    def samples(self, name: str, labels: dict[str, str]) -> Iterator[Sample]:
+        yield Sample(name, labels, self.value)
+
+
+class CounterSeries(_ScalarSeries):
+    __slots__ = ()
 
     def inc(self, amount: float = 1) -> None:
         if amount < 0:
             raise ValueError(f"a counter only goes up, not by {amount}")
         self.value += amount
 
-    def samples(self, name: str, labels: dict[str, str]) -> Iterator[Sample]:
-        yield Sample(name, labels, self.value)
 
-
-class GaugeSeries:
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0.0
+class GaugeSeries(_ScalarSeries):
+    __slots__ = ()
 
     def set(self, value: float) -> None:
         self.value = float(value)
 
     def inc(self, amount: float = 1) -> None:
         self.value += amount
-
-    def samples(self, name: str, labels: dict[str, str]) -> Iterator[Sample]:
-        yield Sample(name, labels, self.value)
 
 
 class HistogramSeries:
@@ -232,7 +232,29 @@ class HistogramSeries:
         yield Sample(f"{name}_sum", labels, self.sum)
 
 
-class Counter(_Metric[CounterSeries]):
+class _Incrementable(Protocol):
+    value: float
+
+    def inc(self, amount: float = 1) -> None: ...
+
+    def samples(self, name: str, labels: dict[str, str]) -> Iterator[Sample]: ...
+
+
+V = TypeVar("V", bound=_Incrementable)
+
+
+class _Scalar(_Metric[V]):
+    """A counter or a gauge: without labels, used through its one series."""
+
+    def inc(self, amount: float = 1) -> None:
+        self._only().inc(amount)
+
+    @property
+    def value(self) -> float:
+        return self._only().value
+
+
+class Counter(_Scalar[CounterSeries]):
     """A count that only goes up; exposed as ``<name>_total``."""
 
     kind = "counter"
@@ -240,15 +262,8 @@ class Counter(_Metric[CounterSeries]):
     def _new(self) -> CounterSeries:
         return CounterSeries()
 
-    def inc(self, amount: float = 1) -> None:
-        self._only().inc(amount)
 
-    @property
-    def value(self) -> float:
-        return self._only().value
-
-
-class Gauge(_Metric[GaugeSeries]):
+class Gauge(_Scalar[GaugeSeries]):
     kind = "gauge"
 
     def _new(self) -> GaugeSeries:
@@ -256,13 +271,6 @@ class Gauge(_Metric[GaugeSeries]):
 
     def set(self, value: float) -> None:
         self._only().set(value)
-
-    def inc(self, amount: float = 1) -> None:
-        self._only().inc(amount)
-
-    @property
-    def value(self) -> float:
-        return self._only().value
 
 
 class Histogram(_Metric[HistogramSeries]):
