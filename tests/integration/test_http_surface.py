@@ -315,6 +315,18 @@ class TestLivenessAndReadiness:
 
 
 class TestMetrics:
+    async def test_the_text_format_is_named_in_the_content_type(
+        self, dsn: str, tmp_path: Path
+    ) -> None:
+        """/metrics says it is the Prometheus text format 0.0.4, the format it writes."""
+        async with running_daemon(make_config(dsn, tmp_path)) as running:
+            url = running.base_url + "/metrics"
+            async with running.session.get(url) as response:
+                assert response.status == 200
+                assert response.headers["Content-Type"] == (
+                    "text/plain; version=0.0.4; charset=utf-8"
+                )
+
     async def test_every_contract_metric_is_exposed_with_its_type_and_labels(
         self, dsn: str, tmp_path: Path
     ) -> None:
