@@ -387,6 +387,17 @@ class TestFakeInThread:
             _ = fake.url
 
 
+async def permanent_message(
+    fake: FakeNowPayments, provider: NowPaymentsProvider, mode: Mode
+) -> str:
+    """The message of the permanent error an invoice request gets when the stand-in answers
+    with ``mode``."""
+    fake.set_mode(mode)
+    with pytest.raises(ProviderPermanentError) as caught:
+        await provider.create_invoice(make_request(order_id="renewal-sub-1-7"), NOW)
+    return caught.value.message
+
+
 class TestHostileAnswers:
     @pytest.mark.parametrize(
         "mode",
@@ -406,10 +417,7 @@ class TestHostileAnswers:
         self, mode: Mode, fake: FakeNowPayments, provider: NowPaymentsProvider
     ) -> None:
         """A 201 that cannot be trusted is permanent, storable, naming order and payment ids."""
-        fake.set_mode(mode)
-        with pytest.raises(ProviderPermanentError) as caught:
-            await provider.create_invoice(make_request(order_id="renewal-sub-1-7"), NOW)
-        message = caught.value.message
+        message = await permanent_message(fake, provider, mode)
         assert is_storable(message)
         assert "for order renewal-sub-1-7" in message
         [payment] = fake.payments
@@ -421,10 +429,7 @@ class TestHostileAnswers:
         self, fake: FakeNowPayments, provider: NowPaymentsProvider
     ) -> None:
         """A 400 whose body is Latin-1 is a permanent refusal, its text made storable."""
-        fake.set_mode(Mode.REFUSED_LATIN1)
-        with pytest.raises(ProviderPermanentError) as caught:
-            await provider.create_invoice(make_request(order_id="renewal-sub-1-7"), NOW)
-        message = caught.value.message
+        message = await permanent_message(fake, provider, Mode.REFUSED_LATIN1)
         assert is_storable(message)
         assert "HTTP 400 INVALID_REQUEST_PARAMS: Zur\ufffdckgewiesen" in message
         assert "for order renewal-sub-1-7" in message
@@ -433,17 +438,12 @@ class TestHostileAnswers:
         self, fake: FakeNowPayments, provider: NowPaymentsProvider
     ) -> None:
         """A 400 whose body nests deeper than the decoder recurses is a plain refusal."""
-        fake.set_mode(Mode.REFUSED_DEEP)
-        with pytest.raises(ProviderPermanentError) as caught:
-            await provider.create_invoice(make_request(order_id="renewal-sub-1-7"), NOW)
-        assert "(HTTP 400)" in caught.value.message
+        assert "(HTTP 400)" in await permanent_message(fake, provider, Mode.REFUSED_DEEP)
 
     async def test_refusal_with_a_nul_is_cleaned(
         self, fake: FakeNowPayments, provider: NowPaymentsProvider
     ) -> None:
         """A NUL in a provider's error message never reaches the error text."""
-        fake.set_mode(Mode.REFUSED_NUL)
-        with pytest.raises(ProviderPermanentError) as caught:
-            await provider.create_invoice(make_request(), NOW)
-        assert "\x00" not in caught.value.message
-        assert "[invalid text replaced]" in caught.value.message
+        message = await permanent_message(fake, provider, Mode.REFUSED_NUL)
+        assert "\x00" not in message
+        assert "[invalid text replaced]" in message
