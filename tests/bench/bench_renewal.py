@@ -42,6 +42,7 @@ from tests.bench.common import (
     seed_subscriptions,
     seed_users,
     seeding,
+    warm_pool,
 )
 from tests.pg import TestServer
 
@@ -53,6 +54,15 @@ DB_BOUND_DUE = 10_000
 DB_BOUND_TARGET_PER_SECOND = 2_000.0
 # Implementation ticks per figure, each on its own copy of the data; the median is reported.
 TICK_RUNS = 3
+# What one renewal tick runs: warm_pool runs each once on a connection before a warm tick.
+RENEWAL_STATEMENTS = (
+    "renewal_retry_floor",
+    "renewal_candidates",
+    "claim_renewal_slots",
+    "commit_renewal_invoices",
+    "release_renewal_claims",
+    "extend_renewal_claims",
+)
 
 _FIND_DUE = """
 SELECT s.id, s.user_id, s.current_period_start, s.activated_at, s.created_at,
@@ -94,11 +104,18 @@ def simulated_provider(config: Config) -> SimulatedPaymentProvider:
     return SimulatedPaymentProvider(config.payment.simulated, SystemClock().sleep, random.Random(7))
 
 
-async def timed_tick(dsn: str, config: Config, now: datetime) -> tuple[float, RenewalReport]:
-    """One ``RenewalScheduler.tick`` as the daemon builds it; returns (seconds, report)."""
+async def timed_tick(
+    dsn: str, config: Config, now: datetime, *, warm: int = 0
+) -> tuple[float, RenewalReport]:
+    """One ``RenewalScheduler.tick`` as the daemon builds it; returns (seconds, report).
+
+    With ``warm``, that many of the pool's connections are first brought to where they are
+    in a daemon that ticked before (:func:`~tests.bench.common.warm_pool`), untimed.
+    """
     clock = SystemClock()
     sender, receiver = anyio.create_memory_object_stream[OutboxReady](OUTBOX_READY_BUFFER)
     async with opened(dsn) as db:
+        await warm_pool(db, RENEWAL_STATEMENTS, warm)
         with sender, receiver:
             ports = RenewalPorts(
                 store=RenewalStore(db), provider=simulated_provider(config), outbox=Outbox(sender)

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,6 +22,7 @@ from decimal import Decimal
 import asyncpg
 
 from nproxyd.store.database import Database, create_pool
+from nproxyd.store.sql import STATEMENTS
 from tests.pg import TEMPLATE, TestServer, with_database
 
 # The renewal example's "now" (tests/renewal_checks.py); ticks run with an injected time.
@@ -198,6 +199,24 @@ async def opened(dsn: str) -> AsyncIterator[Database]:
         yield db
     finally:
         await db.close()
+
+
+async def warm_pool(db: Database, statements: Sequence[str], connections: int) -> None:
+    """Bring ``connections`` of the pool to where a running daemon's are between ticks: open,
+    each having run the named ``statements`` once (prepared, the catalog entries of their
+    tables and indexes cached in the backend).
+
+    Every parameter is NULL, so no row matches and nothing is written.
+    """
+    held = [await db.pool.acquire() for _ in range(connections)]
+    try:
+        for connection in held:
+            for name in statements:
+                statement = STATEMENTS[name]
+                await connection.fetch(statement.text, *([None] * statement.count))
+    finally:
+        for connection in held:
+            await db.pool.release(connection)
 
 
 @asynccontextmanager
