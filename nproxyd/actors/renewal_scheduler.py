@@ -14,6 +14,7 @@ and that slot is released ``failed`` so the good ones are stored.
 
 from __future__ import annotations
 
+import logging
 import random
 import uuid
 from collections import OrderedDict
@@ -561,13 +562,19 @@ class RenewalScheduler:
     def _created(
         self, invoices: list[StoredInvoice], completed: list[CompletedSlot], totals: _Totals
     ) -> None:
+        created = sum(1 for slot in completed if not slot.superseded)
+        totals.superseded += len(completed) - created
+        totals.created += created
+        if self.log.is_enabled_for(logging.DEBUG):  # one event per invoice: skipped cheaply
+            self._log_created(invoices, completed)
+        if created:
+            self.outbox.offer(OutboxReady(count=created))
+
+    def _log_created(self, invoices: list[StoredInvoice], completed: list[CompletedSlot]) -> None:
         by_subscription = {invoice.subscription_id: invoice for invoice in invoices}
-        created = 0
         for slot in completed:
             if slot.superseded:
-                totals.superseded += 1
                 continue
-            created += 1
             invoice = by_subscription[slot.subscription_id]
             self.log.debug(
                 "renewal_invoice_created",
@@ -575,9 +582,6 @@ class RenewalScheduler:
                 subscription_id=invoice.subscription_id,
                 order_id=order_id(invoice.subscription_id, invoice.cycle_start),
             )
-        totals.created += created
-        if created:
-            self.outbox.offer(OutboxReady(count=created))
 
     def _unstorable(
         self, invoice: StoredInvoice, now: datetime, exc: StoreDataError
