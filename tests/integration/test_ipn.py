@@ -55,6 +55,19 @@ JS_CANONICAL = (
     '"updated_at":"2026-03-10T12:00:00.000Z"}'
 )
 
+# A notification with NOWPayments' nested "fee" object, and node's HMAC-SHA512 (with SECRET)
+# of what its documented recipe signs for it: JSON.stringify(params, Object.keys(params).sort())
+# keeps only top-level names in nested objects, so "fee" is signed as {}.
+FEE_BODY = (
+    '{"payment_id":5001,"payment_status":"finished","pay_amount":29.05,"actually_paid":29.05,'
+    '"pay_currency":"usdttrc20","fee":{"currency":"usdttrc20","depositFee":0.05,'
+    '"withdrawalFee":0,"serviceFee":0.1455},"updated_at":"2026-03-10T12:00:00.000Z"}'
+)
+FEE_NODE_SIGNATURE = (
+    "67dd2a67c413f928215a259215b682dda0ec508f0f7ade1c166325713b6c1fc8"
+    "57963e8bed3bcae478408fb7d6fc532aa89288f87f467c3fd43e93cc52db292c"
+)
+
 
 class Listener:
     def __init__(self, server: IpnServer, session: aiohttp.ClientSession) -> None:
@@ -152,6 +165,18 @@ class TestIpn:
         assert row["actually_paid"] == Decimal("1e-7")
         assert row["pay_amount"] == Decimal("0.00005")
         assert listener.count("ok") == 1 and listener.count("rejected") == 1
+
+    async def test_a_notification_with_a_nested_fee_signed_as_documented_is_accepted(
+        self, db: Database, listener: Listener
+    ) -> None:
+        """The documented signer writes nested "fee" as {}: such a signature is accepted."""
+        await add_invoice(db, "5001")
+
+        status = await listener.post(FEE_BODY.encode(), FEE_NODE_SIGNATURE)
+
+        assert status == 200
+        assert await history(db, "5001") == [(None, "finished", "ipn")]
+        assert listener.count("ok") == 1
 
     async def test_replays_and_older_notifications_change_nothing(
         self, db: Database, listener: Listener
