@@ -1,14 +1,14 @@
-"""JSON as JavaScript's ``JSON.stringify`` writes it, for IPN signatures (pure).
+"""JSON as JavaScript's ``JSON.stringify`` writes it, object keys sorted at every level (pure).
 
-NOWPayments documents signing IPNs with ``JSON.stringify(params, Object.keys(params).sort())``:
-raw UTF-8 text and JavaScript's number formatting (``0.00005``, ``1e-7``,
-``10000000000000000``), which Python's ``json.dumps`` writes differently (``5e-05``, ``1e-07``,
-``1e+16``, non-ASCII escaped). The sorted names there are a replacer list, which JavaScript
-applies to objects at every level: a nested object keeps only the listed names it has, in the
-list's order (NOWPayments' ``fee`` object is written ``{}``). :func:`js_stringify_documented`
-writes exactly that; :func:`js_stringify_sorted` writes every key, sorted at every level.
-Both render a document parsed by :func:`json.loads` the JavaScript way, so a signature made
-there can be checked here.
+NOWPayments signs IPNs with ``JSON.stringify`` over the body with its keys sorted: raw UTF-8
+text and JavaScript's number formatting (``0.00005``, ``1e-7``, ``10000000000000000``), which
+Python's ``json.dumps`` writes differently (``5e-05``, ``1e-07``, ``1e+16``, non-ASCII
+escaped). Its documentation's examples (Node, PHP, Python) sort the keys at every level,
+nested objects such as ``fee`` too; this does the same. (The documentation's prose names
+``JSON.stringify(params, Object.keys(params).sort())``, which would keep only top-level names
+in nested objects and leave their values unsigned: not accepted, docs/reliability.md.) This
+renders a document parsed by :func:`json.loads` the JavaScript way, so a signature made there
+can be checked here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -29,25 +28,12 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads pairs the others u
 
 def js_stringify_sorted(value: Any) -> str:
     """``value`` (from :func:`json.loads`) as compact JavaScript JSON, keys sorted recursively."""
-    return _stringify(value, lambda names: sorted(names, key=_utf16_order))
-
-
-def js_stringify_documented(document: dict[str, Any]) -> str:
-    """``JSON.stringify(document, Object.keys(document).sort())`` as JavaScript writes it.
-
-    The sorted top-level names filter and order the names of every object, nested ones too.
-    """
-    listed = sorted(document, key=_utf16_order)
-    return _stringify(document, lambda names: [name for name in listed if name in names])
-
-
-def _stringify(value: Any, names_of: Callable[[dict[str, Any]], list[str]]) -> str:
-    """``value`` as compact JavaScript JSON; ``names_of`` picks each object's names, in order."""
     if isinstance(value, dict):
-        items = (f"{_js_string(key)}:{_stringify(value[key], names_of)}" for key in names_of(value))
+        keys = sorted(value, key=_utf16_order)
+        items = (f"{_js_string(key)}:{js_stringify_sorted(value[key])}" for key in keys)
         return "{" + ",".join(items) + "}"
     if isinstance(value, list):
-        return "[" + ",".join(_stringify(item, names_of) for item in value) + "]"
+        return "[" + ",".join(js_stringify_sorted(item) for item in value) + "]"
     if isinstance(value, str):
         return _js_string(value)
     if value is None or isinstance(value, bool):

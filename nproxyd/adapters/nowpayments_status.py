@@ -25,7 +25,7 @@ import aiohttp
 import msgspec
 
 from nproxyd.adapters.http_body import MAX_ANSWER_BYTES, read_bounded
-from nproxyd.adapters.js_json import js_stringify_documented, js_stringify_sorted
+from nproxyd.adapters.js_json import js_stringify_sorted
 from nproxyd.core.budget import RequestBudget
 from nproxyd.core.clock import parse_instant
 from nproxyd.core.config import NowPaymentsConfig
@@ -117,7 +117,7 @@ class NowPaymentsStatus:
 class NowPaymentsIpnVerifier:
     """Checks ``x-nowpayments-sig``: hex HMAC-SHA512 of the body re-serialised with sorted keys.
 
-    Re-serialised the Python way or the JavaScript ways (see :func:`_signed_forms`).
+    Re-serialised the Python way or the JavaScript way (see :func:`_signed_forms`).
     """
 
     def __init__(self, secret: str) -> None:
@@ -150,19 +150,16 @@ class NowPaymentsIpnVerifier:
         return digest.encode("ascii")
 
 
-def _signed_forms(document: dict[str, Any]) -> list[str]:
-    """The texts a signature may be made over, each a deterministic form of ``document``.
+def _signed_forms(document: dict[str, Any]) -> tuple[str, str]:
+    """The two texts a signature may be made over, both deterministic forms of ``document``.
 
-    Python's (keys sorted at every level, non-ASCII escaped, ``5e-05``); JavaScript's with
-    keys sorted at every level (raw UTF-8, ``0.00005``, ``1e-7``); and exactly what
-    NOWPayments documents, ``JSON.stringify(params, Object.keys(params).sort())``, where a
-    nested object keeps only the top-level names it has. The last two differ only for a body
-    with nested objects, such as ``fee``. Accepting any of them does not weaken the HMAC: each
-    is a function of the parsed body.
+    Python's (sorted keys, non-ASCII escaped, ``5e-05``) and JavaScript's, as NOWPayments'
+    examples sign (``JSON.stringify`` with keys sorted at every level: raw UTF-8, ``0.00005``,
+    ``1e-7``). Accepting either does not weaken the HMAC: both are functions of the whole
+    parsed body, nested objects included.
     """
     python = json.dumps(document, sort_keys=True, separators=(",", ":"))
-    forms = (python, js_stringify_sorted(document), js_stringify_documented(document))
-    return list(dict.fromkeys(forms))
+    return python, js_stringify_sorted(document)
 
 
 def retry_after_seconds(header: str | None) -> float:

@@ -56,14 +56,14 @@ JS_CANONICAL = (
 )
 
 # A notification with NOWPayments' nested "fee" object, and node's HMAC-SHA512 (with SECRET)
-# of what its documented recipe signs for it: JSON.stringify(params, Object.keys(params).sort())
-# keeps only top-level names in nested objects, so "fee" is signed as {}.
+# of JSON.stringify(params, Object.keys(params).sort()) for it: that call keeps only top-level
+# names in nested objects, so it signs "fee" as {} and leaves its values unsigned.
 FEE_BODY = (
     '{"payment_id":5001,"payment_status":"finished","pay_amount":29.05,"actually_paid":29.05,'
     '"pay_currency":"usdttrc20","fee":{"currency":"usdttrc20","depositFee":0.05,'
     '"withdrawalFee":0,"serviceFee":0.1455},"updated_at":"2026-03-10T12:00:00.000Z"}'
 )
-FEE_NODE_SIGNATURE = (
+FEE_TOP_LEVEL_ONLY_SIGNATURE = (
     "67dd2a67c413f928215a259215b682dda0ec508f0f7ade1c166325713b6c1fc8"
     "57963e8bed3bcae478408fb7d6fc532aa89288f87f467c3fd43e93cc52db292c"
 )
@@ -166,17 +166,32 @@ class TestIpn:
         assert row["pay_amount"] == Decimal("0.00005")
         assert listener.count("ok") == 1 and listener.count("rejected") == 1
 
-    async def test_a_notification_with_a_nested_fee_signed_as_documented_is_accepted(
+    async def test_a_signature_leaving_a_nested_object_unsigned_is_refused(
         self, db: Database, listener: Listener
     ) -> None:
-        """The documented signer writes nested "fee" as {}: such a signature is accepted."""
+        """Signed with "fee" written {} (node): 401; signed over every key, nested too: 200."""
         await add_invoice(db, "5001")
+        raw = FEE_BODY.encode()
 
-        status = await listener.post(FEE_BODY.encode(), FEE_NODE_SIGNATURE)
+        partial = await listener.post(raw, FEE_TOP_LEVEL_ONLY_SIGNATURE)
+        whole = await listener.post(raw, ipn_signature(json.loads(raw), SECRET))
 
-        assert status == 200
+        assert (partial, whole) == (401, 200)
         assert await history(db, "5001") == [(None, "finished", "ipn")]
-        assert listener.count("ok") == 1
+
+    async def test_a_changed_value_inside_a_nested_object_breaks_the_signature(
+        self, db: Database, listener: Listener
+    ) -> None:
+        """A genuine notification whose nested "fee" was altered afterwards is refused."""
+        await add_invoice(db, "5001")
+        body = json.loads(FEE_BODY)
+        signature = ipn_signature(body, SECRET)
+        body["fee"]["depositFee"] = 0
+
+        status = await listener.post(json.dumps(body).encode(), signature)
+
+        assert status == 401
+        assert await history(db, "5001") == []
 
     async def test_replays_and_older_notifications_change_nothing(
         self, db: Database, listener: Listener
