@@ -14,14 +14,21 @@ from __future__ import annotations
 
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
 import pytest
 
-from nproxyd.core.rules import RENEWAL_SUBJECT
+from nproxyd.core.records import StoredInvoice
+from nproxyd.core.rules import RENEWAL_SUBJECT, order_id
 from nproxyd.store.database import Database
+from nproxyd.store.stores import RenewalStore
+from tests.conftest import open_database
 from tests.plans import PLAN_MODES, explain_analyze, nodes, reads
+from tests.renewal_checks import NOW as RENEWAL_NOW
+from tests.renewal_checks import PERIOD_START, seed_due
+from tests.seed import plan as seed_plan
 
 pytestmark = pytest.mark.anyio
 
@@ -167,3 +174,76 @@ class TestBatchPlans:
                 mode,
                 invoice_reads,
             )
+
+
+# An AFTER ROW trigger, like the foreign-key checks PostgreSQL runs for each written row, that
+# notes the plan cache mode it runs under.
+NOTE_PLAN_MODE = """
+CREATE TABLE noted_plan_modes (table_name text, mode text);
+CREATE FUNCTION note_plan_mode() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO noted_plan_modes VALUES (TG_TABLE_NAME, current_setting('plan_cache_mode'));
+    RETURN NULL;
+END $$;
+CREATE TRIGGER note_plan_mode AFTER INSERT ON nproxyd_renewal_claims
+    FOR EACH ROW EXECUTE FUNCTION note_plan_mode();
+CREATE TRIGGER note_plan_mode AFTER INSERT ON payment_invoices
+    FOR EACH ROW EXECUTE FUNCTION note_plan_mode();
+"""
+
+
+def stored(subscription_id: str, token: str) -> StoredInvoice:
+    return StoredInvoice(
+        subscription_id=subscription_id,
+        cycle_start=PERIOD_START,
+        token=token,
+        invoice_id=f"inv-{subscription_id}",
+        user_id=f"user_{subscription_id}",
+        provider_invoice_id=f"p-{subscription_id}",
+        currency="USDT",
+        amount=Decimal("29.00"),
+        payment_address="addr",
+        expires_at=None,
+        to_address=f"user_{subscription_id}@example.com",
+        body="body",
+        message_id=f"<{subscription_id}@nproxy.example>",
+    )
+
+
+class TestForeignKeyChecks:
+    async def test_checks_of_a_batch_reuse_their_plans_and_the_session_keeps_custom_plans(
+        self, dsn: str
+    ) -> None:
+        """The rows a claim or a commit writes are checked (foreign keys, like every AFTER ROW
+        trigger) under plan_cache_mode auto, so each check reuses its cached plan instead of
+        being planned once per row and constraint; the statement itself and the next one on
+        the connection are still planned per execution (force_custom_plan)."""
+        db = await open_database(dsn, 1)  # one connection: the next statement runs on it
+        try:
+            await seed_plan(db.pool)
+            ids = await seed_due(db.pool, 3)
+            await db.pool.execute(NOTE_PLAN_MODE)
+            store = RenewalStore(db)
+            slots = [(sid, PERIOD_START, order_id(sid, PERIOD_START)) for sid in ids]
+            lease_until = RENEWAL_NOW + timedelta(minutes=5)
+            claimed = await store.claim(
+                slots, holder="a", token="t", now=RENEWAL_NOW, lease_until=lease_until
+            )
+            completed = await store.commit(
+                [stored(sid, "t") for sid in ids], provider="simulated", now=RENEWAL_NOW
+            )
+            noted = await db.pool.fetch("SELECT table_name, mode FROM noted_plan_modes")
+            session_mode = await db.pool.fetchval("SHOW plan_cache_mode")
+        finally:
+            await db.close()
+
+        assert (len(claimed), len(completed)) == (3, 3)
+        assert (
+            sorted((row["table_name"], row["mode"]) for row in noted)
+            == [
+                ("nproxyd_renewal_claims", "auto"),
+            ]
+            * 3
+            + [("payment_invoices", "auto")] * 3
+        )
+        assert session_mode == "force_custom_plan"

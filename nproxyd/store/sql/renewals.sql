@@ -66,6 +66,9 @@ WHERE c.state <> 'done'
 
 -- claim_renewal_slots --
 -- Claim (subscription, cycle) slots, one per element of the arrays, until :lease_until. Returns the slots this call won.
+-- The set_config before the first row lets the foreign-key check of each row reuse its cached
+-- plan (plan_cache_mode auto, for this statement's transaction only); the statement itself was
+-- planned per execution, as the pool plans every statement (docs/design.md §1, store).
 INSERT INTO nproxyd_renewal_claims AS c
     (subscription_id, cycle_start, order_id, state, token, holder, available_at, attempts,
      created_at, updated_at)
@@ -73,6 +76,7 @@ SELECT t.subscription_id, t.cycle_start, t.order_id, 'claimed', :token, :holder,
     :now, :now
 FROM unnest(:subscription_ids::text[], :cycle_starts::timestamptz[], :order_ids::text[])
     AS t(subscription_id, cycle_start, order_id)
+WHERE (SELECT set_config('plan_cache_mode', 'auto', true)) = 'auto'
 ON CONFLICT (subscription_id, cycle_start) DO UPDATE
 SET state = 'claimed',
     token = excluded.token,
@@ -85,7 +89,8 @@ RETURNING c.subscription_id, c.cycle_start, c.order_id, c.attempts;
 
 -- commit_renewal_invoices --
 -- Store invoices and their mail and complete their claims, fenced by claim token, in one statement; a slot whose cycle gained an invoice meanwhile is completed as superseded. The arrays hold one element per invoice; :subject is the mail subject of all. Returns the completed slots.
--- The claims are reached through their primary key, as in release_renewal_claims below.
+-- The claims are reached through their primary key, as in release_renewal_claims below. The
+-- foreign-key checks of the invoices reuse their plans, as in claim_renewal_slots above.
 WITH t AS (
     SELECT u.*, batch.held_state
     FROM (
@@ -146,7 +151,8 @@ WITH t AS (
            :now, :now, :now
     FROM stored
 )
-SELECT subscription_id, superseded FROM completed;
+SELECT subscription_id, superseded FROM completed
+WHERE (SELECT set_config('plan_cache_mode', 'auto', true)) = 'auto';
 
 -- release_renewal_claims --
 -- Give claims back after a provider failure, fenced by token; :states are 'retry' or 'failed', one element per slot in each array.
