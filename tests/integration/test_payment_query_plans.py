@@ -13,7 +13,10 @@ from typing import Any
 import pytest
 
 from nproxyd.store.database import Database
+from nproxyd.store.payments import PaymentStore
+from tests.conftest import open_database
 from tests.integration.test_query_plans import NOW, ROWS, explain
+from tests.plans import note_plan_modes, noted_plan_modes
 
 pytestmark = pytest.mark.anyio
 
@@ -73,3 +76,29 @@ class TestIdlePaymentPlans:
         """Each statement a tick, a scrape or an IPN runs avoids scanning the big tables."""
         plan = await explain(settled_db, name, *args)
         assert sequential_scans(plan) == [], json.dumps(plan, indent=1)
+
+
+class TestForeignKeyChecks:
+    async def test_discovered_invoices_are_checked_with_cached_plans(self, dsn: str) -> None:
+        """The rows discovery writes are checked (their foreign key, like every AFTER ROW
+        trigger) under plan_cache_mode auto, so a first tick following thousands of invoices
+        does not plan one check per row; the connection keeps force_custom_plan."""
+        db = await open_database(dsn, 1)  # one connection: the next statement runs on it
+        try:
+            await db.pool.execute("INSERT INTO users (id, email) VALUES ('u', 'u@example.com')")
+            await db.pool.execute(
+                "INSERT INTO payment_invoices (id, user_id, provider, provider_invoice_id,"
+                " status, currency, amount_crypto, amount_usd)"
+                " SELECT 'i' || g, 'u', 'nowpayments', 'p' || g, 'pending', 'USDT', 1, 1"
+                " FROM generate_series(1, 3) AS g"
+            )
+            await note_plan_modes(db.pool, "nproxyd_invoice_payments")
+            followed = await PaymentStore(db).discover("nowpayments", NOW, grace_hours=72)
+            noted = await noted_plan_modes(db.pool)
+            session_mode = await db.pool.fetchval("SHOW plan_cache_mode")
+        finally:
+            await db.close()
+
+        assert followed == 3
+        assert noted == [("nproxyd_invoice_payments", "auto")] * 3
+        assert session_mode == "force_custom_plan"

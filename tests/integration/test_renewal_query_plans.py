@@ -25,7 +25,14 @@ from nproxyd.core.rules import RENEWAL_SUBJECT, order_id
 from nproxyd.store.database import Database
 from nproxyd.store.stores import RenewalStore
 from tests.conftest import open_database
-from tests.plans import PLAN_MODES, explain_analyze, nodes, reads
+from tests.plans import (
+    PLAN_MODES,
+    explain_analyze,
+    nodes,
+    note_plan_modes,
+    noted_plan_modes,
+    reads,
+)
 from tests.renewal_checks import NOW as RENEWAL_NOW
 from tests.renewal_checks import PERIOD_START, seed_due
 from tests.seed import plan as seed_plan
@@ -176,22 +183,6 @@ class TestBatchPlans:
             )
 
 
-# An AFTER ROW trigger, like the foreign-key checks PostgreSQL runs for each written row, that
-# notes the plan cache mode it runs under.
-NOTE_PLAN_MODE = """
-CREATE TABLE noted_plan_modes (table_name text, mode text);
-CREATE FUNCTION note_plan_mode() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO noted_plan_modes VALUES (TG_TABLE_NAME, current_setting('plan_cache_mode'));
-    RETURN NULL;
-END $$;
-CREATE TRIGGER note_plan_mode AFTER INSERT ON nproxyd_renewal_claims
-    FOR EACH ROW EXECUTE FUNCTION note_plan_mode();
-CREATE TRIGGER note_plan_mode AFTER INSERT ON payment_invoices
-    FOR EACH ROW EXECUTE FUNCTION note_plan_mode();
-"""
-
-
 def stored(subscription_id: str, token: str) -> StoredInvoice:
     return StoredInvoice(
         subscription_id=subscription_id,
@@ -222,7 +213,7 @@ class TestForeignKeyChecks:
         try:
             await seed_plan(db.pool)
             ids = await seed_due(db.pool, 3)
-            await db.pool.execute(NOTE_PLAN_MODE)
+            await note_plan_modes(db.pool, CLAIMS, "payment_invoices")
             store = RenewalStore(db)
             slots = [(sid, PERIOD_START, order_id(sid, PERIOD_START)) for sid in ids]
             lease_until = RENEWAL_NOW + timedelta(minutes=5)
@@ -232,18 +223,42 @@ class TestForeignKeyChecks:
             completed = await store.commit(
                 [stored(sid, "t") for sid in ids], provider="simulated", now=RENEWAL_NOW
             )
-            noted = await db.pool.fetch("SELECT table_name, mode FROM noted_plan_modes")
+            noted = await noted_plan_modes(db.pool)
             session_mode = await db.pool.fetchval("SHOW plan_cache_mode")
         finally:
             await db.close()
 
         assert (len(claimed), len(completed)) == (3, 3)
-        assert (
-            sorted((row["table_name"], row["mode"]) for row in noted)
-            == [
-                ("nproxyd_renewal_claims", "auto"),
-            ]
-            * 3
-            + [("payment_invoices", "auto")] * 3
-        )
+        assert noted == [(CLAIMS, "auto")] * 3 + [("payment_invoices", "auto")] * 3
         assert session_mode == "force_custom_plan"
+
+
+class TestPlanModes:
+    async def test_the_generic_mode_explains_the_plan_postgresql_caches(self, db: Database) -> None:
+        """Under force_generic_plan the explained plan keeps its parameters ($n), as the plan
+        PostgreSQL caches for every execution; under auto the first execution's plan has the
+        values in it (a custom plan)."""
+        ids = await seed(db, BATCH)
+        now = NOW + timedelta(days=2)
+
+        def conflict_filter(plan: Any) -> str:
+            [modify] = [node for node in nodes(plan) if node["Node Type"] == "ModifyTable"]
+            return str(modify["Conflict Filter"])
+
+        filters = {}
+        for mode in PLAN_MODES:
+            plan = await explain_analyze(
+                db,
+                "claim_renewal_slots",
+                mode,
+                **slots(ids[:3]),
+                order_ids=[f"renewal-{sid}" for sid in ids[:3]],
+                holder="instance-b",
+                token="u" * 32,
+                now=now,
+                lease_until=now + timedelta(days=1),
+            )
+            filters[mode] = conflict_filter(plan)
+
+        assert "$" not in filters["auto"] and "2026-03-12" in filters["auto"], filters
+        assert "$" in filters["force_generic_plan"], filters

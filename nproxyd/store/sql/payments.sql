@@ -1,5 +1,7 @@
 -- discover_payment_invoices --
 -- Start following the invoices of one provider that are pending, or expired/canceled within the grace period; $1 provider, $2 now, $3 grace in seconds. Returns no rows: the command tag counts the invoices newly followed (a tick that follows thousands holds no list of them).
+-- The foreign-key checks of the rows reuse their cached plans (plan_cache_mode auto for this
+-- statement's transaction, set before the first row), as in claim_renewal_slots.
 INSERT INTO nproxyd_invoice_payments
     (invoice_id, provider, provider_payment_id, next_check_at, created_at, updated_at)
 SELECT found.id, found.provider, found.provider_invoice_id, $2, $2, $2
@@ -15,6 +17,7 @@ FROM (
       AND p.updated_at > $2::timestamptz - $3::float8 * interval '1 second'
 ) AS found
 WHERE NOT EXISTS (SELECT 1 FROM nproxyd_invoice_payments AS w WHERE w.invoice_id = found.id)
+  AND (SELECT set_config('plan_cache_mode', 'auto', true)) = 'auto'
 ON CONFLICT (invoice_id) DO NOTHING;
 
 -- claim_due_payment_checks --
