@@ -92,10 +92,29 @@ def note(bench: str, message: str) -> None:
 
 
 STEAL_WARNING = 0.05  # of the machine's CPU time: more and the figures are not evidence
+PROBE_ADDITIONS = 2_000_000
+
+
+def python_probe() -> float:
+    """Seconds this interpreter takes for a fixed loop of additions (the best of three).
+
+    The host can slow this VM without stealing time from it (shared caches, clock speed):
+    CPU steal then stays near 0 while the same Python runs up to twice as long. Interpreted
+    code slows more than PostgreSQL or C, so a figure comparing the two moves with it.
+    """
+    best = math.inf
+    for _ in range(3):
+        started = time.perf_counter()
+        total = 0
+        for value in range(PROBE_ADDITIONS):
+            total += value
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 class Machine:
-    """The host's share of this VM's CPU time (steal) and the load average over a benchmark.
+    """The host's share of this VM's CPU time (steal), the load average and the speed of the
+    interpreter (:func:`python_probe`, before and after) over a benchmark.
 
     A hypervisor that takes CPU from the VM slows both sides of a comparison, but not evenly:
     a figure that needs both cores moves more than one that needs one. Each benchmark prints
@@ -103,6 +122,7 @@ class Machine:
     """
 
     def __init__(self) -> None:
+        self.probe = python_probe()
         self.started = self._times()
 
     @staticmethod
@@ -116,7 +136,10 @@ class Machine:
         steal = spent[7] / max(1, sum(spent))
         load = os.getloadavg()[0]
         verdict = " (over 5 %: these figures are not evidence)" if steal > STEAL_WARNING else ""
-        return f"machine: CPU steal {steal:.1%}{verdict}, load average {load:.2f} at the end"
+        return (
+            f"machine: CPU steal {steal:.1%}{verdict}, load average {load:.2f} at the end,"
+            f" Python probe {duration(self.probe)} before, {duration(python_probe())} after"
+        )
 
 
 class Stopwatch:
