@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from datetime import datetime
+from importlib import resources
 from statistics import median
 
 import anyio
@@ -25,6 +26,7 @@ from nproxyd.core.config import Config
 from nproxyd.core.messages import OutboxReady, RenewalReport
 from nproxyd.core.ports import InvoiceRequest
 from nproxyd.core.rules import order_id
+from nproxyd.store.sql import parse_statements
 from nproxyd.store.stores import RenewalStore
 from tests.bench.common import (
     LEAD,
@@ -54,14 +56,12 @@ DB_BOUND_DUE = 10_000
 DB_BOUND_TARGET_PER_SECOND = 2_000.0
 # Implementation ticks per figure, each on its own copy of the data; the median is reported.
 TICK_RUNS = 3
-# What one renewal tick runs: warm_pool runs each once on a connection before a warm tick.
-RENEWAL_STATEMENTS = (
-    "renewal_retry_floor",
-    "renewal_candidates",
-    "claim_renewal_slots",
-    "commit_renewal_invoices",
-    "release_renewal_claims",
-    "extend_renewal_claims",
+# What one renewal tick runs (every statement of renewals.sql): warm_pool runs each once on a
+# connection before a warm tick.
+RENEWAL_STATEMENTS = tuple(
+    parse_statements(
+        resources.files("nproxyd.store").joinpath("sql", "renewals.sql").read_text("utf-8")
+    )
 )
 
 _FIND_DUE = """
