@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from nproxyd.core.payments import CheckResult, ProviderPayment, RecordContext
 from nproxyd.store.database import Database
 from nproxyd.store.payments import PaymentStore
 from tests.conftest import open_database
@@ -101,4 +102,37 @@ class TestForeignKeyChecks:
 
         assert followed == 3
         assert noted == [("nproxyd_invoice_payments", "auto")] * 3
+        assert session_mode == "force_custom_plan"
+
+    async def test_recorded_status_changes_are_checked_with_cached_plans(self, dsn: str) -> None:
+        """The history rows a batch of results writes are checked under plan_cache_mode auto
+        too; the connection keeps force_custom_plan."""
+        db = await open_database(dsn, 1)  # one connection: the next statement runs on it
+        try:
+            await db.pool.execute("INSERT INTO users (id, email) VALUES ('u', 'u@example.com')")
+            await db.pool.execute(
+                "INSERT INTO payment_invoices (id, user_id, provider, provider_invoice_id,"
+                " status, currency, amount_crypto, amount_usd)"
+                " SELECT 'i' || g, 'u', 'nowpayments', 'p' || g, 'pending', 'USDT', 1, 1"
+                " FROM generate_series(1, 3) AS g"
+            )
+            store = PaymentStore(db)
+            await store.discover("nowpayments", NOW, grace_hours=72)
+            await note_plan_modes(db.pool, "nproxyd_invoice_payment_history")
+            results = [
+                CheckResult(
+                    invoice_id=f"i{number}",
+                    outcome="ok",
+                    payment=ProviderPayment(payment_id=f"p{number}", status="confirming"),
+                )
+                for number in (1, 2, 3)
+            ]
+            changes = await store.record(results, RecordContext(now=NOW, source="poll"))
+            noted = await noted_plan_modes(db.pool)
+            session_mode = await db.pool.fetchval("SHOW plan_cache_mode")
+        finally:
+            await db.close()
+
+        assert len(changes) == 3
+        assert noted == [("nproxyd_invoice_payment_history", "auto")] * 3
         assert session_mode == "force_custom_plan"

@@ -58,6 +58,7 @@ ORDER BY c.invoice_id;
 
 -- record_payment_results --
 -- Record check results or notifications: an answer older than the stored one (by the provider's updated_at) never replaces it; provider_payment_id is never changed by an answer (:payment_ids are what the answers said); a status change gets a history row and, the first time it is an awaiting status of an invoice not yet paid, one operator mail; the arrays hold one element per result (:statuses NULL: no answer), :source is 'poll' or 'ipn', :operator_email may be NULL. Returns the status changes.
+-- The foreign-key checks of the history rows reuse their cached plans, as in discover above.
 WITH input AS (
     SELECT *
     FROM unnest(:invoice_ids::text[], :outcomes::text[], :payment_ids::text[],
@@ -152,6 +153,7 @@ SELECT a.invoice_id, a.old_status AS from_status, a.new_status AS to_status,
     ) AS mailed
 FROM applied AS a
 WHERE a.changed
+  AND (SELECT set_config('plan_cache_mode', 'auto', true)) = 'auto'
 ORDER BY a.invoice_id;
 
 -- track_notified_payment --
