@@ -79,6 +79,18 @@ class TestIdlePaymentPlans:
         assert sequential_scans(plan) == [], json.dumps(plan, indent=1)
 
 
+async def seed_pending(db: Database, count: int) -> None:
+    """``count`` pending invoices of the provider, ids ``i1``... and payment ids ``p1``..."""
+    await db.pool.execute("INSERT INTO users (id, email) VALUES ('u', 'u@example.com')")
+    await db.pool.execute(
+        "INSERT INTO payment_invoices (id, user_id, provider, provider_invoice_id, status,"
+        " currency, amount_crypto, amount_usd)"
+        " SELECT 'i' || g, 'u', 'nowpayments', 'p' || g, 'pending', 'USDT', 1, 1"
+        " FROM generate_series(1, $1::int) AS g",
+        count,
+    )
+
+
 class TestForeignKeyChecks:
     async def test_discovered_invoices_are_checked_with_cached_plans(self, dsn: str) -> None:
         """The rows discovery writes are checked (their foreign key, like every AFTER ROW
@@ -86,13 +98,7 @@ class TestForeignKeyChecks:
         does not plan one check per row; the connection keeps force_custom_plan."""
         db = await open_database(dsn, 1)  # one connection: the next statement runs on it
         try:
-            await db.pool.execute("INSERT INTO users (id, email) VALUES ('u', 'u@example.com')")
-            await db.pool.execute(
-                "INSERT INTO payment_invoices (id, user_id, provider, provider_invoice_id,"
-                " status, currency, amount_crypto, amount_usd)"
-                " SELECT 'i' || g, 'u', 'nowpayments', 'p' || g, 'pending', 'USDT', 1, 1"
-                " FROM generate_series(1, 3) AS g"
-            )
+            await seed_pending(db, 3)
             await note_plan_modes(db.pool, "nproxyd_invoice_payments")
             followed = await PaymentStore(db).discover("nowpayments", NOW, grace_hours=72)
             noted = await noted_plan_modes(db.pool)
@@ -109,13 +115,7 @@ class TestForeignKeyChecks:
         too; the connection keeps force_custom_plan."""
         db = await open_database(dsn, 1)  # one connection: the next statement runs on it
         try:
-            await db.pool.execute("INSERT INTO users (id, email) VALUES ('u', 'u@example.com')")
-            await db.pool.execute(
-                "INSERT INTO payment_invoices (id, user_id, provider, provider_invoice_id,"
-                " status, currency, amount_crypto, amount_usd)"
-                " SELECT 'i' || g, 'u', 'nowpayments', 'p' || g, 'pending', 'USDT', 1, 1"
-                " FROM generate_series(1, 3) AS g"
-            )
+            await seed_pending(db, 3)
             store = PaymentStore(db)
             await store.discover("nowpayments", NOW, grace_hours=72)
             await note_plan_modes(db.pool, "nproxyd_invoice_payment_history")
