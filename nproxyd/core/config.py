@@ -4,9 +4,12 @@ Precedence, lowest first: built-in defaults, the TOML file, ``NPROXYD__SECTION__
 environment variables, then ``*_file`` keys that fill the matching secret key.
 """
 
-from __future__ import annotations
+# No postponed annotations here: msgspec reads these types when a configuration is first
+# converted, and resolving string annotations was most of reading one (docs/benchmarks.md
+# "Start-up").
 
 import email.utils
+import functools
 import math
 import re
 import tomllib
@@ -259,7 +262,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
 def _field_type(parts: list[str], key: str) -> Any:
     struct_type: Any = Config
     for index, part in enumerate(parts):
-        fields = {field.name: field.type for field in msgspec.structs.fields(struct_type)}
+        fields = _field_types(struct_type)
         if part not in fields:
             raise ConfigError(key, f"unknown key (from environment variable {ENV_PREFIX}…)")
         field_type = fields[part]
@@ -272,6 +275,13 @@ def _field_type(parts: list[str], key: str) -> Any:
             raise ConfigError(key, "unknown key (from environment variable)")
         struct_type = field_type
     raise ConfigError(key, "empty key")
+
+
+@functools.cache
+def _field_types(struct_type: type[msgspec.Struct]) -> dict[str, Any]:
+    """The fields of a section and their types (resolved once: the annotations are strings,
+    and resolving them is most of reading a configuration, docs/benchmarks.md "Start-up")."""
+    return {field.name: field.type for field in msgspec.structs.fields(struct_type)}
 
 
 def _coerce(raw: str, field_type: Any, key: str) -> Any:
@@ -405,9 +415,9 @@ def validate(config: Config) -> Config:
 
 def _numbers(struct: Any, prefix: str = "") -> list[tuple[str, float]]:
     found: list[tuple[str, float]] = []
-    for field in msgspec.structs.fields(struct):
-        value = getattr(struct, field.name)
-        key = f"{prefix}{field.name}"
+    for name in struct.__struct_fields__:
+        value = getattr(struct, name)
+        key = f"{prefix}{name}"
         if isinstance(value, Section):
             found.extend(_numbers(value, f"{key}."))
         elif isinstance(value, int | float) and not isinstance(value, bool):
@@ -417,9 +427,9 @@ def _numbers(struct: Any, prefix: str = "") -> list[tuple[str, float]]:
 
 def _texts(struct: Any, prefix: str = "") -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
-    for field in msgspec.structs.fields(struct):
-        value = getattr(struct, field.name)
-        key = f"{prefix}{field.name}"
+    for name in struct.__struct_fields__:
+        value = getattr(struct, name)
+        key = f"{prefix}{name}"
         if isinstance(value, Section):
             found.extend(_texts(value, f"{key}."))
         elif isinstance(value, str):
