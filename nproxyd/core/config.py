@@ -9,7 +9,6 @@ environment variables, then ``*_file`` keys that fill the matching secret key.
 # "Start-up").
 
 import email.utils
-import functools
 import math
 import re
 import tomllib
@@ -262,7 +261,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
 def _field_type(parts: list[str], key: str) -> Any:
     struct_type: Any = Config
     for index, part in enumerate(parts):
-        fields = _field_types(struct_type)
+        fields = {field.name: field.type for field in msgspec.structs.fields(struct_type)}
         if part not in fields:
             raise ConfigError(key, f"unknown key (from environment variable {ENV_PREFIX}…)")
         field_type = fields[part]
@@ -275,13 +274,6 @@ def _field_type(parts: list[str], key: str) -> Any:
             raise ConfigError(key, "unknown key (from environment variable)")
         struct_type = field_type
     raise ConfigError(key, "empty key")
-
-
-@functools.cache
-def _field_types(struct_type: type[msgspec.Struct]) -> dict[str, Any]:
-    """The fields of a section and their types (resolved once: the annotations are strings,
-    and resolving them is most of reading a configuration, docs/benchmarks.md "Start-up")."""
-    return {field.name: field.type for field in msgspec.structs.fields(struct_type)}
 
 
 def _coerce(raw: str, field_type: Any, key: str) -> Any:
@@ -413,26 +405,15 @@ def validate(config: Config) -> Config:
     return config
 
 
-def _numbers(struct: Any, prefix: str = "") -> list[tuple[str, float]]:
-    found: list[tuple[str, float]] = []
+def _settings(struct: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every setting below ``struct`` (sections walked, not listed) by its dotted key."""
+    found: list[tuple[str, Any]] = []
     for name in struct.__struct_fields__:
         value = getattr(struct, name)
         key = f"{prefix}{name}"
         if isinstance(value, Section):
-            found.extend(_numbers(value, f"{key}."))
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            found.append((key, value))
-    return found
-
-
-def _texts(struct: Any, prefix: str = "") -> list[tuple[str, str]]:
-    found: list[tuple[str, str]] = []
-    for name in struct.__struct_fields__:
-        value = getattr(struct, name)
-        key = f"{prefix}{name}"
-        if isinstance(value, Section):
-            found.extend(_texts(value, f"{key}."))
-        elif isinstance(value, str):
+            found.extend(_settings(value, f"{key}."))
+        else:
             found.append((key, value))
     return found
 
@@ -460,15 +441,20 @@ def number_problem(key: str, value: float) -> str | None:
 
 
 def _check_numbers(config: Config) -> list[Problem]:
-    problems = ((key, number_problem(key, value)) for key, value in _numbers(config))
+    numbers = [
+        (key, value)
+        for key, value in _settings(config)
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    ]
+    problems = ((key, number_problem(key, value)) for key, value in numbers)
     return [(key, reason) for key, reason in problems if reason]
 
 
 def _check_texts(config: Config) -> list[Problem]:
     return [
         (key, "contains a NUL character or text that is not valid UTF-8")
-        for key, value in _texts(config)
-        if "\x00" in value or not _is_utf8(value)
+        for key, value in _settings(config)
+        if isinstance(value, str) and ("\x00" in value or not _is_utf8(value))
     ]
 
 
