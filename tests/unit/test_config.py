@@ -406,6 +406,14 @@ class TestValidation:
             load(None, {"NPROXYD__PAYMENT__NOWPAYMENTS__API_KEY_FILE": str(secret)})
         assert caught.value.key == "payment.nowpayments.api_key_file"
 
+    def test_a_nul_in_a_text_setting_is_refused_naming_its_key(self, tmp_path: Path) -> None:
+        """A NUL in any text setting, however deep its section, is an error naming the key."""
+        path = write(tmp_path, '[email.smtp]\nhost = "mail\\u0000.example"\n')
+        with pytest.raises(ConfigError) as caught:
+            load(path, {})
+        assert caught.value.key == "email.smtp.host"
+        assert "NUL" in caught.value.reason
+
     def test_a_non_utf8_environment_value_is_refused_naming_its_key(self) -> None:
         """An environment value with bytes that are not UTF-8 is an error naming the key."""
         value = b"caf\xe9 <a@b.example>".decode("utf-8", "surrogateescape")
